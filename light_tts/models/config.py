@@ -82,8 +82,8 @@ class HyperYaml:
             expr = value.target.strip()
             refs = _REF.findall(expr)
             if len(refs) == 1 and expr == f"<{refs[0]}>":
-                return self.resolve(self._lookup(refs[0]), _depth + 1)
-            text = _REF.sub(lambda m: repr(self.resolve(self._lookup(m.group(1)), _depth + 1)), expr)
+                return self.resolve(self._lookup(refs[0], "!ref "), _depth + 1)
+            text = _REF.sub(lambda m: repr(self.resolve(self._lookup(m.group(1), "!ref "), _depth + 1)), expr)
             return _eval_arith(text)
         if isinstance(value, Node):
             return Node(value.tag, value.target, self.resolve(value.value, _depth + 1))
@@ -93,13 +93,14 @@ class HyperYaml:
             return [self.resolve(v, _depth + 1) for v in value]
         return value
 
-    def _lookup(self, dotted: str) -> Any:
+    def _lookup(self, dotted: str, how: str = "") -> Any:
         cur: Any = self.tree
         for part in dotted.split("."):
             if isinstance(cur, Node):
                 cur = cur.value
             if not isinstance(cur, dict) or part not in cur:
-                raise ConfigError(f"{self.path}: !ref <{dotted}> points at nothing")
+                raise ConfigError(f"{self.path}: {how}<{dotted}> is not defined" if how
+                                  else f"{self.path}: no '{dotted}' entry")
             cur = cur[part]
         return cur
 

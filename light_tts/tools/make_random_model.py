@@ -1,0 +1,157 @@
+"""Write a CosyVoice2 model directory with random weights, in the official layout and formats.
+
+    python -m light_tts.tools.make_random_model --size tiny --out models/tiny
+    python -m light_tts.tools.make_random_model --size full --out models/full   # ~2.6 GB
+
+`full` has the official sizes (the official cosyvoice2.yaml, a Qwen2-0.5B body); `tiny` has the
+same structure with small widths so a whole synthesis runs in about a second on a CPU. Random
+weights make noise, not speech: they exist so that loading, shapes, cost, streaming and batching
+can be tested and measured without the real checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from importlib import resources
+
+import torch
+from torch import nn
+
+from light_tts.models.config import Qwen2Config, load_cosyvoice2_config
+from light_tts.models.cosyvoice2 import BUILDERS
+
+# Tiny differs from the official yaml only in these widths; (pattern, replacement, expected count).
+_TINY_EDITS = [
+    (r"^llm_input_size: 896$", "llm_input_size: 64", 1),
+    (r"^llm_output_size: 896$", "llm_output_size: 64", 1),
+    (r"^(\s+)input_size: 512$", r"\1input_size: 64", 2),       # flow and encoder
+    (r"^(\s+)output_size: 512$", r"\1output_size: 64", 1),     # encoder
+    (r"^(\s+)attention_heads: 8$", r"\1attention_heads: 2", 1),
+    (r"^(\s+)linear_units: 2048$", r"\1linear_units: 128", 1),
+    (r"^(\s+)num_blocks: 6$", r"\1num_blocks: 2", 1),
+    (r"^(\s+)channels: \[256\]$", r"\1channels: [64]", 1),
+    (r"^(\s+)attention_head_dim: 64$", r"\1attention_head_dim: 32", 1),
+    (r"^(\s+)n_blocks: 4$", r"\1n_blocks: 1", 1),
+    (r"^(\s+)num_mid_blocks: 12$", r"\1num_mid_blocks: 1", 1),
+    (r"^(\s+)num_heads: 8$", r"\1num_heads: 2", 1),
+    (r"^(\s+)base_channels: 512$", r"\1base_channels: 32", 1),
+    (r"^(\s+)cond_channels: 512$", r"\1cond_channels: 32", 1),
+]
+
+TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def official_yaml_text() -> str:
+    return resources.files("light_tts.tools").joinpath("assets/cosyvoice2.yaml").read_text(encoding="utf-8")
+
+
+def tiny_yaml_text() -> str:
+    text = official_yaml_text()
+    for pattern, repl, count in _TINY_EDITS:
+        text, n = re.subn(pattern, repl, text, flags=re.M)
+        if n != count:
+            raise RuntimeError(f"tiny yaml: {pattern!r} matched {n} lines, expected {count}")
+    return "# tiny random model: the official structure with small widths (light_tts make_random_model)\n" + text
+
+
+def _init_llm_(module: nn.Module, std: float = 0.02) -> None:
+    # Qwen2's own initialiser: N(0, 0.02) weights, zero biases, unit norms.
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _size_of(path: str) -> str:
+    return f"{os.path.getsize(path) / 2**20:.1f} MiB"
+
+
+def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print) -> dict:
+    """Write the directory; return the parameter count of each network."""
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be tiny or full, not {size!r}")
+    from light_tts.tools.random_onnx import write_campplus_onnx, write_speech_tokenizer_onnx
+    from light_tts.tools.tokenizer_files import write_tokenizer
+
+    t_start = time.perf_counter()
+    blank = os.path.join(out, "CosyVoice-BlankEN")
+    os.makedirs(blank, exist_ok=True)
+
+    def step(msg: str) -> None:
+        log(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    vocab = write_tokenizer(blank, size)
+    step(f"tokenizer: {vocab} tokens -> {blank}")
+    qwen = Qwen2Config() if size == "full" else Qwen2Config(**TINY_QWEN2, vocab_size=-(-vocab // 64) * 64)
+    if qwen.vocab_size < vocab:
+        raise RuntimeError(f"tokenizer has {vocab} tokens but the Qwen2 vocab is {qwen.vocab_size}")
+    with open(os.path.join(blank, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(qwen.to_json_dict(), f, indent=2)
+    with open(os.path.join(blank, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": 151643, "eos_token_id": 151643, "max_new_tokens": 2048}, f, indent=2)
+    with open(os.path.join(out, "cosyvoice2.yaml"), "w", encoding="utf-8") as f:
+        f.write(official_yaml_text() if size == "full" else tiny_yaml_text())
+    cfg = load_cosyvoice2_config(out)
+
+    counts = {}
+    for i, name in enumerate(("llm", "flow", "hift")):
+        torch.manual_seed(seed * 1000 + i)
+        module = BUILDERS[name](cfg).eval()
+        if name == "llm":
+            _init_llm_(module)
+        counts[name] = _count(module)
+        path = os.path.join(out, f"{name}.pt")
+        torch.save(module.state_dict(), path)
+        step(f"{name}: {counts[name] / 1e6:.1f} M parameters -> {path} ({_size_of(path)})")
+        if name == "llm":
+            _write_blank_en_weights(module, qwen, blank)
+            step(f"Qwen2 body -> {blank}/model.safetensors ({_size_of(os.path.join(blank, 'model.safetensors'))})")
+        del module
+
+    write_campplus_onnx(os.path.join(out, "campplus.onnx"), seed)
+    write_speech_tokenizer_onnx(os.path.join(out, "speech_tokenizer_v2.onnx"), seed)
+    step("campplus.onnx and speech_tokenizer_v2.onnx written")
+    total = sum(counts.values())
+    step(f"done: {out} (llm {counts['llm'] / 1e6:.1f} M, flow {counts['flow'] / 1e6:.1f} M, "
+         f"hift {counts['hift'] / 1e6:.1f} M, total {total / 1e6:.1f} M parameters)")
+    return counts
+
+
+def _write_blank_en_weights(llm: nn.Module, qwen: Qwen2Config, blank: str) -> None:
+    """The official loader first builds Qwen2ForCausalLM from CosyVoice-BlankEN/ (then llm.pt
+    overwrites every weight), so the directory carries the body's weights too, in bf16 as released."""
+    from safetensors.torch import save_file
+    body = {}
+    for k, v in llm.state_dict().items():
+        if k.startswith("llm.model."):
+            name = k[len("llm.model."):]
+            if name == "lm_head.weight" and qwen.tie_word_embeddings:
+                continue  # tied to model.embed_tokens.weight; transformers saves it once
+            body[name] = v.to(torch.bfloat16).contiguous()
+    save_file(body, os.path.join(blank, "model.safetensors"), metadata={"format": "pt"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="tiny: small widths for CPU tests; full: the official 0.5B sizes (~2.6 GB on disk)")
+    p.add_argument("--out", required=True, help="directory to write (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same weights")
+    args = p.parse_args(argv)
+    make_random_model(args.out, args.size, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: one intra-op thread per test process keeps timings sane and runs stable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model directory in the official layout, written once per test session."""
+    from light_tts.tools.make_random_model import make_random_model
+    out = str(tmp_path_factory.mktemp("models") / "tiny")
+    make_random_model(out, "tiny", seed=0, log=lambda *a, **k: None)
+    return out
