@@ -1,0 +1,184 @@
+"""CosyVoice2 speech-token LM: a Qwen2 body between speech-token embeddings and a speech head.
+
+State-dict keys equal the official `cosyvoice.llm.llm.Qwen2LM` (built with its Qwen2Encoder):
+
+    llm_embedding.weight          (2, D)       row 0 = sos, row 1 = task id
+    llm.model.model.*             Qwen2 body (text embeddings, layers, final norm)
+    llm.model.lm_head.weight      text head; unused here, tied to embed_tokens
+    llm_decoder.{weight,bias}     (S + 3, D)   speech head: S speech tokens, eos, 2 specials
+    speech_embedding.weight       (S + 3, D)
+
+Inference input (unistream, as the official `inference`):
+    [sos, embed_tokens(prompt_text + text), task_id, speech_embedding(prompt_speech)]
+then autoregressive speech tokens until one >= S is drawn (eos = S; S + 1 and S + 2 also
+stop, as the official `stop_token_ids`), with min/max length from token/text ratios.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from light_tts.models.config import Qwen2Config
+from light_tts.models.qwen2 import KVCache, Qwen2ForCausalLM
+from light_tts.models.sampling import greedy_sampling, ras_sampling
+
+TokenIds = Union[torch.Tensor, Sequence[int]]
+
+# Official ras_sampling defaults (cosyvoice2.yaml `sampling`).
+DEFAULT_SAMPLING = {"top_p": 0.8, "top_k": 25, "win_size": 10, "tau_r": 0.1}
+
+
+class Qwen2Encoder(nn.Module):
+    """Holds the Qwen2 model under `.model` (official key prefix `llm.model.`)."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.model = Qwen2ForCausalLM(cfg)
+
+    def forward(self, xs: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """xs: (B, T, D) input embeddings -> final-norm hidden states (B, T, D)."""
+        return self.model.model(xs, cache)
+
+
+def _as_ids(ids: Optional[TokenIds], device: torch.device) -> torch.Tensor:
+    """Token ids as a 1-D long tensor; accepts (T,), (1, T), lists and None (empty)."""
+    if ids is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    t = torch.as_tensor(ids, dtype=torch.long).to(device)
+    if t.dim() == 2:
+        if t.shape[0] != 1:
+            raise ValueError(f"expected one sequence of token ids, got shape {tuple(t.shape)}")
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"expected token ids of shape (T,) or (1, T), got {tuple(t.shape)}")
+    return t
+
+
+class Qwen2LM(nn.Module):
+    def __init__(self, llm_input_size: int, llm_output_size: int, speech_token_size: int,
+                 qwen2: Qwen2Config, mix_ratio: Sequence[int] = (5, 15),
+                 sampling: Optional[dict] = None, **training_only_kwargs_ignored):
+        # Ignored: length_normalized_loss, lsm_weight (training loss), `llm` (the yaml's nested
+        # encoder object: we build the body from `qwen2` instead).
+        super().__init__()
+        self.llm_input_size = int(llm_input_size)
+        self.llm_output_size = int(llm_output_size)
+        self.speech_token_size = int(speech_token_size)
+        if self.llm_input_size != qwen2.hidden_size or self.llm_output_size != qwen2.hidden_size:
+            raise ValueError(f"llm_input_size/llm_output_size ({self.llm_input_size}/{self.llm_output_size}) "
+                             f"must equal the Qwen2 hidden_size {qwen2.hidden_size}")
+        self.sos = 0
+        self.task_id = 1
+        self.eos_token = self.speech_token_size
+        self.fill_token = self.speech_token_size + 2  # bistream: "more text needed"
+        self.mix_ratio = [int(r) for r in mix_ratio]
+        # ras_sampling kwargs; yaml values may arrive as strings, so coerce to the default's type.
+        given = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in DEFAULT_SAMPLING}}
+        self.sampling = {k: type(DEFAULT_SAMPLING[k])(float(v)) for k, v in given.items()}
+
+        # Registration order matches the official module so state_dict() lists keys in the same order.
+        self.llm_embedding = nn.Embedding(2, self.llm_input_size)
+        self.llm = Qwen2Encoder(qwen2)
+        self.llm_decoder = nn.Linear(self.llm_output_size, self.speech_token_size + 3)
+        self.speech_embedding = nn.Embedding(self.speech_token_size + 3, self.llm_input_size)
+
+    # ---- model pieces -------------------------------------------------------------------
+
+    def new_cache(self, initial_capacity: int = 256) -> KVCache:
+        return self.llm.model.model.new_cache(initial_capacity)
+
+    def forward(self, lm_input: torch.Tensor, cache: Optional[KVCache] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """lm_input: (B, T, D) embeddings following what `cache` holds (prefill: all of the
+        prompt; decode: one token). Returns speech-head logits (B, T, S + 3), or (B, S + 3)
+        for the last position only with `last_only` (what generation needs)."""
+        hidden = self.llm(lm_input, cache)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self.llm_decoder(hidden)
+
+    def embed_speech_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.speech_embedding(tokens)
+
+    def build_lm_input(self, text_ids: TokenIds, prompt_text_ids: Optional[TokenIds] = None,
+                       prompt_speech_tokens: Optional[TokenIds] = None) -> torch.Tensor:
+        """[sos, embed(prompt_text + text), task_id, speech_embed(prompt_speech)] as (1, L, D)."""
+        device = self.llm_embedding.weight.device
+        text = torch.cat((_as_ids(prompt_text_ids, device), _as_ids(text_ids, device)))
+        speech = _as_ids(prompt_speech_tokens, device)
+        parts = [self.llm_embedding.weight[self.sos:self.sos + 1],
+                 self.llm.model.model.embed_tokens(text),
+                 self.llm_embedding.weight[self.task_id:self.task_id + 1],
+                 self.speech_embedding(speech)]
+        return torch.cat(parts, dim=0).unsqueeze(0)
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def sample_token(self, logits: torch.Tensor, decoded: Sequence[int], *, ignore_eos: bool,
+                     greedy: bool = False, block_all_stops: bool = False,
+                     generator: Optional[torch.Generator] = None) -> int:
+        """Pick the next token from last-position logits (S + 3,).
+
+        Scores are log-softmax in fp32 (the official takes log_softmax in the model dtype;
+        in fp32 this is the same). `ignore_eos` masks only eos, as the official
+        `sampling_ids` does: S + 1 / S + 2 may still be drawn and end the sequence.
+        `block_all_stops` masks every non-speech token (fixed-length runs)."""
+        scores = logits.float().log_softmax(dim=-1)
+        if block_all_stops:
+            scores[self.speech_token_size:] = -float("inf")
+        elif ignore_eos:
+            scores[self.eos_token] = -float("inf")
+        if greedy:
+            return greedy_sampling(scores)
+        return ras_sampling(scores, decoded, generator=generator, **self.sampling)
+
+    def length_bounds(self, num_text_tokens: int, min_token_text_ratio: float,
+                      max_token_text_ratio: float) -> tuple[int, int]:
+        """(min_len, max_len) in speech tokens from the tts-text length (prompt text excluded)."""
+        return int(num_text_tokens * min_token_text_ratio), int(num_text_tokens * max_token_text_ratio)
+
+    @torch.inference_mode()
+    def inference(self, text: TokenIds, prompt_text: Optional[TokenIds] = None,
+                  prompt_speech_token: Optional[TokenIds] = None, *,
+                  min_token_text_ratio: float = 2, max_token_text_ratio: float = 20,
+                  greedy: bool = False, seed: Optional[int] = None,
+                  max_new_tokens: Optional[int] = None,
+                  fixed_new_tokens: Optional[int] = None) -> Iterator[int]:
+        """Yield speech token ids one by one (stream as they come).
+
+        Stops when a token >= speech_token_size is drawn (not yielded), or after max_len
+        tokens; eos is masked for the first min_len steps. `max_new_tokens` further caps
+        max_len. `fixed_new_tokens=N` ignores every stop token and yields exactly N tokens
+        (benchmarks with random weights, which rarely emit eos). `seed` gives this call its
+        own RNG; without it the global torch RNG is used, as the official code does.
+        `greedy` is argmax (no official counterpart; for tests and references).
+        """
+        device = self.llm_embedding.weight.device
+        num_text = int(_as_ids(text, device).numel())
+        min_len, max_len = self.length_bounds(num_text, min_token_text_ratio, max_token_text_ratio)
+        if fixed_new_tokens is not None:
+            min_len = max_len = int(fixed_new_tokens)
+        elif max_new_tokens is not None:
+            max_len = min(max_len, int(max_new_tokens))
+        if max_len <= 0:
+            return
+
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(seed))
+
+        lm_input = self.build_lm_input(text, prompt_text, prompt_speech_token)
+        cache = self.new_cache(initial_capacity=lm_input.shape[1] + max_len)
+        decoded: list[int] = []
+        for step in range(max_len):
+            logits = self.forward(lm_input, cache, last_only=True)[0]
+            token = self.sample_token(logits, decoded, ignore_eos=step < min_len, greedy=greedy,
+                                      block_all_stops=fixed_new_tokens is not None, generator=generator)
+            if token >= self.speech_token_size:
+                break
+            yield token
+            decoded.append(token)
+            lm_input = self.speech_embedding.weight[token].view(1, 1, -1)
