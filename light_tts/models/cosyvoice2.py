@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from light_tts.models.config import ConfigError, CosyVoice2Config, load_cosyvoice2_config
-from light_tts.models.loading import ModelLoadError, load_strict, read_state_dict, require_file
+from light_tts.models.loading import ModelLoadError, load_strict, read_state_dict, require_file, skip_weight_init
 
 COMPONENTS = ("llm", "flow", "hift")
 
@@ -91,7 +91,8 @@ class CosyVoice2Model:
         for c in components:
             t0 = time.perf_counter()
             path = require_file(model_dir, f"{c}.pt")
-            module = BUILDERS[c](cfg)
+            with skip_weight_init():
+                module = BUILDERS[c](cfg)
             load_strict(module, normalize_state_dict(c, read_state_dict(path)), path)
             module.to(device=model.device, dtype=model.dtype).eval()
             setattr(model, c, module)

@@ -1,6 +1,7 @@
 """Strict state-dict loading with errors that say which file and which key is wrong."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping
 
@@ -73,3 +74,19 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str) ->
         raise ModelLoadError(f"{path}: " + "; ".join(problems)
                              + ". Does this file belong to the cosyvoice2.yaml and CosyVoice-BlankEN/config.json beside it?")
     module.load_state_dict(sd, strict=True)
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build modules without drawing their random initial weights: a checkpoint overwrites every
+    one of them, and initialising the 0.5 B-parameter LM alone takes seconds on a CPU."""
+    names = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_", "orthogonal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
