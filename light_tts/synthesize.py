@@ -22,7 +22,7 @@ from light_tts.frontend.frontend import Frontend
 from light_tts.frontend.voice_cache import Voice
 from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.models.loading import ModelLoadError
-from light_tts.token2wav import StreamSchedule, Token2Wav, stream_chunks
+from light_tts.token2wav import StreamSchedule, Token2Wav, pcm16_bytes, stream_chunks
 
 MODES = ("zero_shot", "cross_lingual", "instruct2")
 SAMPLE_RATE = 24000
@@ -55,10 +55,6 @@ def synthesize(model: CosyVoice2Model, frontend: Frontend, tts_text: str, voice:
     for piece in frontend.normalize(tts_text, split=True):
         yield from synthesize_piece(model, voice, frontend.tokenize(piece), mode=mode,
                                     instruct_ids=instruct_ids, **kwargs)
-
-
-def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
 
 
 def main(argv=None) -> int:
@@ -109,7 +105,7 @@ def main(argv=None) -> int:
                                              max_speech_tokens=args.max_speech_tokens)):
             now = time.perf_counter() - t_start
             first_chunk = now if first_chunk is None else first_chunk
-            out.write(to_pcm16(chunk))
+            out.write(np.frombuffer(pcm16_bytes(chunk), dtype="<i2"))
             samples += len(chunk)
             if args.stream:
                 print(f"chunk {i}: {len(chunk) / SAMPLE_RATE:.2f} s of audio at {now * 1e3:.0f} ms")

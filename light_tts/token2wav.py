@@ -45,6 +45,11 @@ class StreamSchedule:
             yield hop
 
 
+def pcm16_bytes(audio: np.ndarray) -> bytes:
+    """float [-1, 1] -> little-endian int16 bytes (the wire and WAV format)."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
 def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Cross-fade the start of `new` with the end of `old` (overlap = half the window)."""
     n = window.shape[0] // 2

@@ -1,0 +1,173 @@
+"""Every message that crosses a process boundary, and the only code that touches the wire.
+
+Data flow (DESIGN §2):
+
+    HTTP worker --TTSReq--> encode --LLMReq (carries DecodeStartReq)--> LLM
+    LLM --DecodeStartReq, then SpeechTokensOutput...--> decode (one PUSH socket: ordered)
+    decode --AudioOutput...--> the HTTP worker named by `reply_to`
+    any stage --ErrorOutput--> the HTTP worker named by `reply_to`
+    HTTP worker --AbortReq--> LLM and every decode process
+
+Requests carry `rid` (unique for the life of the instance, across HTTP workers) and `reply_to`
+(the ipc address of the asking HTTP worker's PULL socket), so any number of HTTP workers share one
+backend and every reply reaches the worker that asked. Names end in Req (asks for work) or Output
+(a result); `_check_names` enforces it at import. Payloads are pickled; arrays travel as numpy.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import zmq
+
+
+@dataclass(kw_only=True)
+class BaseReq:
+    rid: str
+    reply_to: str
+
+
+# ---- HTTP -> encode ---------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class TTSReq(BaseReq):
+    """One synthesis request as the HTTP layer validated it."""
+    mode: str                                 # zero_shot | cross_lingual | instruct2 | sft
+    tts_text: str
+    prompt_text: str = ""
+    prompt_audio: Optional[bytes] = None      # the upload, undecoded: the encode stage decodes it
+    voice_id: Optional[str] = None            # a registered voice instead of prompt_audio
+    instruct_text: str = ""
+    stream: bool = False
+    speed: float = 1.0
+    seed: Optional[int] = None
+    max_speech_tokens: Optional[int] = None   # cap per sentence
+    fixed_speech_tokens: Optional[int] = None  # benchmark mode: exactly N per sentence, eos ignored
+    created: float = 0.0                      # time.time() at the HTTP worker
+
+
+@dataclass(kw_only=True)
+class VoiceRegisterReq(BaseReq):
+    voice_id: str
+    prompt_text: str
+    prompt_audio: bytes
+
+
+@dataclass(kw_only=True)
+class VoiceStoreReq(BaseReq):
+    """Copy an encoded voice to the other encode processes (no reply)."""
+    voice_id: str
+    voice: "VoiceData"
+
+
+@dataclass(kw_only=True)
+class VoiceDeleteReq(BaseReq):
+    voice_id: str
+
+
+# ---- encode -> LLM -> decode ------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class VoiceData:
+    """An encoded prompt (light_tts.frontend.voice_cache.Voice, as plain arrays)."""
+    prompt_text_ids: np.ndarray
+    speech_tokens: np.ndarray
+    embedding: np.ndarray
+    prompt_feat: np.ndarray
+
+
+@dataclass(kw_only=True)
+class DecodeStartReq(BaseReq):
+    """Conditioning of one request's decode; the LLM forwards it before the first tokens."""
+    prompt_speech_tokens: np.ndarray          # int32 [N]   flow prompt tokens
+    prompt_feat: np.ndarray                   # float32 [2N, 80]
+    embedding: np.ndarray                     # float32 [192]
+    stream: bool = False
+    speed: float = 1.0
+    seed: Optional[int] = None
+    num_pieces: int = 1                       # sentences; each is decoded and finalised in turn
+    created: float = 0.0
+
+
+@dataclass(kw_only=True)
+class LLMReq(BaseReq):
+    text_pieces: list                         # list of list[int]: one generation per sentence
+    prompt_text_ids: np.ndarray               # int32, empty for cross_lingual
+    prompt_speech_tokens: np.ndarray          # int32, empty for cross_lingual / instruct2
+    decode: DecodeStartReq
+    seed: Optional[int] = None
+    max_speech_tokens: Optional[int] = None
+    fixed_speech_tokens: Optional[int] = None
+    created: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SpeechTokensOutput:
+    rid: str
+    tokens: list                              # new speech token ids of sentence `piece`
+    piece: int = 0
+    piece_done: bool = False                  # sentence `piece` has ended (eos or length limit)
+    finished: bool = False                    # the whole request has ended
+
+
+# ---- any stage -> HTTP ------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class AudioOutput:
+    rid: str
+    pcm: bytes                                # little-endian int16, 24 kHz mono
+    finished: bool = False
+
+
+@dataclass(kw_only=True)
+class VoiceOutput:
+    rid: str
+    voice_id: str
+    voice: Optional[VoiceData] = None         # set by register
+    existed: bool = False                     # set by delete
+
+
+@dataclass(kw_only=True)
+class ErrorOutput:
+    rid: str
+    status: int                               # the HTTP status the client should see
+    message: str
+    stage: str = ""
+
+
+# ---- HTTP -> LLM, decode ----------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class AbortReq:
+    rid: str
+
+
+def _check_names() -> None:
+    for name, obj in list(globals().items()):
+        if isinstance(obj, type) and obj.__module__ == __name__ and hasattr(obj, "__dataclass_fields__"):
+            if not (name.endswith("Req") or name.endswith("Output") or name in ("VoiceData",)):
+                raise TypeError(f"io_struct: message type {name} must end in Req or Output")
+
+
+_check_names()
+
+
+def sock_send(sock: zmq.Socket, obj, flags: int = 0) -> None:
+    sock.send(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), flags=flags, copy=False)
+
+
+def sock_recv(sock: zmq.Socket, flags: int = 0):
+    return pickle.loads(sock.recv(flags=flags, copy=False).buffer)
+
+
+def drain(sock: zmq.Socket, limit: int = 1024) -> list:
+    """Every message waiting on `sock` (non-blocking), at most `limit`."""
+    out = []
+    while len(out) < limit:
+        try:
+            out.append(sock_recv(sock, zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    return out
