@@ -108,31 +108,89 @@ class Token2Wav:
         return speech
 
 
+class StreamingDecoder:
+    """The official streaming loop of one sentence, turned inside out so an event loop can drive it.
+
+    Tokens arrive with `feed` (no model work); `ready` says whether a chunk can be computed and
+    `step` computes exactly one. Streaming: a chunk is ready once a whole hop plus the lookahead
+    has arrived, and only the prefix `tokens[:offset + hop + lookahead]` enters it, so the audio
+    does not depend on how the tokens were split into messages. After `end`, whole hops that are
+    still waiting are drained first, then the final chunk runs with finalize=True and
+    streaming=False (as the official). Non-streaming: one chunk of everything, at `speed`, after
+    `end`. `push` and `finish` run every chunk that became ready (the plain reference path).
+
+    A sentence without tokens yields no audio (the flow cannot run on zero tokens).
+    """
+
+    def __init__(self, t2w: Token2Wav, stream: bool, speed: float = 1.0):
+        if stream and speed != 1.0:
+            raise ValueError("speed other than 1.0 works only without streaming")
+        self.t2w, self.stream, self.speed = t2w, stream, speed
+        self.tokens: list[int] = []
+        self.offset = 0                 # tokens already turned into audio
+        self._hops = t2w.schedule.hops(t2w.prompt_tokens.shape[1])
+        self.hop = next(self._hops)     # tokens in the next streaming chunk
+        self.ended = False              # no more tokens will come
+        self.done = False               # the final chunk has been computed
+
+    def feed(self, tokens) -> None:
+        if self.ended:
+            raise RuntimeError("tokens after the end of the sentence")
+        self.tokens.extend(int(t) for t in tokens)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def _hop_ready(self) -> bool:
+        return self.stream and len(self.tokens) - self.offset >= self.hop + self.t2w.schedule.pre_lookahead_len
+
+    @property
+    def ready(self) -> bool:
+        """A chunk can be computed now."""
+        return not self.done and (self.ended or self._hop_ready())
+
+    def step(self) -> Optional[np.ndarray]:
+        """Compute the next chunk: float32 [samples], or None for a sentence without tokens."""
+        if self._hop_ready():
+            end = self.offset + self.hop + self.t2w.schedule.pre_lookahead_len
+            audio = self.t2w(torch.tensor(self.tokens[:end]), self.offset, finalize=False, streaming=True)
+            self.offset += self.hop
+            self.hop = next(self._hops)
+            return audio[0].numpy()
+        if not self.ended or self.done:
+            raise RuntimeError("no chunk is ready")
+        self.done = True
+        if not self.tokens:
+            return None
+        # As the official: the final chunk runs the flow without chunk masks (streaming=False).
+        speed = 1.0 if self.stream else self.speed
+        return self.t2w(torch.tensor(self.tokens), self.offset, finalize=True, streaming=False, speed=speed)[0].numpy()
+
+    def _drain(self) -> list[np.ndarray]:
+        out = []
+        while self.ready:
+            chunk = self.step()
+            if chunk is not None:
+                out.append(chunk)
+        return out
+
+    def push(self, tokens) -> list[np.ndarray]:
+        """Add tokens; return the chunks that became ready."""
+        self.feed(tokens)
+        return self._drain()
+
+    def finish(self) -> list[np.ndarray]:
+        """End the sentence; return the remaining chunks (the last one finalised)."""
+        self.end()
+        return self._drain()
+
+
 def stream_chunks(token_iter, t2w: Token2Wav, stream: bool, speed: float = 1.0):
     """Consume speech tokens as they are produced; yield audio chunks (float32 [samples] numpy).
 
     Non-streaming yields once at the end. Streaming yields a chunk each time a whole hop plus the
     lookahead is available, then the remainder when the token stream ends."""
-    tokens: list[int] = []
-    if not stream:
-        tokens.extend(token_iter)
-        yield t2w(torch.tensor(tokens), 0, finalize=True, streaming=False, speed=speed)[0].numpy()
-        return
-    s = t2w.schedule
-    hops = s.hops(t2w.prompt_tokens.shape[1])
-    hop, offset = next(hops), 0
+    decoder = StreamingDecoder(t2w, stream, speed)
     for tok in token_iter:
-        tokens.append(tok)
-        if len(tokens) - offset >= hop + s.pre_lookahead_len:
-            chunk = torch.tensor(tokens[:offset + hop + s.pre_lookahead_len])
-            yield t2w(chunk, offset, finalize=False, streaming=True)[0].numpy()
-            offset += hop
-            hop = next(hops)
-    # The official loop also drains whole hops that arrived with the last tokens before finalising.
-    while len(tokens) - offset >= hop + s.pre_lookahead_len:
-        yield t2w(torch.tensor(tokens[:offset + hop + s.pre_lookahead_len]), offset, finalize=False,
-                  streaming=True)[0].numpy()
-        offset += hop
-        hop = next(hops)
-    # As the official: the final chunk runs the flow without chunk masks (streaming=False).
-    yield t2w(torch.tensor(tokens), offset, finalize=True, streaming=False)[0].numpy()
+        yield from decoder.push((tok,))
+    yield from decoder.finish()

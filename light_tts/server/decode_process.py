@@ -1,0 +1,274 @@
+"""Decode stage: speech tokens -> 24 kHz PCM16 chunks, sent straight to the asking HTTP worker.
+
+One process per `--decode_process_num`; decode i runs on GPU i % num_gpus (CPU when none). It
+receives on its own PULL socket, from the LLM (DecodeStartReq, then SpeechTokensOutput of that
+request, in order, over one PUSH socket) and from the HTTP workers (AbortReq).
+
+Per request it keeps the conditioning and a queue of sentences, each a StreamingDecoder over a
+fresh Token2Wav (the official decodes every sentence with its own tts() call: new HiFT cache,
+same seed). The loop: take every waiting message, then compute at most one chunk per request
+(round robin, oldest request first), send each chunk as soon as it exists, and block on the
+socket only when nothing is ready. `run_chunks` is the one step that touches the model, so a
+batched flow/HiFT engine replaces just that function.
+
+Start (the launcher, from a 'spawn' context):
+
+    ctx.Process(target=run_decode_process, args=(args, endpoints, i), daemon=True).start()
+
+torch and the model code are imported inside functions: the launcher imports this module only to
+name the entry point and must stay light.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import zmq
+
+from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
+                                        drain, sock_send)
+from light_tts.server.ipc import Endpoints, bind_pull, connect_push, write_stats
+from light_tts.server.stage import start_stage, stage_device, stage_dtype
+
+log = logging.getLogger("lighttts")
+
+SAMPLE_RATE = 24000
+POLL_MS = 100              # longest block on the socket while idle
+STATS_SECONDS = 0.5
+ABORT_MEMORY_SECONDS = 30.0  # an abort may overtake its DecodeStartReq (different senders): remember it
+
+
+def cpu_threads() -> int:
+    """Torch intra-op threads of a decode process on CPU: few, the other stages need cores too."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+@dataclass
+class DecodeState:
+    """One request: its conditioning and its sentences still to be turned into audio."""
+    req: DecodeStartReq
+    pieces: deque = field(default_factory=deque)   # StreamingDecoder per sentence, oldest first
+    piece: int = 0                                 # index of the sentence tokens now arrive for
+    input_done: bool = False                       # the LLM sent finished=True
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pieces) and self.pieces[0].ready
+
+    @property
+    def complete(self) -> bool:
+        return self.input_done and not self.pieces
+
+
+class DecodeServer:
+    def __init__(self, endpoints: Endpoints, index: int, flow, hift, ctx: Optional[zmq.Context] = None):
+        self.stage = f"decode:{index}"
+        self.endpoints = endpoints
+        self.init_model(flow, hift)
+        self.init_sockets(ctx or zmq.Context.instance(), endpoints.decode(index))
+        self.init_state()
+
+    def init_model(self, flow, hift) -> None:
+        from light_tts.token2wav import StreamSchedule
+        self.flow, self.hift = flow, hift
+        self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+
+    def init_sockets(self, ctx: zmq.Context, addr: str) -> None:
+        self.ctx = ctx
+        self.recv_from_peers = bind_pull(ctx, addr)
+        self.send_to_http: dict[str, zmq.Socket] = {}   # reply_to -> PUSH, created on first use
+
+    def init_state(self) -> None:
+        self.states: dict[str, DecodeState] = {}        # insertion order = arrival order
+        self.aborted: dict[str, float] = {}             # rid -> time of an abort without state
+        self.handlers = {DecodeStartReq: self.on_start, SpeechTokensOutput: self.on_tokens, AbortReq: self.on_abort}
+        self.chunks = 0
+        self.audio_seconds = 0.0
+        self.aborted_count = 0
+        self.errors = 0
+        self._last_stats = 0.0
+
+    # ---- loop --------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        while True:
+            self.step(block=True)
+
+    def step(self, block: bool = False) -> None:
+        """One loop iteration: messages, then ready chunks, then (if idle) wait for messages."""
+        for msg in drain(self.recv_from_peers):
+            self.dispatch(msg)
+        batch = self.schedule_batch()
+        if batch:
+            self.process_results(self.run_chunks(batch))
+        self.finish_completed()
+        self.maybe_write_stats()
+        if block and not batch:
+            self.recv_from_peers.poll(POLL_MS)
+
+    def dispatch(self, msg) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            log.warning("dropping unexpected message %s", type(msg).__name__)
+            return
+        try:
+            handler(msg)
+        except Exception as e:  # a bad message fails its request, never the process
+            state = self.states.get(msg.rid)
+            reply_to = getattr(msg, "reply_to", None) or (state.req.reply_to if state else None)
+            self.fail(msg.rid, reply_to, e)
+
+    def schedule_batch(self) -> list[DecodeState]:
+        """Requests with a chunk ready: at most one chunk each this iteration (fair, oldest first)."""
+        return [s for s in self.states.values() if s.ready]
+
+    def run_chunks(self, batch: list[DecodeState]) -> list[tuple[DecodeState, object]]:
+        """Compute the next chunk of every request in `batch`: (state, float32 audio | None | exception).
+
+        The only step that runs the model; a batched engine replaces this function."""
+        results = []
+        for state in batch:
+            try:
+                results.append((state, state.pieces[0].step()))
+            except Exception as e:
+                results.append((state, e))
+        return results
+
+    def process_results(self, results) -> None:
+        from light_tts.token2wav import pcm16_bytes
+        for state, out in results:
+            rid = state.req.rid
+            if self.states.get(rid) is not state:
+                continue  # aborted meanwhile
+            if isinstance(out, Exception):
+                self.fail(rid, state.req.reply_to, out)
+                continue
+            if state.pieces[0].done:
+                state.pieces.popleft()
+            if out is not None and len(out):
+                self.chunks += 1
+                self.audio_seconds += len(out) / SAMPLE_RATE
+                self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out)))
+
+    def finish_completed(self) -> None:
+        for rid in [rid for rid, s in self.states.items() if s.complete]:
+            state = self.states.pop(rid)
+            self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=b"", finished=True))
+
+    # ---- messages ----------------------------------------------------------------------------
+
+    def on_start(self, req: DecodeStartReq) -> None:
+        if self.aborted.pop(req.rid, None) is not None:
+            log.debug("%s: start after its abort, ignored", req.rid)
+            return
+        if req.rid in self.states:
+            raise ValueError(f"duplicate DecodeStartReq for {req.rid}")
+        self.check_conditioning(req)
+        state = DecodeState(req=req)
+        state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
+        self.states[req.rid] = state
+
+    def on_tokens(self, msg: SpeechTokensOutput) -> None:
+        state = self.states.get(msg.rid)
+        if state is None:
+            log.debug("%s: tokens for an unknown (aborted or failed) request dropped", msg.rid)
+            return
+        if state.input_done or msg.piece != state.piece:
+            raise ValueError(f"tokens for sentence {msg.piece}, expected {state.piece}"
+                             + (" (request already finished)" if state.input_done else ""))
+        open_piece = state.pieces[-1]
+        if msg.tokens:
+            open_piece.feed(msg.tokens)
+        if msg.piece_done or msg.finished:
+            open_piece.end()
+            state.piece += 1
+            if msg.finished:
+                state.input_done = True
+            else:
+                state.pieces.append(self.new_piece(state.req))
+
+    def on_abort(self, msg: AbortReq) -> None:
+        if self.states.pop(msg.rid, None) is not None:
+            self.aborted_count += 1
+            log.debug("%s: aborted", msg.rid)
+        else:
+            self.aborted[msg.rid] = time.monotonic()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def check_conditioning(self, req: DecodeStartReq) -> None:
+        tokens, feat, emb = (np.asarray(req.prompt_speech_tokens), np.asarray(req.prompt_feat),
+                             np.asarray(req.embedding))
+        bins, ratio = self.flow.output_size, self.flow.token_mel_ratio
+        dim = self.flow.spk_embed_affine_layer.in_features
+        if tokens.ndim != 1 or feat.ndim != 2 or feat.shape[1] != bins or feat.shape[0] != ratio * tokens.shape[0]:
+            raise ValueError(f"bad prompt: {tokens.shape} speech tokens with features {feat.shape}; "
+                             f"expected [N] and [{ratio}N, {bins}]")
+        if emb.size != dim:
+            raise ValueError(f"bad speaker embedding: {emb.shape}, expected [{dim}]")
+        if req.stream and req.speed != 1.0:
+            raise ValueError("speed other than 1.0 works only without streaming")
+
+    def new_piece(self, req: DecodeStartReq):
+        import torch
+        from light_tts.token2wav import StreamingDecoder, Token2Wav
+        t2w = Token2Wav(self.flow, self.hift, torch.from_numpy(np.asarray(req.prompt_speech_tokens)),
+                        torch.from_numpy(np.asarray(req.prompt_feat, dtype=np.float32)),
+                        torch.from_numpy(np.asarray(req.embedding, dtype=np.float32)),
+                        self.schedule, seed=req.seed)
+        return StreamingDecoder(t2w, req.stream, req.speed)
+
+    def fail(self, rid: str, reply_to: Optional[str], exc: Exception) -> None:
+        self.errors += 1
+        self.states.pop(rid, None)
+        log.warning("%s: decode failed: %s", rid, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        if reply_to:
+            self.send(reply_to, ErrorOutput(rid=rid, status=500, message=f"decode failed: {exc}", stage=self.stage))
+
+    def send(self, reply_to: str, msg) -> None:
+        sock = self.send_to_http.get(reply_to)
+        if sock is None:
+            sock = self.send_to_http[reply_to] = connect_push(self.ctx, reply_to)
+        sock_send(sock, msg)
+
+    def maybe_write_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < STATS_SECONDS:
+            return
+        self._last_stats = now
+        for rid in [r for r, t in self.aborted.items() if now - t > ABORT_MEMORY_SECONDS]:
+            del self.aborted[rid]
+        write_stats(self.endpoints, self.stage, {"active": len(self.states), "chunks": self.chunks,
+                                                 "audio_seconds": round(self.audio_seconds, 3),
+                                                 "aborted": self.aborted_count, "errors": self.errors})
+
+
+def load_decode_model(model_dir: str, device: str, data_type: str):
+    """(flow, hift) on `device`, weight norm folded into HiFT's convolutions."""
+    from light_tts.models.cosyvoice2 import CosyVoice2Model
+    model = CosyVoice2Model.from_pretrained(model_dir, device, stage_dtype(data_type, device),
+                                            components=("flow", "hift"))
+    if hasattr(model.hift, "fold_weight_norm"):
+        model.hift.fold_weight_norm()
+    return model.flow, model.hift
+
+
+def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
+    """Entry point of decode process `index` (a fresh 'spawn' process)."""
+    stage = f"decode:{index}"
+    hb = start_stage(endpoints, stage, args.log_level)
+    import torch
+    device = stage_device(index)
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads())
+    t0 = time.perf_counter()
+    flow, hift = load_decode_model(args.model_dir, device, args.data_type)
+    server = DecodeServer(endpoints, index, flow, hift)
+    log.info("ready on %s (%s) in %.1f s", device, stage_dtype(args.data_type, device), time.perf_counter() - t0)
+    hb.ready()
+    server.run_forever()

@@ -1,0 +1,254 @@
+"""The decode stage as the server runs it: a 'spawn' process on the tiny model, real ipc sockets.
+
+The test plays the LLM (DecodeStartReq + SpeechTokensOutput over one PUSH socket, in order) and
+one HTTP worker (a PULL socket at its reply address). Audio must equal, bit for bit, what the
+plain reference path (`stream_chunks`) makes of the same tokens, however they are split.
+"""
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from light_tts.frontend.frontend import Frontend
+from light_tts.server.args import parse_args
+from light_tts.server.decode_process import cpu_threads, load_decode_model, run_decode_process
+from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
+                                        sock_recv, sock_send)
+from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats, stage_health
+from light_tts.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, pcm16_bytes, stream_chunks
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def voice(tiny_model_dir):
+    with open(os.path.join(FIXTURES, "prompt_en.wav"), "rb") as f:
+        return Frontend(tiny_model_dir).encode_voice(f.read(), PROMPT_TEXT)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, voice):
+    """pcm bytes of the plain path, computed as the decode process computes (same threads, folded HiFT)."""
+    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+    schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+
+    def make(tokens, stream, speed=1.0, seed=0):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cpu_threads())
+        try:
+            t2w = Token2Wav(flow, hift, torch.from_numpy(voice.speech_tokens), torch.from_numpy(voice.prompt_feat),
+                            torch.from_numpy(voice.embedding), schedule, seed=seed)
+            return [pcm16_bytes(c) for c in stream_chunks(iter(tokens), t2w, stream, speed)]
+        finally:
+            torch.set_num_threads(threads)
+    return make
+
+
+class Harness:
+    def __init__(self, endpoints: Endpoints):
+        self.ctx = zmq.Context()
+        self.reply_to = endpoints.http("test")
+        self.pull = bind_pull(self.ctx, self.reply_to)
+        self.push = connect_push(self.ctx, endpoints.decode(0))
+        self.n = 0
+
+    def start(self, voice, stream, speed=1.0, seed=0, num_pieces=1, **override) -> str:
+        self.n += 1
+        rid = f"r{self.n}"
+        fields = dict(prompt_speech_tokens=voice.speech_tokens, prompt_feat=voice.prompt_feat,
+                      embedding=voice.embedding)
+        fields.update(override)
+        sock_send(self.push, DecodeStartReq(rid=rid, reply_to=self.reply_to, stream=stream, speed=speed, seed=seed,
+                                            num_pieces=num_pieces, **fields))
+        return rid
+
+    def tokens(self, rid, tokens, piece=0, piece_done=False, finished=False):
+        sock_send(self.push, SpeechTokensOutput(rid=rid, tokens=list(tokens), piece=piece, piece_done=piece_done,
+                                                finished=finished))
+
+    def send_split(self, rid, tokens, sizes, piece=0, finished=True):
+        i, k = 0, 0
+        while i < len(tokens):
+            n = sizes[k % len(sizes)]
+            last = i + n >= len(tokens)
+            self.tokens(rid, tokens[i:i + n], piece, piece_done=last, finished=last and finished)
+            i, k = i + n, k + 1
+
+    def recv(self, timeout=30.0):
+        if not self.pull.poll(int(timeout * 1000)):
+            raise TimeoutError("no reply from the decode process")
+        return sock_recv(self.pull)
+
+    def collect(self, rids, timeout=60.0) -> dict:
+        """Every reply until each rid finished or failed."""
+        out = {rid: [] for rid in rids}
+        open_ = set(rids)
+        deadline = time.monotonic() + timeout
+        while open_:
+            msg = self.recv(max(0.1, deadline - time.monotonic()))
+            out.setdefault(msg.rid, []).append(msg)
+            if isinstance(msg, ErrorOutput) or msg.finished:
+                open_.discard(msg.rid)
+        return out
+
+    def close(self):
+        self.pull.close()
+        self.push.close()
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_model_dir, tmp_path_factory):
+    endpoints = Endpoints(root=str(tmp_path_factory.mktemp("ipc")), encode_num=1, decode_num=1)
+    endpoints.create()
+    args = parse_args(["--model_dir", tiny_model_dir, "--log_level", "warning"])
+    proc = mp.get_context("spawn").Process(target=run_decode_process, args=(args, endpoints, 0), daemon=True)
+    proc.start()
+    harness = Harness(endpoints)
+    try:
+        deadline = time.monotonic() + 60
+        while stage_health(endpoints)["decode:0"] != "ok":
+            assert proc.is_alive(), "decode process died at start"
+            assert time.monotonic() < deadline, stage_health(endpoints)
+            time.sleep(0.1)
+        yield harness, endpoints, proc
+    finally:
+        harness.close()
+        proc.terminate()
+        proc.join(10)
+        endpoints.remove()
+
+
+def _tokens(n, seed):
+    return torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _audio(msgs) -> bytes:
+    assert all(isinstance(m, AudioOutput) for m in msgs), msgs
+    assert msgs[-1].finished and msgs[-1].pcm == b"" and not any(m.finished for m in msgs[:-1])
+    return b"".join(m.pcm for m in msgs)
+
+
+def test_decoder_object_equals_reference_however_tokens_are_split(tiny_model_dir, voice, reference):
+    # the incremental object itself: pushes of any size give the chunks of the per-token reference
+    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+    tokens = _tokens(140, 1)
+    t2w = Token2Wav(flow, hift, torch.from_numpy(voice.speech_tokens), torch.from_numpy(voice.prompt_feat),
+                    torch.from_numpy(voice.embedding), StreamSchedule(), seed=0)
+    dec = StreamingDecoder(t2w, stream=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        chunks = dec.push(tokens[:45])
+        assert chunks == []                       # first hop 43 (prompt 82 -> 100) + 3 lookahead = 46
+        chunks += dec.push(tokens[45:46])
+        assert len(chunks) == 1 and dec.offset == 43
+        chunks += dec.push(tokens[46:]) + dec.finish()
+    finally:
+        torch.set_num_threads(threads)
+    assert dec.done and not dec.ready
+    assert [pcm16_bytes(c) for c in chunks] == reference(tokens, stream=True)
+    with pytest.raises(ValueError):
+        StreamingDecoder(t2w, stream=True, speed=1.5)
+
+
+def test_streaming_is_bit_exact_and_first_audio_comes_early(decoder, voice, reference):
+    h, endpoints, _ = decoder
+    tokens = _tokens(150, 2)
+    rid = h.start(voice, stream=True, seed=3)
+    h.tokens(rid, tokens[:46])                    # exactly the first chunk's tokens
+    first = h.recv()
+    assert isinstance(first, AudioOutput) and first.rid == rid and not first.finished and first.pcm
+    h.send_split(rid, tokens[46:], sizes=[1, 7, 30, 2, 19])
+    msgs = [first] + h.collect([rid])[rid]
+    ref = reference(tokens, stream=True, seed=3)
+    assert len(msgs) - 1 == len(ref) >= 3        # one AudioOutput per chunk, then finished
+    assert _audio(msgs) == b"".join(ref)
+    assert len(_audio(msgs)) == 150 * 960 * 2     # 2 mel frames per token, 480 samples each, int16
+
+
+def test_non_stream_with_speed_equals_reference(decoder, voice, reference):
+    h, _, _ = decoder
+    tokens = _tokens(60, 3)
+    rid = h.start(voice, stream=False, speed=1.5, seed=5)
+    h.send_split(rid, tokens, sizes=[25, 10])
+    msgs = h.collect([rid])[rid]
+    assert len(msgs) == 2 and _audio(msgs) == b"".join(reference(tokens, stream=False, speed=1.5, seed=5))
+
+
+def test_two_sentences_in_order(decoder, voice, reference):
+    h, _, _ = decoder
+    a, b = _tokens(70, 4), _tokens(30, 5)
+    rid = h.start(voice, stream=True, num_pieces=2)
+    h.send_split(rid, a, sizes=[20], piece=0, finished=False)
+    h.send_split(rid, b, sizes=[11], piece=1, finished=True)
+    msgs = h.collect([rid])[rid]
+    ref_a, ref_b = reference(a, stream=True), reference(b, stream=True)   # each sentence on a fresh Token2Wav
+    assert [m.pcm for m in msgs[:-1]] == ref_a + ref_b
+    assert _audio(msgs) == b"".join(ref_a + ref_b)
+
+
+def test_abort_stops_audio_and_frees_the_request(decoder, voice, reference):
+    h, endpoints, _ = decoder
+    tokens = _tokens(200, 6)
+    rid = h.start(voice, stream=True)
+    h.tokens(rid, tokens[:46])
+    assert h.recv().rid == rid
+    sock_send(h.push, AbortReq(rid=rid))
+    h.send_split(rid, tokens[46:], sizes=[50])    # the LLM had already sent more: dropped
+    # an abort that overtakes its start (two senders) is remembered: the late start is ignored
+    sock_send(h.push, AbortReq(rid="late"))
+    sock_send(h.push, DecodeStartReq(rid="late", reply_to=h.reply_to, prompt_speech_tokens=voice.speech_tokens,
+                                     prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=True))
+    h.tokens("late", tokens[:100], finished=True)
+    other = h.start(voice, stream=False)
+    h.tokens(other, tokens[:20], piece_done=True, finished=True)
+    got = h.collect([other])
+    assert set(got) == {other}                     # nothing more for the aborted requests
+    assert _audio(got[other]) == b"".join(reference(tokens[:20], stream=False))
+    deadline = time.monotonic() + 5
+    while (read_stats(endpoints).get("decode:0") or {}).get("aborted", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stats = read_stats(endpoints)["decode:0"]
+    assert stats["active"] == 0 and stats["chunks"] >= 3 and stats["audio_seconds"] > 0
+
+
+def test_errors_fail_one_request_and_the_process_keeps_serving(decoder, voice, reference):
+    h, _, proc = decoder
+    bad_start = h.start(voice, stream=True, prompt_feat=np.zeros((0, 80), np.float32))
+    h.tokens(bad_start, _tokens(50, 7), finished=True)                 # dropped: no state
+    bad_tokens = h.start(voice, stream=True)
+    h.tokens(bad_tokens, [7000] * 50, finished=True)                   # outside the 6561-token vocabulary
+    bad_piece = h.start(voice, stream=True)
+    h.tokens(bad_piece, _tokens(10, 8), piece=1, finished=True)        # sentence 1 before sentence 0
+    good = h.start(voice, stream=True)
+    tokens = _tokens(80, 9)
+    h.send_split(good, tokens, sizes=[33])
+    got = h.collect([bad_start, bad_tokens, bad_piece, good])
+    for rid in (bad_start, bad_tokens, bad_piece):
+        assert len(got[rid]) == 1 and isinstance(got[rid][0], ErrorOutput), got[rid]
+        err = got[rid][0]
+        assert err.status == 500 and err.stage == "decode:0" and err.message.startswith("decode failed")
+    assert "prompt" in got[bad_start][0].message
+    assert _audio(got[good]) == b"".join(reference(tokens, stream=True))
+    assert proc.is_alive()
+
+
+def test_interleaved_requests_both_complete(decoder, voice, reference):
+    h, _, _ = decoder
+    ta, tb = _tokens(120, 10), _tokens(90, 11)
+    a = h.start(voice, stream=True, seed=1)
+    b = h.start(voice, stream=False, seed=2)
+    for i in range(0, 120, 15):                   # a's and b's messages alternate on the one socket
+        h.tokens(a, ta[i:i + 15], piece_done=i + 15 >= 120, finished=i + 15 >= 120)
+        if i < 90:
+            h.tokens(b, tb[i:i + 15], piece_done=i + 15 >= 90, finished=i + 15 >= 90)
+    got = h.collect([a, b])
+    assert _audio(got[a]) == b"".join(reference(ta, stream=True, seed=1))
+    assert _audio(got[b]) == b"".join(reference(tb, stream=False, seed=2))
