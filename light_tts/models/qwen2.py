@@ -71,6 +71,115 @@ class KVCache:
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def advance(self, num_tokens: int) -> None:
+        """Called by the model after every layer appended `num_tokens` tokens."""
+        self.seq_len += num_tokens
+
+
+class BatchKVCache:
+    """Per-layer key/value tensors for a batch of sequences of DIFFERENT lengths (batched decode).
+
+    Storage per layer is (row_capacity, num_kv_heads, capacity, head_dim), zero-filled past each
+    row's length (never uninitialised memory: a NaN there would leak through the masked softmax
+    as NaN * 0). Rows [0, num_rows) are the live sequences; `remove_row` moves the last row into
+    the hole, so a decode batch is always a prefix of the storage (a view, no gather).
+
+    A sequence enters by copying a prefilled single-sequence `KVCache` (`add_row`). A decode step
+    then feeds exactly one token per live row: `decode_layout()` gives each row its own position
+    and a key mask, and the model (called with those as `positions` / `attention_mask`) appends
+    each row's key/value at that row's own length. Both grow by doubling.
+    """
+
+    def __init__(self, num_layers: int, initial_rows: int = 4, initial_capacity: int = 256):
+        self.num_layers = num_layers
+        self.initial_rows = max(1, initial_rows)
+        self.initial_capacity = max(1, initial_capacity)
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths: list[int] = []                 # valid tokens per live row
+        self._step_lengths: Optional[torch.Tensor] = None  # lengths as a tensor during one step
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def _reserve(self, rows: int, length: int, like: torch.Tensor) -> None:
+        """Make every layer's storage hold `rows` rows of `length` tokens (like: a (B, H, T, D) k)."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None and buf.shape[0] >= rows and buf.shape[2] >= length:
+                    continue
+                old_rows, old_len = (buf.shape[0], buf.shape[2]) if buf is not None else (0, 0)
+                new_rows = max(self.initial_rows, rows, 2 * old_rows if rows > old_rows else old_rows)
+                new_len = max(self.initial_capacity, length, 2 * old_len if length > old_len else old_len)
+                grown = like.new_zeros((new_rows, like.shape[1], new_len, like.shape[3]))
+                if buf is not None:
+                    grown[:old_rows, :, :old_len] = buf
+                store[i] = grown
+
+    def add_row(self, src: KVCache, src_row: int = 0) -> int:
+        """Copy row `src_row` of a prefilled KVCache in as a new live row; returns its index."""
+        n = src.seq_len
+        row = self.num_rows
+        self._reserve(row + 1, n, src.keys[0])
+        for i in range(self.num_layers):
+            self.keys[i][row, :, :n] = src.keys[i][src_row, :, :n]
+            self.values[i][row, :, :n] = src.values[i][src_row, :, :n]
+            # A row reused from an earlier, longer sequence keeps stale (finite) values past n:
+            # masked out, harmless.
+        self.lengths.append(n)
+        return row
+
+    def remove_row(self, row: int) -> Optional[int]:
+        """Free `row`. Returns the index of the row moved into its place (the old last row),
+        or None when `row` was the last one."""
+        last = self.num_rows - 1
+        moved = None
+        if row != last:
+            for store in (self.keys, self.values):
+                for buf in store:
+                    buf[row, :, :self.lengths[last]] = buf[last, :, :self.lengths[last]]
+            self.lengths[row] = self.lengths[last]
+            moved = last
+        self.lengths.pop()
+        return moved
+
+    def decode_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions (B, 1), attention_mask (B, 1, 1, S)) for one new token per live row, where
+        S = longest row + 1; the mask lets row b see its own keys [0, lengths[b]] only."""
+        if not self.num_rows:
+            raise ValueError("BatchKVCache.decode_layout: no live rows")
+        like = self.keys[0]
+        span = max(self.lengths) + 1
+        self._reserve(self.num_rows, span, like)
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=like.device)
+        self._step_lengths = lengths
+        mask = torch.arange(span, device=like.device)[None, :] <= lengths[:, None]
+        return lengths[:, None], mask[:, None, None, :]
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (num_rows, H, 1, D), written at each row's own length; returns the keys/values
+        of every live row up to the longest row + 1 (views; the mask hides each row's padding)."""
+        rows, new = k.shape[0], k.shape[2]
+        if rows != self.num_rows or new != 1 or self._step_lengths is None:
+            raise ValueError(f"BatchKVCache.append: expected one token for each of {self.num_rows} rows "
+                             f"after decode_layout(), got k of shape {tuple(k.shape)}")
+        lengths = self._step_lengths
+        idx = torch.arange(rows, device=k.device)
+        self.keys[layer_idx][idx, :, lengths] = k[:, :, 0]
+        self.values[layer_idx][idx, :, lengths] = v[:, :, 0]
+        span = max(self.lengths) + 1
+        return self.keys[layer_idx][:rows, :, :span], self.values[layer_idx][:rows, :, :span]
+
+    def advance(self, num_tokens: int) -> None:
+        if num_tokens != 1:
+            raise ValueError("BatchKVCache decodes one token per row per step")
+        self.lengths = [n + 1 for n in self.lengths]
+        self._step_lengths = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -105,8 +214,8 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** exponents)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) int -> cos, sin of shape (T, head_dim) in `dtype` (angles in fp32)."""
-        angles = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
+        """positions: (T,) or (B, T) int -> cos, sin of shape (..., head_dim) in `dtype` (angles in fp32)."""
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -117,7 +226,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) for per-row positions."""
     return x * cos + _rotate_half(x) * sin
 
 
@@ -136,7 +245,8 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[KVCache], layer_idx: int) -> torch.Tensor:
+                cache: "Optional[KVCache | BatchKVCache]", layer_idx: int,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -144,7 +254,11 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         past = 0
-        if cache is not None:
+        if attention_mask is not None:
+            # Rows of different lengths (BatchKVCache): the mask says which keys each query sees.
+            if cache is not None:
+                k, v = cache.append(layer_idx, k, v)
+        elif cache is not None:
             past = cache.seq_len
             k, v = cache.append(layer_idx, k, v)
 
@@ -155,7 +269,9 @@ class Qwen2Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
 
-        if past == 0:
+        if attention_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        elif past == 0:
             # Fresh sequence: plain causal attention (lets SDPA pick a fused kernel).
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         elif seq == 1:
@@ -192,8 +308,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer_idx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
+    def forward(self, x, cos, sin, cache, layer_idx, attention_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx, attention_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,20 +325,32 @@ class Qwen2Model(nn.Module):
     def new_cache(self, initial_capacity: int = 256) -> KVCache:
         return KVCache(len(self.layers), initial_capacity)
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, cache: "Optional[KVCache | BatchKVCache]" = None,
+                positions: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """inputs_embeds: (B, T, hidden), the T tokens following what `cache` holds.
 
         Returns the final-norm hidden states (B, T, hidden) (what the official code reads as
         `hidden_states[-1]`). With a cache, the new keys/values are appended to it.
+
+        By default every row has `cache.seq_len` tokens before these (a KVCache). For rows of
+        different lengths pass `positions` (B, T) and a boolean `attention_mask` (B, 1, T, S),
+        True where a query may attend, over the S keys the cache returns after appending:
+        `BatchKVCache.decode_layout()` makes both.
         """
-        past = cache.seq_len if cache is not None else 0
-        positions = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+        if (positions is None) != (attention_mask is None):
+            raise ValueError("pass positions and attention_mask together")
+        if positions is None:
+            past = cache.seq_len if cache is not None else 0
+            positions = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, attention_mask)
         if cache is not None:
-            cache.seq_len = past + inputs_embeds.shape[1]
+            cache.advance(inputs_embeds.shape[1])
         return self.norm(x)
 
 

@@ -1,0 +1,208 @@
+"""The LLM stage process: LLMReq in, speech tokens out to the decode processes (DESIGN §2, §4).
+
+    encode ──LLMReq──> [recv_from_peers]  LLM  [send_to_decode[i]] ──DecodeStartReq, SpeechTokensOutput...──> decode i
+    HTTP   ──AbortReq─>                        [reply sockets]    ──ErrorOutput──> the HTTP worker named by reply_to
+
+The launcher starts it with multiprocessing 'spawn':
+
+    mp.get_context("spawn").Process(target=run_llm_process, args=(args, endpoints), daemon=True).start()
+
+Routing: the first time a request is admitted it is given to the decode process with the fewest
+active requests assigned by this process (ties: lowest index), and that decoder gets
+`llm_req.decode` (the DecodeStartReq) before any SpeechTokensOutput of the rid; both go through
+the same PUSH socket, which keeps them in order. A request counts against its decoder until its
+LLM side ends (finished, aborted or failed), not until its audio is out: an approximation of
+the decoder's real queue depth that needs no message back from the decoders.
+
+Abort: the request leaves the waiting queue or the running batch at once (its KV row is freed)
+and nothing more is sent for it. An abort that arrives before its LLMReq (the HTTP worker gave
+up while the encode stage was still busy) is remembered, and the LLMReq is then dropped.
+
+Errors: an exception while handling one request answers ErrorOutput(500, stage="llm") to its
+reply_to, drops the request and sends AbortReq(rid) to its decoder (if it had one) so the
+decoder frees what it holds; every other request goes on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import zmq
+
+from light_tts.server import io_struct
+from light_tts.server.io_struct import AbortReq, ErrorOutput, LLMReq, sock_send
+from light_tts.server.ipc import Endpoints, bind_pull, connect_push, write_stats
+from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
+
+log = logging.getLogger("lighttts")
+
+IDLE_POLL_MS = 100          # how long an idle loop blocks on its socket
+STATS_SECONDS = 0.5         # how often the counters are published for /metrics
+EARLY_ABORTS_KEPT = 4096    # aborts for rids not seen yet, remembered (oldest forgotten first)
+
+
+class LLMServer:
+    def __init__(self, args, endpoints: Endpoints, llm):
+        self.args = args
+        self.endpoints = endpoints
+        self.engine = LLMEngine(llm, max_total_token_num=args.max_total_token_num,
+                                max_req_total_len=args.max_req_total_len,
+                                running_max_req_size=args.running_max_req_size,
+                                router_max_new_token_len=args.router_max_new_token_len,
+                                greedy=args.sample_close)
+        self.init_sockets()
+        self.handlers = {LLMReq: self.handle_llm_req, AbortReq: self.handle_abort}
+        self.decode_load = [0] * endpoints.decode_num   # active requests per decoder (see module doc)
+        self.decoder_of: dict[str, int] = {}
+        self.early_aborts: OrderedDict[str, None] = OrderedDict()
+        self.counters = dict(steps=0, generated_tokens=0, last_batch_size=0, max_batch_size=0,
+                             aborted=0, rejected=0, errors=0, finished=0)
+        self.next_stats = self.next_log = time.monotonic()
+
+    def init_sockets(self) -> None:
+        self.ctx = zmq.Context()
+        self.recv_from_peers = bind_pull(self.ctx, self.endpoints.llm)   # encode (LLMReq), HTTP (AbortReq)
+        self.send_to_decode = [connect_push(self.ctx, self.endpoints.decode(i))
+                               for i in range(self.endpoints.decode_num)]
+        self.send_to_http: dict[str, zmq.Socket] = {}                    # by reply_to, made on first use
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        while True:
+            self.recv_requests()
+            for seq in self.engine.admit():
+                self.route(seq)
+            if self.engine.running:
+                self.process_result(self.engine.step())
+            self.report_stats()
+
+    def recv_requests(self) -> None:
+        if not (self.engine.running or self.engine.waiting):
+            self.recv_from_peers.poll(IDLE_POLL_MS)  # idle: block instead of spinning
+        for msg in io_struct.drain(self.recv_from_peers):
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                log.warning("ignoring unexpected message %s", type(msg).__name__)
+                continue
+            try:
+                handler(msg)
+            except Exception as e:  # one bad message never takes the process down
+                log.exception("error handling %s %s", type(msg).__name__, getattr(msg, "rid", "?"))
+                if isinstance(msg, LLMReq):
+                    self.engine.abort(msg.rid)
+                    self.fail(msg.rid, msg.reply_to, f"{type(e).__name__}: {e}")
+
+    # ---- handlers -----------------------------------------------------------------------------
+
+    def handle_llm_req(self, req: LLMReq) -> None:
+        if req.rid in self.early_aborts:
+            del self.early_aborts[req.rid]
+            self.counters["aborted"] += 1
+            return
+        reason = "duplicate request id" if self.engine.has(req.rid) else self.engine.check(req)
+        if reason is not None:
+            self.counters["rejected"] += 1
+            log.info("rejected %s: %s", req.rid, reason)
+            self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=400, message=reason, stage="llm"))
+            return
+        self.engine.add(req)
+
+    def handle_abort(self, msg: AbortReq) -> None:
+        seq = self.engine.abort(msg.rid)
+        if seq is None:
+            self.early_aborts[msg.rid] = None
+            while len(self.early_aborts) > EARLY_ABORTS_KEPT:
+                self.early_aborts.popitem(last=False)
+            return
+        self.counters["aborted"] += 1
+        self.release_decoder(msg.rid)
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    def route(self, seq: Sequence) -> None:
+        """Give a newly admitted request to the least-loaded decoder; its DecodeStartReq goes first."""
+        i = min(range(len(self.decode_load)), key=lambda j: (self.decode_load[j], j))
+        self.decode_load[i] += 1
+        self.decoder_of[seq.rid] = i
+        sock_send(self.send_to_decode[i], seq.req.decode)
+
+    def process_result(self, res: StepResult) -> None:
+        for out in res.outputs:
+            sock_send(self.send_to_decode[self.decoder_of[out.rid]], out)
+            self.counters["generated_tokens"] += len(out.tokens)
+        for seq in res.finished:
+            self.release_decoder(seq.rid)
+        self.counters["finished"] += len(res.finished)
+        for seq, message in res.errors:
+            log.error("request %s failed: %s", seq.rid, message)
+            i = self.decoder_of.get(seq.rid)
+            if i is not None:  # let its decoder free what it holds
+                sock_send(self.send_to_decode[i], AbortReq(rid=seq.rid))
+            self.fail(seq.rid, seq.req.reply_to, message)
+        self.counters["steps"] += 1
+        self.counters["last_batch_size"] = res.batch_size
+        self.counters["max_batch_size"] = max(self.counters["max_batch_size"], res.batch_size)
+
+    def fail(self, rid: str, reply_to: str, message: str) -> None:
+        self.counters["errors"] += 1
+        self.release_decoder(rid)
+        self.reply(reply_to, ErrorOutput(rid=rid, status=500, message=message, stage="llm"))
+
+    def release_decoder(self, rid: str) -> None:
+        i = self.decoder_of.pop(rid, None)
+        if i is not None:
+            self.decode_load[i] -= 1
+
+    def reply(self, reply_to: str, msg) -> None:
+        sock = self.send_to_http.get(reply_to)
+        if sock is None:
+            sock = self.send_to_http[reply_to] = connect_push(self.ctx, reply_to)
+        sock_send(sock, msg)
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return dict(running=len(self.engine.running), waiting=len(self.engine.waiting),
+                    batch_size=self.counters["last_batch_size"], **self.counters,
+                    kv_tokens=self.engine.kv_tokens(), kv_capacity=self.args.max_total_token_num,
+                    kv_reserved=self.engine.reserved_tokens(), decode_load=list(self.decode_load))
+
+    def report_stats(self, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now < self.next_stats:
+            return
+        self.next_stats = now + STATS_SECONDS
+        s = self.stats()
+        write_stats(self.endpoints, "llm", s)
+        if not self.args.disable_log_stats and now >= self.next_log:
+            self.next_log = now + self.args.log_stats_interval
+            log.info("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d "
+                     "finished %d aborted %d rejected %d errors %d decode_load %s",
+                     s["running"], s["waiting"], s["batch_size"], s["max_batch_size"], s["steps"],
+                     s["generated_tokens"], s["kv_tokens"], s["kv_capacity"], s["finished"], s["aborted"],
+                     s["rejected"], s["errors"], s["decode_load"])
+
+
+def run_llm_process(args, endpoints: Endpoints) -> None:
+    """Entry point of the LLM stage (a fresh 'spawn' process; `args` from server.args.parse_args)."""
+    from light_tts.server.stage import stage_device, stage_dtype, start_stage
+    hb = start_stage(endpoints, "llm", args.log_level)
+    import torch
+    from light_tts.models.cosyvoice2 import CosyVoice2Model
+
+    device = stage_device(0)
+    if device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    model = CosyVoice2Model.from_pretrained(args.model_dir, device=device, dtype=stage_dtype(args.data_type, device),
+                                            components=("llm",))
+    server = LLMServer(args, endpoints, model.llm)
+    log.info("LLM ready on %s (%s) in %.1f s; KV capacity %d tokens, up to %d requests, %d decoder(s)",
+             device, model.dtype, time.perf_counter() - t0, args.max_total_token_num,
+             args.running_max_req_size, endpoints.decode_num)
+    hb.ready()
+    server.serve_forever()

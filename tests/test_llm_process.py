@@ -1,0 +1,288 @@
+"""LLM stage: batched KV cache, engine equality with Qwen2LM.inference, and the real process over
+ZeroMQ ipc sockets (spawned once per module; tokens checked against the offline reference)."""
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from light_tts.models.cosyvoice2 import CosyVoice2Model
+from light_tts.server import io_struct
+from light_tts.server.args import parse_args
+from light_tts.server.io_struct import AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensOutput
+from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats
+from light_tts.server.llm.engine import LLMEngine
+from light_tts.server.llm_process import run_llm_process
+
+REPLY = "w0"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return CosyVoice2Model.from_pretrained(tiny_model_dir, components=("llm",)).llm
+
+
+def make_req(rid, pieces, *, prompt_text=(5, 6, 7), prompt_speech=(11, 12, 13, 14), seed=0, reply_to="",
+             max_speech_tokens=None, fixed_speech_tokens=None):
+    decode = DecodeStartReq(rid=rid, reply_to=reply_to, prompt_speech_tokens=np.array(prompt_speech, np.int32),
+                            prompt_feat=np.zeros((2 * len(prompt_speech), 80), np.float32),
+                            embedding=np.zeros(192, np.float32), num_pieces=len(pieces))
+    return LLMReq(rid=rid, reply_to=reply_to, text_pieces=[list(p) for p in pieces],
+                  prompt_text_ids=np.array(prompt_text, np.int32), prompt_speech_tokens=np.array(prompt_speech, np.int32),
+                  decode=decode, seed=seed, max_speech_tokens=max_speech_tokens,
+                  fixed_speech_tokens=fixed_speech_tokens)
+
+
+def reference(lm, req, greedy=False):
+    """What the offline path (light_tts.synthesize) generates: one inference call per piece."""
+    return [list(lm.inference(p, req.prompt_text_ids.tolist(), req.prompt_speech_tokens.tolist(), seed=req.seed,
+                              greedy=greedy, max_new_tokens=req.max_speech_tokens,
+                              fixed_new_tokens=req.fixed_speech_tokens)) for p in req.text_pieces]
+
+
+def text(n, start=100):
+    return list(range(start, start + n))
+
+
+# ---- in process -------------------------------------------------------------------------------
+
+def test_batch_kv_cache_decode_equals_batch_one(lm):
+    """Rows of different lengths decoding in one padded + masked forward equal batch-1 decoding."""
+    torch.manual_seed(0)
+    body, D = lm.llm.model.model, lm.llm_input_size
+    from light_tts.models.qwen2 import BatchKVCache
+    prompts = [torch.randn(1, n, D) for n in (5, 11, 8)]
+    steps = [torch.randn(len(prompts), 1, D) for _ in range(4)]
+    with torch.inference_mode():
+        ref_caches = [lm.new_cache() for _ in prompts]
+        batch = BatchKVCache(len(body.layers), initial_rows=1, initial_capacity=4)  # must grow both ways
+        for p, c in zip(prompts, ref_caches):
+            lm(p, c, last_only=True)
+            batch.add_row(c)
+        assert batch.lengths == [5, 11, 8]
+        for t, x in enumerate(steps):
+            if t == 2:  # drop the middle row: the last row moves into its place
+                assert batch.remove_row(1) == 2
+                del ref_caches[1]
+                x_rows = x[[0, 2]]
+            else:
+                x_rows = x if t < 2 else x[[0, 2]]
+            want = torch.cat([lm(x_rows[b:b + 1], c, last_only=True) for b, c in enumerate(ref_caches)])
+            pos, mask = batch.decode_layout()
+            got = lm.llm_decoder(body(x_rows, batch, positions=pos, attention_mask=mask)[:, -1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert batch.lengths == [c.seq_len for c in ref_caches]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_engine_equals_inference_with_staggered_arrivals(lm, greedy):
+    reqs = [make_req("a", [text(3), text(2, 300)], seed=1, max_speech_tokens=25),
+            make_req("b", [text(7)], seed=2, max_speech_tokens=30, prompt_speech=()),
+            make_req("c", [text(1)], seed=3),                      # ratio bound: 20 tokens
+            make_req("d", [text(4), text(0), text(2)], seed=4, fixed_speech_tokens=9),
+            make_req("e", [text(5)], seed=5, max_speech_tokens=12, prompt_text=())]
+    arrive = {0: reqs[:2], 3: reqs[2:4], 7: reqs[4:]}
+    eng = LLMEngine(lm, max_total_token_num=4096, max_req_total_len=1024, running_max_req_size=8, greedy=greedy)
+    got = {r.rid: [[] for _ in r.text_pieces] for r in reqs}
+    done, ends, batch_sizes = set(), {r.rid: [] for r in reqs}, []
+    for step in range(500):
+        for r in arrive.get(step, []):
+            assert eng.check(r) is None
+            eng.add(r)
+        eng.admit()
+        if not eng.running and step > 7:
+            break
+        res = eng.step()
+        assert not res.errors
+        batch_sizes.append(res.batch_size)
+        for o in res.outputs:
+            assert o.rid not in done
+            got[o.rid][o.piece] += o.tokens
+            if o.piece_done:
+                ends[o.rid].append(o.piece)
+            if o.finished:
+                done.add(o.rid)
+    assert done == set(got)
+    for r in reqs:
+        assert got[r.rid] == reference(lm, r, greedy), r.rid
+        assert ends[r.rid] == list(range(len(r.text_pieces)))
+    assert [len(p) for p in got["d"]] == [9, 9, 9]  # fixed: exactly N, even for an empty piece
+    assert max(batch_sizes) >= 3
+    assert eng.kv_tokens() == 0 and not eng.rows
+
+
+def test_engine_admission_budget_and_abort(lm):
+    eng = LLMEngine(lm, max_total_token_num=120, max_req_total_len=100, running_max_req_size=2)
+    long = make_req("long", [text(60)], max_speech_tokens=50)   # 2 + 3 + 60 + 4 + 50 = 119 tokens
+    assert "max_req_total_len 100" in eng.check(long)
+    for rid in "abc":
+        eng.add(make_req(rid, [text(2)], fixed_speech_tokens=40))  # estimate 2+3+2+4+40 = 51 each
+    assert [s.rid for s in eng.admit()] == ["a", "b"]  # 102 <= 120, a third would not fit
+    eng.step(); eng.step()
+    assert eng.kv_tokens() > 0 and len(eng.rows) == 2
+    assert eng.abort("a").rid == "a" and eng.abort("c").rid == "c" and eng.abort("zz") is None
+    assert [s.rid for s in eng.running] == ["b"] and not eng.waiting and len(eng.rows) == 1
+    assert eng.rows[0].row == 0 and eng.cache.num_rows == 1
+
+
+# ---- the real process over ZeroMQ ---------------------------------------------------------------
+
+class Harness:
+    """Plays encode (pushes LLMReq), both decoders and one HTTP worker (PULL sockets)."""
+
+    def __init__(self, model_dir):
+        self.root = tempfile.mkdtemp(prefix="ltllm")  # short path: ipc addresses are limited to ~100 chars
+        self.endpoints = Endpoints(root=self.root + "/inst", encode_num=1, decode_num=2)
+        self.endpoints.create()
+        self.args = parse_args(["--model_dir", model_dir, "--max_req_total_len", "400", "--max_total_token_num", "2000",
+                                "--log_stats_interval", "0.2", "--log_level", "info"])
+        self.ctx = zmq.Context()
+        self.decoders = [bind_pull(self.ctx, self.endpoints.decode(i)) for i in range(2)]
+        self.http = bind_pull(self.ctx, self.endpoints.http(REPLY))
+        self.to_llm = connect_push(self.ctx, self.endpoints.llm)
+        self.proc = mp.get_context("spawn").Process(target=run_llm_process, args=(self.args, self.endpoints), daemon=True)
+        # CPU fp32 like the reference in this process, even on a machine with a GPU.
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            self.proc.start()
+        finally:
+            if saved is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        self.msgs = []  # (source, message) in arrival order per source
+
+    def send(self, msg):
+        io_struct.sock_send(self.to_llm, msg)
+
+    def req(self, rid, pieces, **kw):
+        return make_req(rid, pieces, reply_to=self.endpoints.http(REPLY), **kw)
+
+    def pump(self, until, timeout=20.0):
+        """Receive into self.msgs until `until()` is true."""
+        poller = zmq.Poller()
+        socks = {s: f"decode{i}" for i, s in enumerate(self.decoders)}
+        socks[self.http] = "http"
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert self.proc.is_alive(), "the LLM process died"
+            assert time.monotonic() < deadline, "timed out waiting for the LLM process"
+            for s, _ in poller.poll(100):
+                for m in io_struct.drain(s):
+                    self.msgs.append((socks[s], m))
+
+    def settle(self, seconds):
+        end = time.monotonic() + seconds
+        self.pump(lambda: time.monotonic() >= end)
+
+    def wait_stats(self, pred, timeout=5.0):
+        """The LLM's published stats once `pred(stats)` holds (they are written every 0.5 s)."""
+        stats = {}
+
+        def ready():
+            stats.update(read_stats(self.endpoints).get("llm", {}))
+            return pred(stats)
+        self.pump(ready, timeout)
+        return stats
+
+    def of(self, rid):
+        return [(src, m) for src, m in self.msgs if m.rid == rid]
+
+    def finished(self, rid):
+        return any(isinstance(m, SpeechTokensOutput) and m.finished or isinstance(m, ErrorOutput)
+                   for _, m in self.of(rid))
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    h = Harness(tiny_model_dir)
+    yield h
+    h.close()
+
+
+def test_process_concurrent_requests_equal_reference_and_balance_decoders(server, lm):
+    first = [server.req("r1", [text(4)], seed=11, max_speech_tokens=40),
+             server.req("r2", [text(2, 200), text(3, 400)], seed=12, max_speech_tokens=20),
+             server.req("r3", [text(6)], seed=None, max_speech_tokens=35)]
+    later = [server.req("r4", [text(3)], seed=14, fixed_speech_tokens=17),
+             server.req("r5", [text(1)], seed=15)]
+    for r in first:
+        server.send(r)
+    server.pump(lambda: sum(isinstance(m, SpeechTokensOutput) for _, m in server.msgs) >= 6)
+    for r in later:  # arrive while the first ones are decoding
+        server.send(r)
+    reqs = first + later
+    server.pump(lambda: all(server.finished(r.rid) for r in reqs))
+
+    used = set()
+    for r in reqs:
+        msgs = server.of(r.rid)
+        srcs = {src for src, _ in msgs}
+        assert len(srcs) == 1 and srcs != {"http"}, (r.rid, srcs)   # one decoder, no errors
+        used |= srcs
+        assert isinstance(msgs[0][1], DecodeStartReq)              # conditioning first
+        outs = [m for _, m in msgs[1:]]
+        assert all(isinstance(m, SpeechTokensOutput) for m in outs)
+        assert [m.piece for m in outs if m.piece_done] == list(range(len(r.text_pieces)))
+        assert [m.finished for m in outs] == [False] * (len(outs) - 1) + [True]
+        got = [[] for _ in r.text_pieces]
+        for m in outs:
+            got[m.piece] += m.tokens
+        if r.seed is None:  # a random seed: still within the bounds
+            assert len(got[0]) <= 35
+        else:
+            assert got == reference(lm, r), r.rid
+    assert used == {"decode0", "decode1"}
+    r4 = [m for _, m in server.of("r4") if isinstance(m, SpeechTokensOutput)]
+    assert sum(len(m.tokens) for m in r4) == 17  # fixed_speech_tokens gives exactly N
+
+    stats = server.wait_stats(lambda s: s.get("finished") == 5)
+    assert stats["max_batch_size"] > 1 and stats["running"] == 0
+    assert stats["kv_tokens"] == 0 and stats["decode_load"] == [0, 0] and stats["kv_capacity"] == 2000
+
+
+def test_process_rejects_too_long_aborts_and_survives_bad_requests(server, lm):
+    server.send(server.req("big", [text(100)], max_speech_tokens=300))  # 2+3+100+4+300 = 409 > 400
+    server.send(server.req("bad", [[10**6]], max_speech_tokens=5))      # out-of-vocabulary id: 500
+    server.send(server.req("slow", [text(5)], fixed_speech_tokens=300))
+    server.pump(lambda: server.finished("big") and server.finished("bad")
+                and sum(len(m.tokens) for _, m in server.of("slow") if isinstance(m, SpeechTokensOutput)) >= 5)
+    (src, err), = server.of("big")
+    assert src == "http" and err.status == 400 and "max_req_total_len" in err.message and err.stage == "llm"
+    errs = [m for src, m in server.of("bad") if src == "http"]
+    assert len(errs) == 1 and errs[0].status == 500 and errs[0].stage == "llm"
+    # its decoder got the conditioning, then an abort so it can free it
+    assert [type(m) for src, m in server.of("bad") if src != "http"] == [DecodeStartReq, AbortReq]
+
+    server.send(AbortReq(rid="slow"))
+    server.send(AbortReq(rid="early"))                         # before its LLMReq: remembered
+    server.send(server.req("early", [text(2)], max_speech_tokens=5))
+    server.send(server.req("after", [text(2)], seed=3, max_speech_tokens=10))
+    server.pump(lambda: server.finished("after"))
+    n = len(server.of("slow"))
+    server.settle(0.3)
+    assert len(server.of("slow")) == n and not server.finished("slow")
+    assert n - 1 < 300 and not server.of("early")
+    got = [m.tokens for _, m in server.of("after") if isinstance(m, SpeechTokensOutput)]
+    assert [t for ts in got for t in ts] == reference(lm, server.req("after", [text(2)], seed=3, max_speech_tokens=10))[0]
+
+    stats = server.wait_stats(lambda s: s.get("running") == 0 and s.get("aborted") == 2)
+    assert stats["rejected"] == 1 and stats["errors"] == 1 and stats["waiting"] == 0 and stats["kv_tokens"] == 0
