@@ -171,3 +171,12 @@ def drain(sock: zmq.Socket, limit: int = 1024) -> list:
         except zmq.Again:
             break
     return out
+
+
+async def async_send(sock, obj) -> None:
+    """sock_send for zmq.asyncio sockets (the HTTP workers)."""
+    await sock.send(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+
+
+async def async_recv(sock):
+    return pickle.loads((await sock.recv(copy=False)).buffer)

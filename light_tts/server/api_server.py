@@ -1,0 +1,72 @@
+"""`python -m light_tts.server.api_server --model_dir DIR --port 8080`: the whole server.
+
+Starts the backend stages (encode, LLM, decode processes), waits until every one is ready, then
+serves HTTP with `--httpserver_workers` uvicorn workers that share the backend. SIGTERM or Ctrl-C
+stops the HTTP workers, then every stage, and removes the instance's IPC directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from light_tts.server.args import parse_args
+from light_tts.server.backend import Backend, endpoints_for
+from light_tts.server.stage import name_process, setup_logging
+
+log = logging.getLogger("lighttts")
+ARGS_ENV = "LIGHTTTS_SERVER_ARGS"
+
+
+def model_name(model_dir: str) -> str:
+    return os.path.basename(os.path.normpath(model_dir)) or "CosyVoice2-0.5B"
+
+
+def app_factory():
+    """uvicorn worker entry: rebuild the args the launcher validated and build the app."""
+    from light_tts.server.http.app import create_app
+    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+    setup_logging(f"http:{os.getpid()}", args.log_level)
+    return create_app(args, endpoints_for(args), model_name(args.model_dir))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging("api_server", args.log_level)
+    name_process("api_server")
+    backend = Backend(args)
+    try:
+        backend.start()
+        backend.wait_ready(progress=log.info)
+    except (RuntimeError, KeyboardInterrupt) as e:
+        log.error("%s", e or "interrupted")
+        backend.stop()
+        return 1
+    threading.Thread(target=backend.supervise, name="supervise", daemon=True).start()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(backend.endpoints.root, "prom")
+    os.environ[ARGS_ENV] = json.dumps(vars(args))
+    import uvicorn
+
+    def _exit(signum, frame):
+        raise SystemExit(0)
+    # uvicorn catches SIGTERM/SIGINT to shut down gracefully, then re-raises them to the handler that
+    # was installed before it: ours, which unwinds to the `finally` that stops the backend.
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    try:
+        log.info("serving http://%s:%d with %d HTTP worker(s)", args.host, args.port, args.httpserver_workers)
+        uvicorn.run("light_tts.server.api_server:app_factory", factory=True, host=args.host, port=args.port,
+                    workers=args.httpserver_workers, log_level=args.log_level, timeout_graceful_shutdown=5,
+                    access_log=False)
+    finally:
+        log.info("stopping the backend")
+        backend.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

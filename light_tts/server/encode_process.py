@@ -1,0 +1,128 @@
+"""The encode stage: validates and encodes what a request brings, then hands it to the LLM.
+
+TTSReq -> text normalised and split into sentences, each tokenised; the voice (prompt upload
+encoded through the frontend and its cache, or a registered voice_id) -> LLMReq whose DecodeStartReq
+carries the flow conditioning. Bad input becomes an ErrorOutput with a 4xx status and a reason.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import zmq
+
+from light_tts.frontend.audio import AudioError
+from light_tts.frontend.frontend import Frontend, PromptLimits
+from light_tts.frontend.voice_cache import Voice
+from light_tts.server.io_struct import (DecodeStartReq, ErrorOutput, LLMReq, TTSReq, VoiceData, VoiceDeleteReq,
+                                        VoiceOutput, VoiceRegisterReq, VoiceStoreReq, sock_recv, sock_send)
+from light_tts.server.ipc import Endpoints, bind_pull, connect_push
+from light_tts.server.stage import stage_device, start_stage
+
+log = logging.getLogger("lighttts")
+EMPTY = np.zeros(0, dtype=np.int32)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def to_voice_data(v: Voice) -> VoiceData:
+    return VoiceData(prompt_text_ids=v.prompt_text_ids, speech_tokens=v.speech_tokens, embedding=v.embedding,
+                     prompt_feat=v.prompt_feat)
+
+
+def from_voice_data(v: VoiceData) -> Voice:
+    return Voice(v.prompt_text_ids, v.speech_tokens, v.embedding, v.prompt_feat)
+
+
+class EncodeWorker:
+    def __init__(self, args, endpoints: Endpoints, index: int):
+        self.args, self.index = args, index
+        self.stage = f"encode:{index}"
+        self.frontend = Frontend(args.model_dir, cache_capacity=args.cache_capacity,
+                                 limits=PromptLimits(args.min_prompt_seconds, args.max_prompt_seconds),
+                                 use_cuda=stage_device(0).startswith("cuda"))
+        self.ctx = zmq.Context()
+        self.recv_from_http = bind_pull(self.ctx, endpoints.encode(index))
+        self.send_to_llm = connect_push(self.ctx, endpoints.llm)
+        self._replies: dict[str, zmq.Socket] = {}
+        self.handlers = {TTSReq: self.handle_tts, VoiceRegisterReq: self.handle_register,
+                         VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete}
+
+    def reply(self, addr: str, msg) -> None:
+        sock = self._replies.get(addr)
+        if sock is None:
+            sock = self._replies[addr] = connect_push(self.ctx, addr)
+        sock_send(sock, msg)
+
+    def serve_forever(self) -> None:
+        while True:
+            req = sock_recv(self.recv_from_http)
+            try:
+                self.handlers[type(req)](req)
+            except RequestError as e:
+                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=e.status, message=str(e), stage=self.stage))
+            except AudioError as e:
+                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=400, message=f"prompt audio: {e}",
+                                                     stage=self.stage))
+            except Exception as e:  # a bug must cost one request, never the stage
+                log.exception("request %s failed", req.rid)
+                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=500, message=f"encode failed: {e}",
+                                                     stage=self.stage))
+
+    # ---- handlers -----------------------------------------------------------------------------
+
+    def voice_for(self, req: TTSReq) -> Voice:
+        if req.voice_id:
+            voice = self.frontend.registered_voice(req.voice_id)
+            if voice is None:
+                raise RequestError(404, f"unknown voice_id {req.voice_id!r}; register it with POST /voices")
+            return voice
+        if not req.prompt_audio:
+            raise RequestError(400, "prompt audio is required (prompt_wav) unless voice_id names a registered voice")
+        return self.frontend.encode_voice(req.prompt_audio, req.prompt_text if req.mode == "zero_shot" else "")
+
+    def handle_tts(self, req: TTSReq) -> None:
+        voice = self.voice_for(req)
+        pieces = [self.frontend.tokenize(p) for p in self.frontend.normalize(req.tts_text, split=True)]
+        pieces = [p for p in pieces if p]
+        if not pieces:
+            raise RequestError(400, "tts_text has nothing to speak after text normalisation")
+        prompt_text, prompt_speech = voice.prompt_text_ids, voice.speech_tokens
+        if req.mode == "cross_lingual":
+            prompt_text, prompt_speech = EMPTY, EMPTY
+        elif req.mode == "instruct2":
+            prompt_text = np.asarray(self.frontend.tokenize(req.instruct_text), dtype=np.int32)
+            prompt_speech = EMPTY
+        decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
+                                prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
+                                speed=req.speed, seed=req.seed, num_pieces=len(pieces), created=req.created)
+        sock_send(self.send_to_llm, LLMReq(
+            rid=req.rid, reply_to=req.reply_to, text_pieces=pieces, prompt_text_ids=prompt_text,
+            prompt_speech_tokens=prompt_speech, decode=decode, seed=req.seed, max_speech_tokens=req.max_speech_tokens,
+            fixed_speech_tokens=req.fixed_speech_tokens, created=req.created))
+
+    def handle_register(self, req: VoiceRegisterReq) -> None:
+        voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
+        self.frontend.cache.register(req.voice_id, voice)
+        self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))
+
+    def handle_store(self, req: VoiceStoreReq) -> None:
+        self.frontend.cache.register(req.voice_id, from_voice_data(req.voice))
+
+    def handle_delete(self, req: VoiceDeleteReq) -> None:
+        existed = self.frontend.cache.unregister(req.voice_id)
+        self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, existed=existed))
+
+
+def run_encode_process(args, endpoints: Endpoints, index: int) -> None:
+    hb = start_stage(endpoints, f"encode:{index}", args.log_level)
+    import torch
+    torch.set_num_threads(1)
+    worker = EncodeWorker(args, endpoints, index)
+    hb.ready()
+    log.info("ready (cache capacity %d)", args.cache_capacity)
+    worker.serve_forever()

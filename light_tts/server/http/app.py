@@ -1,0 +1,396 @@
+"""The HTTP surface (FastAPI). Thin: validate, route to the backend, stream the answer back.
+
+Three client families work unchanged: LightTTS's (POST multipart, `stream`, `tts_model_name`,
+/healthz, /query_tts_model, WS /inference_zero_shot_bistream), the official CosyVoice runtime's
+(GET or POST with form fields, raw PCM back) and seed 001's benchmark (JSON with base64 audio).
+This module imports neither torch nor model code.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import struct
+import time
+from typing import Optional
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from light_tts.server.http.manager import BackendClient, Overloaded
+from light_tts.server.http.metrics import Metrics
+from light_tts.server.io_struct import AudioOutput, ErrorOutput, VoiceOutput
+from light_tts.server.ipc import Endpoints
+
+log = logging.getLogger("lighttts")
+SAMPLE_RATE = 24000
+VOICE_ID = re.compile(r"^[A-Za-z0-9_.\-\u4e00-\u9fff]{1,64}$")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def wav_header(data_bytes: Optional[int]) -> bytes:
+    """RIFF header of 24 kHz mono PCM16; unknown length (streaming) writes the maximum sizes."""
+    size = 0xFFFFFFFF - 36 if data_bytes is None else data_bytes
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", min(36 + size, 0xFFFFFFFF), b"WAVE", b"fmt ", 16, 1, 1,
+                       SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data", size)
+
+
+def error(status: int, message: str, **headers) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+
+# ---- request parsing ------------------------------------------------------------------------------
+
+async def read_params(request: Request) -> dict:
+    """Form (multipart or urlencoded, GET or POST), JSON, or query string -> {name: str | bytes}."""
+    params: dict = dict(request.query_params)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("request body is not valid JSON")
+        if not isinstance(body, dict):
+            raise BadRequest("JSON body must be an object")
+        params.update(body)
+        for key in ("prompt_wav", "prompt_audio"):
+            if isinstance(params.get(key), str):
+                try:
+                    params[key] = base64.b64decode(params[key], validate=True)
+                except (binascii.Error, ValueError):
+                    raise BadRequest(f"{key}: not valid base64")
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form()
+        for key, value in form.multi_items():
+            params[key] = await value.read() if isinstance(value, UploadFile) else value
+    elif ctype and request.method == "POST" and await request.body():
+        raise BadRequest(f"unsupported content type {ctype!r}: send multipart/form-data or application/json", 415)
+    return params
+
+
+def _text(params: dict, *names: str) -> str:
+    for n in names:
+        v = params.get(n)
+        if v is not None:
+            if isinstance(v, bytes):
+                try:
+                    v = v.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRequest(f"{n}: not UTF-8 text")
+            if not isinstance(v, str):
+                v = str(v)
+            return v
+    return ""
+
+
+def _bool(params: dict, *names: str, default: bool = False) -> bool:
+    raw = _text(params, *names).strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"{names[0]}: expected true or false, got {raw!r}")
+
+
+def _number(params: dict, name: str, kind, lo, hi, default=None):
+    raw = _text(params, name).strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected a {'number' if kind is float else 'whole number'}, got {raw!r}")
+    if not lo <= value <= hi or value != value:
+        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {raw}")
+    return value
+
+
+def _audio(params: dict) -> Optional[bytes]:
+    for key in ("prompt_wav", "prompt_audio"):
+        v = params.get(key)
+        if isinstance(v, bytes):
+            return v
+        if isinstance(v, str) and v:
+            raise BadRequest(f"{key}: upload the audio as a file (multipart) or base64 in JSON")
+    return None
+
+
+class Api:
+    def __init__(self, args, endpoints: Endpoints, model_name: str):
+        self.args = args
+        self.client = BackendClient(endpoints, max_in_flight=args.max_queue_size)
+        self.metrics = Metrics(endpoints)
+        self.model_name = model_name
+
+    # -- synthesis request from parameters --
+    def tts_fields(self, params: dict, mode: str, default_format: str) -> dict:
+        tts_text = _text(params, "tts_text", "input")
+        prompt_text = _text(params, "prompt_text")
+        if not tts_text and _text(params, "text"):      # seed 002: `text` is what to speak
+            tts_text = _text(params, "text")
+        elif tts_text and not prompt_text:              # otherwise `text` may name the prompt transcript
+            prompt_text = _text(params, "text")
+        if not tts_text.strip():
+            raise BadRequest("tts_text is required and must not be empty")
+        limit = self.args.max_req_total_len
+        if len(tts_text) > limit:  # every character costs at least one token
+            raise BadRequest(f"tts_text is {len(tts_text)} characters; the limit is {limit} (--max_req_total_len)")
+        voice_id = _text(params, "voice_id", "spk_id", "voice").strip() or None
+        audio = _audio(params)
+        if mode == "sft" and not voice_id:
+            raise BadRequest("spk_id is required: the id of a registered voice (POST /voices)")
+        if voice_id is None and audio is None:
+            raise BadRequest("prompt_wav is required (a WAV, FLAC, OGG or MP3 upload), or voice_id of a registered voice")
+        if voice_id is None and len(audio) == 0:
+            raise BadRequest("prompt_wav is empty (0 bytes)")
+        if mode == "zero_shot" and voice_id is None and not prompt_text.strip():
+            # no transcript (seed 002 sends only `text`): clone the voice the way cross-lingual
+            # does, conditioning only the flow on the prompt
+            mode = "cross_lingual"
+        instruct = _text(params, "instruct_text")
+        if mode == "instruct2" and not instruct.strip():
+            raise BadRequest("instruct_text is required for instruct2")
+        stream = _bool(params, "stream", "streaming")
+        speed = _number(params, "speed", float, 0.5, 2.0, 1.0)
+        if stream and speed != 1.0:
+            raise BadRequest("speed other than 1.0 works only without streaming")
+        # streaming answers raw PCM (LightTTS clients expect exactly that) unless format=wav
+        fmt = (_text(params, "format", "response_format").strip().lower() or ("pcm" if stream else default_format))
+        if fmt not in ("wav", "pcm"):
+            raise BadRequest(f"format must be wav or pcm, got {fmt!r}")
+        return dict(mode="zero_shot" if mode == "sft" else mode, tts_text=tts_text, prompt_text=prompt_text,
+                    prompt_audio=audio if voice_id is None else None, voice_id=voice_id, instruct_text=instruct,
+                    stream=stream, speed=speed, seed=_number(params, "seed", int, 0, 2**63 - 1),
+                    max_speech_tokens=_number(params, "max_speech_tokens", int, 1, limit),
+                    fixed_speech_tokens=_number(params, "fixed_speech_tokens", int, 1, limit), _format=fmt)
+
+    async def synthesize(self, request: Request, fields: dict, endpoint: str) -> Response:
+        fmt = fields.pop("_format")
+        t0 = time.time()
+        try:
+            outputs = self.client.synthesize(self.args.request_timeout, **fields)
+        except Overloaded as e:
+            self.metrics.done(endpoint, 503)
+            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+        try:
+            first = await outputs.__anext__()
+        except Overloaded as e:
+            self.metrics.done(endpoint, 503)
+            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+        if isinstance(first, ErrorOutput):
+            self.metrics.done(endpoint, first.status)
+            return error(first.status, first.message)
+        self.metrics.first_chunk(time.time() - t0)
+        if fields["stream"]:
+            return StreamingResponse(self._stream(first, outputs, fmt, endpoint, t0),
+                                     media_type="audio/wav" if fmt == "wav" else "audio/pcm",
+                                     headers={"X-Sample-Rate": str(SAMPLE_RATE)})
+        pcm = bytearray(first.pcm)
+        async for out in self._until_disconnect(request, outputs):
+            if isinstance(out, ErrorOutput):
+                self.metrics.done(endpoint, out.status)
+                return error(out.status, out.message)
+            pcm += out.pcm
+        self.metrics.done(endpoint, 200, audio_seconds=len(pcm) / 2 / SAMPLE_RATE, wall=time.time() - t0)
+        body = bytes(pcm) if fmt == "pcm" else wav_header(len(pcm)) + bytes(pcm)
+        return Response(body, media_type="audio/wav" if fmt == "wav" else "audio/pcm",
+                        headers={"X-Sample-Rate": str(SAMPLE_RATE)})
+
+    async def _stream(self, first: AudioOutput, outputs, fmt: str, endpoint: str, t0: float):
+        samples = 0
+        status = 200
+        try:
+            if fmt == "wav":
+                yield wav_header(None)
+            yield first.pcm
+            samples += len(first.pcm) // 2
+            async for out in outputs:
+                if isinstance(out, ErrorOutput):  # headers are gone: end the stream early, log why
+                    log.warning("stream %s ended by error %d: %s", endpoint, out.status, out.message)
+                    status = out.status
+                    return
+                if out.pcm:
+                    samples += len(out.pcm) // 2
+                    yield out.pcm
+        finally:
+            await outputs.aclose()
+            self.metrics.done(endpoint, status, audio_seconds=samples / SAMPLE_RATE, wall=time.time() - t0)
+
+    @staticmethod
+    async def _until_disconnect(request: Request, outputs):
+        """Iterate outputs; if the client leaves first, closing the generator aborts the request."""
+        nxt = asyncio.ensure_future(outputs.__anext__())
+        try:
+            while True:
+                gone = asyncio.ensure_future(request.is_disconnected())
+                done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt in done:
+                    gone.cancel()
+                    try:
+                        out = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    yield out
+                    nxt = asyncio.ensure_future(outputs.__anext__())
+                elif gone.result():
+                    nxt.cancel()
+                    return
+                else:
+                    await asyncio.sleep(0.05)
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+            await outputs.aclose()
+
+
+def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") -> FastAPI:
+    api = Api(args, endpoints, model_name)
+    app = FastAPI(title="LightTTS", version="0.1.0",
+                  description="CosyVoice2 text-to-speech: zero-shot voice cloning over HTTP")
+    app.state.api = api
+
+    @app.on_event("startup")
+    async def _start():
+        await api.client.start()
+
+    @app.on_event("shutdown")
+    async def _stop():
+        await api.client.stop()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        if args.api_key and path not in ("/healthz", "/health", "/liveness", "/readiness"):
+            if request.headers.get("authorization", "") != f"Bearer {args.api_key}":
+                return error(401, "missing or wrong API key (Authorization: Bearer ...)")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > args.max_upload_bytes:
+            return error(413, f"request body is {int(length)} bytes; the limit is {args.max_upload_bytes}")
+        return await call_next(request)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, e: BadRequest):
+        api.metrics.done(request.url.path, e.status)
+        return error(e.status, str(e))
+
+    async def synth(request: Request, mode: str, endpoint: str):
+        try:
+            params = await read_params(request)
+            # GET is the official runtime's surface: it reads raw PCM; POST answers WAV unless asked
+            fields = api.tts_fields(params, mode, "pcm" if request.method == "GET" else "wav")
+        except BadRequest as e:
+            api.metrics.done(endpoint, e.status)
+            return error(e.status, str(e))
+        return await api.synthesize(request, fields, endpoint)
+
+    for mode in ("zero_shot", "cross_lingual", "instruct2", "sft"):
+        path = f"/inference_{mode}"
+
+        async def handler(request: Request, _mode=mode, _path=path):
+            return await synth(request, _mode, _path)
+        app.add_api_route(path, handler, methods=["GET", "POST"], name=f"inference_{mode}")
+
+    @app.post("/v1/audio/speech")
+    async def openai_speech(request: Request):
+        try:
+            params = await read_params(request)
+            if not _text(params, "voice"):
+                raise BadRequest("voice is required: the voice_id of a registered voice (POST /voices)")
+            fields = api.tts_fields(params, "zero_shot", "wav")
+        except BadRequest as e:
+            api.metrics.done("/v1/audio/speech", e.status)
+            return error(e.status, str(e))
+        return await api.synthesize(request, fields, "/v1/audio/speech")
+
+    @app.post("/voices")
+    async def register_voice(request: Request):
+        params = await read_params(request)
+        voice_id = _text(params, "voice_id", "spk_id").strip()
+        if not VOICE_ID.match(voice_id):
+            raise BadRequest("voice_id is required: 1-64 letters, digits, '_', '-', '.'")
+        prompt_text = _text(params, "prompt_text", "text")
+        audio = _audio(params)
+        if not audio:
+            raise BadRequest("prompt_wav is required (a WAV, FLAC, OGG or MP3 upload)")
+        if not prompt_text.strip():
+            raise BadRequest("prompt_text is required: the transcript of prompt_wav")
+        out = await api.client.register_voice(voice_id, prompt_text, audio, args.request_timeout)
+        if isinstance(out, ErrorOutput):
+            return error(out.status, out.message)
+        return {"voice_id": voice_id, "speech_tokens": int(len(out.voice.speech_tokens))}
+
+    @app.delete("/voices/{voice_id}")
+    async def delete_voice(voice_id: str):
+        out = await api.client.delete_voice(voice_id, args.request_timeout)
+        if isinstance(out, VoiceOutput) and out.existed:
+            return {"voice_id": voice_id, "deleted": True}
+        return error(404, f"unknown voice_id {voice_id!r}")
+
+    def health_response():
+        stages = api.client.health()
+        down = {s: why for s, why in stages.items() if why != "ok"}
+        if down:
+            return JSONResponse({"status": "unhealthy", "stages": stages,
+                                 "detail": "; ".join(f"{s}: {w}" for s, w in down.items())}, status_code=503)
+        return {"status": "healthy"}
+
+    app.add_api_route("/healthz", health_response, methods=["GET"])
+    app.add_api_route("/health", health_response, methods=["GET"])
+    app.add_api_route("/readiness", health_response, methods=["GET"])
+
+    @app.get("/liveness")
+    async def liveness():
+        return {"status": "alive"}
+
+    @app.api_route("/query_tts_model", methods=["GET", "POST"])
+    async def query_tts_model():
+        return {"tts_models": [api.model_name]}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, ctype = api.metrics.render(in_flight=len(api.client.states), rejected=api.client.rejected)
+        return Response(body, media_type=ctype)
+
+    @app.websocket("/inference_zero_shot_bistream")
+    async def bistream(ws: WebSocket):
+        """LightTTS's protocol: {prompt_text, tts_model_name}, the prompt wav (binary), {"tts_text": ...}
+        pieces, {"finish": true}; int16 PCM frames back. Text pieces are gathered until finish."""
+        await ws.accept()
+        try:
+            start = json.loads(await ws.receive_text())
+            audio = await ws.receive_bytes()
+            pieces = []
+            while True:
+                msg = json.loads(await ws.receive_text())
+                if msg.get("finish"):
+                    break
+                pieces.append(str(msg.get("tts_text", "")))
+            params = {"prompt_text": str(start.get("prompt_text", "")), "tts_text": "".join(pieces),
+                      "prompt_wav": audio, "stream": "true"}
+            fields = api.tts_fields(params, "zero_shot", "pcm")
+            fields.pop("_format")
+            async for out in api.client.synthesize(args.request_timeout, **fields):
+                if isinstance(out, ErrorOutput):
+                    await ws.send_text(json.dumps({"error": out.message, "status": out.status}))
+                    break
+                if out.pcm:
+                    await ws.send_bytes(out.pcm)
+            await ws.close()
+        except (BadRequest, ValueError, KeyError, TypeError) as e:
+            await ws.send_text(json.dumps({"error": str(e), "status": 400}))
+            await ws.close(code=1003)
+        except (WebSocketDisconnect, Overloaded):
+            pass
+
+    return app

@@ -1,0 +1,182 @@
+"""One HTTP worker's connection to the backend: sockets, request ids, reply routing, health.
+
+Each worker (a uvicorn worker of api_server or a gunicorn worker) binds its own PULL socket and
+stamps its address on every request; the backend answers there, and a receive loop hands each
+output to the asyncio queue of the request it belongs to (`rid -> ReqState`). A watchdog reads
+the stage status table and fails every request in flight within about a second when a stage dies,
+so no client waits on a process that is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import zmq
+import zmq.asyncio
+
+from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, TTSReq, VoiceDeleteReq, VoiceOutput,
+                                        VoiceRegisterReq, VoiceStoreReq, async_recv, async_send)
+from light_tts.server.ipc import Endpoints, StatusTable, stage_health
+
+log = logging.getLogger("lighttts")
+WATCHDOG_SECONDS = 0.25
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class ReqState:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.time)
+    finished: bool = False
+
+
+class BackendClient:
+    def __init__(self, endpoints: Endpoints, max_in_flight: int = 256):
+        self.endpoints = endpoints
+        self.max_in_flight = max_in_flight
+        # rid = <instance-unique worker tag>-<counter>: never reused while the instance lives
+        self.tag = f"{os.getpid():x}{secrets.token_hex(3)}"
+        self._seq = itertools.count()
+        self._encode_rr = itertools.count()
+        self.states: dict[str, ReqState] = {}
+        self.rejected = 0
+        self._started = False
+
+    # ---- lifecycle (inside the worker's event loop) --------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.ctx = zmq.asyncio.Context()
+        self.reply_addr = self.endpoints.http(self.tag)
+        self.recv_from_backend = self.ctx.socket(zmq.PULL)
+        self.recv_from_backend.setsockopt(zmq.LINGER, 0)
+        self.recv_from_backend.bind(self.reply_addr)
+        self.send_to_encode = [self._push(self.endpoints.encode(i)) for i in range(self.endpoints.encode_num)]
+        self.send_to_llm = self._push(self.endpoints.llm)
+        self.send_to_decode = [self._push(self.endpoints.decode(i)) for i in range(self.endpoints.decode_num)]
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watchdog())]
+
+    async def stop(self) -> None:
+        for t in getattr(self, "_tasks", []):
+            t.cancel()
+        if self._started:
+            self.ctx.destroy(linger=0)
+            try:
+                os.unlink(self.reply_addr[len("ipc://"):])
+            except OSError:
+                pass
+
+    def _push(self, addr: str) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.connect(addr)
+        return s
+
+    async def _send(self, sock, msg) -> None:
+        await async_send(sock, msg)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            out = await async_recv(self.recv_from_backend)
+            state = self.states.get(out.rid)
+            if state is not None:  # replies of aborted requests are dropped here
+                state.queue.put_nowait(out)
+
+    async def _watchdog(self) -> None:
+        table = None
+        while True:
+            await asyncio.sleep(WATCHDOG_SECONDS)
+            if not self.states:
+                continue
+            try:
+                table = table or StatusTable(self.endpoints.status_path)
+            except (OSError, ValueError):
+                table = None
+            down = {s: why for s, why in stage_health(self.endpoints, table).items() if why not in ("ok",)}
+            if down:
+                stage, why = next(iter(down.items()))
+                for rid, state in list(self.states.items()):
+                    state.queue.put_nowait(ErrorOutput(rid=rid, status=503, stage=stage,
+                                                       message=f"stage {stage} is down ({why})"))
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, str]:
+        return stage_health(self.endpoints)
+
+    def new_rid(self) -> str:
+        return f"{self.tag}-{next(self._seq)}"
+
+    def _open(self) -> tuple[str, ReqState]:
+        if len(self.states) >= self.max_in_flight:
+            self.rejected += 1
+            raise Overloaded(f"{len(self.states)} requests in flight (limit {self.max_in_flight})")
+        rid = self.new_rid()
+        state = self.states[rid] = ReqState()
+        return rid, state
+
+    async def synthesize(self, timeout: float, **fields) -> AsyncIterator:
+        """Yield AudioOutput chunks; an ErrorOutput ends the stream (yielded, not raised)."""
+        rid, state = self._open()
+        req = TTSReq(rid=rid, reply_to=self.reply_addr, created=state.created, **fields)
+        deadline = state.created + timeout
+        try:
+            await self._send(self.send_to_encode[next(self._encode_rr) % len(self.send_to_encode)], req)
+            while True:
+                left = deadline - time.time()
+                if left <= 0:
+                    yield ErrorOutput(rid=rid, status=504, message=f"request timed out after {timeout:g} s")
+                    return
+                try:
+                    out = await asyncio.wait_for(state.queue.get(), timeout=left)
+                except asyncio.TimeoutError:
+                    continue
+                yield out
+                if isinstance(out, ErrorOutput) or (isinstance(out, AudioOutput) and out.finished):
+                    state.finished = True
+                    return
+        finally:
+            self.states.pop(rid, None)
+            if not state.finished:  # client went away, timed out, or a stage failed: free it everywhere
+                await self.abort(rid)
+
+    async def abort(self, rid: str) -> None:
+        msg = AbortReq(rid=rid)
+        await self._send(self.send_to_llm, msg)
+        for s in self.send_to_decode:
+            await self._send(s, msg)
+
+    async def _single(self, sock, make, timeout: float):
+        rid, state = self._open()
+        try:
+            await self._send(sock, make(rid))
+            return await asyncio.wait_for(state.queue.get(), timeout=timeout)
+        finally:
+            self.states.pop(rid, None)
+
+    async def register_voice(self, voice_id: str, prompt_text: str, audio: bytes, timeout: float):
+        out = await self._single(self.send_to_encode[0], lambda rid: VoiceRegisterReq(
+            rid=rid, reply_to=self.reply_addr, voice_id=voice_id, prompt_text=prompt_text, prompt_audio=audio), timeout)
+        if isinstance(out, VoiceOutput):  # every encode process must know the voice
+            for sock in self.send_to_encode[1:]:
+                await self._send(sock, VoiceStoreReq(rid=out.rid, reply_to=self.reply_addr, voice_id=voice_id,
+                                                     voice=out.voice))
+        return out
+
+    async def delete_voice(self, voice_id: str, timeout: float):
+        for sock in self.send_to_encode[1:]:
+            await self._send(sock, VoiceDeleteReq(rid=self.new_rid(), reply_to=self.reply_addr, voice_id=voice_id))
+        return await self._single(self.send_to_encode[0], lambda rid: VoiceDeleteReq(
+            rid=rid, reply_to=self.reply_addr, voice_id=voice_id), timeout)

@@ -1,0 +1,82 @@
+"""Prometheus metrics (/metrics).
+
+Request counters and latency histograms live in the HTTP workers; with several workers
+prometheus-client's multiprocess mode sums them (the launcher points PROMETHEUS_MULTIPROC_DIR into
+the instance directory before workers start). Stage gauges (LLM batch size, KV use, decode load,
+stage up/down) are read at scrape time from the stats files the stages publish.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from light_tts.server.ipc import Endpoints, read_stats, stage_health
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+class StageCollector:
+    def __init__(self, endpoints: Endpoints):
+        self.endpoints = endpoints
+
+    def collect(self):
+        up = GaugeMetricFamily("lighttts_stage_up", "1 if the stage process is alive and beating", labels=["stage"])
+        for stage, why in stage_health(self.endpoints).items():
+            up.add_metric([stage], 1.0 if why == "ok" else 0.0)
+        yield up
+        stats = read_stats(self.endpoints)
+        llm = stats.get("llm", {})
+        for key, help_text in (("running", "requests decoding in the LLM"),
+                               ("waiting", "requests waiting for admission to the LLM"),
+                               ("batch_size", "LLM decode batch size of the last step"),
+                               ("max_batch_size", "largest LLM decode batch so far"),
+                               ("kv_used", "KV-cache tokens in use"),
+                               ("kv_total", "KV-cache capacity in tokens"),
+                               ("generated_tokens", "speech tokens generated"),
+                               ("aborted", "requests aborted in the LLM"),
+                               ("rejected", "requests the LLM refused (too long)")):
+            if key in llm:
+                yield GaugeMetricFamily(f"lighttts_llm_{key}", help_text, value=float(llm[key]))
+        active = GaugeMetricFamily("lighttts_decode_active", "requests held by a decode process", labels=["stage"])
+        for stage, s in stats.items():
+            if stage.startswith("decode") and "active" in s:
+                active.add_metric([stage], float(s["active"]))
+        yield active
+
+
+class Metrics:
+    def __init__(self, endpoints: Endpoints):
+        self.registry = CollectorRegistry()
+        multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiproc and os.path.isdir(multiproc):
+            from prometheus_client import multiprocess
+            multiprocess.MultiProcessCollector(self.registry)
+            own = None  # per-worker values are written to files and summed by the collector
+        else:
+            own = self.registry
+        self.requests = Counter("lighttts_requests_total", "finished HTTP requests", ["endpoint", "status"],
+                                registry=own)
+        self.first_chunk_seconds = Histogram("lighttts_first_chunk_seconds", "request arrival to first audio",
+                                             buckets=LATENCY_BUCKETS, registry=own)
+        self.rtf = Histogram("lighttts_rtf", "wall time / audio time per request", buckets=RTF_BUCKETS, registry=own)
+        self.audio_seconds = Counter("lighttts_audio_seconds_total", "audio produced", registry=own)
+        self.registry.register(StageCollector(endpoints))
+
+    def done(self, endpoint: str, status: int, audio_seconds: float = 0.0, wall: float = 0.0) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        if audio_seconds > 0:
+            self.audio_seconds.inc(audio_seconds)
+            self.rtf.observe(wall / audio_seconds)
+
+    def first_chunk(self, seconds: float) -> None:
+        self.first_chunk_seconds.observe(seconds)
+
+    def render(self, in_flight: int, rejected: int) -> tuple[bytes, str]:
+        extra = (f"# HELP lighttts_http_in_flight requests in flight in this HTTP worker\n"
+                 f"# TYPE lighttts_http_in_flight gauge\nlighttts_http_in_flight {in_flight}\n"
+                 f"# HELP lighttts_http_rejected_total requests refused as overload by this HTTP worker\n"
+                 f"# TYPE lighttts_http_rejected_total counter\nlighttts_http_rejected_total {rejected}\n")
+        return generate_latest(self.registry) + extra.encode(), CONTENT_TYPE_LATEST

@@ -1,0 +1,176 @@
+"""The real server (subprocess, tiny model, CPU) over real HTTP: every endpoint, both response
+modes, aliases, JSON+base64, voices, bad input, concurrency across 2 HTTP workers."""
+import base64
+import concurrent.futures
+import os
+import re
+
+import httpx
+import pytest
+
+from server_util import PROMPT_TEXT, PROMPT_WAV, Server, wav_info
+
+PROMPT = open(PROMPT_WAV, "rb").read()
+N = 30                        # speech tokens per request: 30 tokens = 60 mel frames = 1.2 s
+SAMPLES = N * 960             # 24 kHz samples for N tokens
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    srv = Server.api_server(tiny_model_dir, tmp, "--httpserver_workers", "2", "--decode_process_num", "2")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
+def zero_shot(url, stream=False, **extra):
+    data = {"prompt_text": PROMPT_TEXT, "tts_text": "Hello there, a short test sentence.",
+            "stream": str(stream).lower(), "fixed_speech_tokens": str(N), **extra}
+    return httpx.post(url + "/inference_zero_shot", data=data, files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")},
+                      timeout=120)
+
+
+def test_health_and_model_query(server):
+    for path in ("/healthz", "/health", "/readiness"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 200 and r.json() == {"status": "healthy"}
+    assert httpx.get(server.url + "/liveness").status_code == 200
+    for method in ("GET", "POST"):
+        r = httpx.request(method, server.url + "/query_tts_model")
+        assert r.json() == {"tts_models": ["tiny"]}
+
+
+def test_zero_shot_wav(server):
+    r = zero_shot(server.url)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/wav"
+    rate, channels, bits, nbytes = wav_info(r.content)
+    assert (rate, channels, bits) == (24000, 1, 16) and nbytes == SAMPLES * 2 == len(r.content) - 44
+
+
+def test_zero_shot_streaming_raw_pcm(server):
+    with httpx.stream("POST", server.url + "/inference_zero_shot", timeout=120,
+                      data={"prompt_text": PROMPT_TEXT, "tts_text": "Streaming test, please.", "stream": "true",
+                            "fixed_speech_tokens": "80"},
+                      files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}) as r:
+        assert r.status_code == 200
+        chunks = [c for c in r.iter_raw() if c]
+    body = b"".join(chunks)
+    assert body[:4] != b"RIFF" and len(body) == 80 * 960 * 2
+    assert len(chunks) >= 2  # more than one chunk arrived: audio streamed while being made
+
+
+def test_streaming_wav_format_and_seed_002_aliases(server):
+    r = httpx.post(server.url + "/inference_zero_shot", timeout=120,
+                   data={"text": "Seed two aliases.", "streaming": "true", "format": "wav", "language": "en",
+                         "fixed_speech_tokens": str(N)},
+                   files={"prompt_audio": ("p.wav", PROMPT, "audio/wav")})
+    # seed 002 sends `text` (what to speak) and no transcript: the voice is cloned as cross-lingual does
+    assert r.status_code == 200, r.text
+    assert r.content[:4] == b"RIFF" and len(r.content) == 44 + SAMPLES * 2
+    r = httpx.post(server.url + "/inference_zero_shot", timeout=120,
+                   data={"text": "Seed two aliases.", "prompt_text": PROMPT_TEXT, "streaming": "true",
+                         "format": "wav", "fixed_speech_tokens": str(N)},
+                   files={"prompt_audio": ("p.wav", PROMPT, "audio/wav")})
+    assert r.status_code == 200, r.text
+    assert r.content[:4] == b"RIFF" and len(r.content) == 44 + SAMPLES * 2
+
+
+def test_json_base64(server):
+    body = {"tts_text": "JSON request.", "prompt_text": PROMPT_TEXT, "prompt_wav": base64.b64encode(PROMPT).decode(),
+            "fixed_speech_tokens": N}
+    r = httpx.post(server.url + "/inference_zero_shot", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert wav_info(r.content)[3] == SAMPLES * 2
+    bad = dict(body, prompt_wav="@@not base64@@")
+    r = httpx.post(server.url + "/inference_zero_shot", json=bad, timeout=30)
+    assert r.status_code == 400 and "base64" in r.json()["detail"]
+    r = httpx.post(server.url + "/inference_zero_shot", content=b"{broken", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+
+
+def test_official_runtime_get_returns_raw_pcm(server):
+    # the official CosyVoice client: GET with form fields and a file, reads raw int16 PCM
+    r = httpx.request("GET", server.url + "/inference_cross_lingual", timeout=120,
+                      data={"tts_text": "Official client.", "fixed_speech_tokens": str(N)},
+                      files={"prompt_wav": ("prompt_wav", PROMPT, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    assert r.content[:4] != b"RIFF" and len(r.content) == SAMPLES * 2
+
+
+def test_instruct2(server):
+    r = httpx.post(server.url + "/inference_instruct2", timeout=120,
+                   data={"tts_text": "Instructed speech.", "instruct_text": "Speak slowly.",
+                         "fixed_speech_tokens": str(N)}, files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
+    assert r.status_code == 200 and wav_info(r.content)[3] == SAMPLES * 2
+    r = httpx.post(server.url + "/inference_instruct2", timeout=30, data={"tts_text": "x"},
+                   files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
+    assert r.status_code == 400 and "instruct_text" in r.json()["detail"]
+
+
+def test_voices_lifecycle(server):
+    r = httpx.post(server.url + "/voices", data={"voice_id": "alice", "prompt_text": PROMPT_TEXT},
+                   files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["voice_id"] == "alice" and r.json()["speech_tokens"] > 50
+    # voice_id instead of an upload, on several endpoints; each HTTP worker and encode process knows it
+    for _ in range(3):
+        r = httpx.post(server.url + "/inference_zero_shot", timeout=120,
+                       data={"tts_text": "Registered voice.", "voice_id": "alice", "fixed_speech_tokens": str(N)})
+        assert r.status_code == 200, r.text
+    r = httpx.request("GET", server.url + "/inference_sft", timeout=120,
+                      data={"tts_text": "Official sft client.", "spk_id": "alice", "fixed_speech_tokens": str(N)})
+    assert r.status_code == 200 and len(r.content) == SAMPLES * 2
+    r = httpx.post(server.url + "/v1/audio/speech", timeout=120,
+                   json={"model": "tiny", "input": "OpenAI shape.", "voice": "alice", "response_format": "pcm",
+                         "fixed_speech_tokens": N})
+    assert r.status_code == 200 and len(r.content) == SAMPLES * 2
+    assert httpx.delete(server.url + "/voices/alice").status_code == 200
+    assert httpx.delete(server.url + "/voices/alice").status_code == 404
+    r = httpx.post(server.url + "/inference_zero_shot", timeout=30, data={"tts_text": "x", "voice_id": "alice"})
+    assert r.status_code == 404 and "unknown voice_id" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("data,files,status,reason", [
+    ({"prompt_text": PROMPT_TEXT}, True, 400, "tts_text is required"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "   "}, True, 400, "tts_text is required"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "x" * 3000}, True, 400, "--max_req_total_len"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "no audio"}, False, 400, "prompt_wav is required"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "hi", "speed": "fast"}, True, 400, "speed"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "hi", "seed": "-3"}, True, 400, "seed"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "hi", "stream": "maybe"}, True, 400, "stream"),
+    ({"prompt_text": PROMPT_TEXT, "tts_text": "。。！"}, True, 400, "nothing to speak"),
+])
+def test_bad_input_gets_a_reason(server, data, files, status, reason):
+    f = {"prompt_wav": ("p.wav", PROMPT, "audio/wav")} if files else None
+    r = httpx.post(server.url + "/inference_zero_shot", data=data, files=f, timeout=60)
+    assert r.status_code == status, r.text
+    assert reason in r.json()["detail"]
+
+
+def test_bad_audio_and_content_type(server):
+    r = httpx.post(server.url + "/inference_zero_shot", data={"prompt_text": PROMPT_TEXT, "tts_text": "hi"},
+                   files={"prompt_wav": ("p.wav", b"this is not audio" * 50, "audio/wav")}, timeout=60)
+    assert r.status_code == 400 and "could not decode" in r.json()["detail"]
+    r = httpx.post(server.url + "/inference_zero_shot", content=b"hello", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert httpx.get(server.url + "/no_such_endpoint").status_code == 404
+    assert httpx.put(server.url + "/healthz").status_code == 405
+    # the server keeps serving after all of that
+    assert zero_shot(server.url).status_code == 200
+
+
+def test_concurrent_requests_are_batched(server):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: zero_shot(server.url, stream=bool(i % 2), seed=str(i)), range(8)))
+    assert [r.status_code for r in results] == [200] * 8
+    for i, r in enumerate(results):
+        assert len(r.content) == SAMPLES * 2 + (0 if i % 2 else 44)
+    metrics = httpx.get(server.url + "/metrics").text
+    batch = float(re.search(r"^lighttts_llm_max_batch_size (\S+)$", metrics, re.M).group(1))
+    assert batch > 1, "the LLM process never decoded more than one request per step"
+    assert 'lighttts_requests_total{endpoint="/inference_zero_shot",status="200"}' in metrics
+    assert re.search(r'^lighttts_stage_up\{stage="decode:1"\} 1\.0$', metrics, re.M)
