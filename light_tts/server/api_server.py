@@ -16,7 +16,7 @@ import threading
 
 from light_tts.server.args import parse_args
 from light_tts.server.backend import Backend, endpoints_for
-from light_tts.server.stage import name_process, setup_logging
+from light_tts.server.stage import setup_logging
 
 log = logging.getLogger("lighttts")
 ARGS_ENV = "LIGHTTTS_SERVER_ARGS"
@@ -37,7 +37,8 @@ def app_factory():
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging("api_server", args.log_level)
-    name_process("api_server")
+    # The launcher keeps its command line so runbooks' `pkill -f 'python.*api_server'` finds it;
+    # only the stage processes take lighttts::<stage> titles.
     backend = Backend(args)
     try:
         backend.start()
