@@ -174,3 +174,50 @@ def test_concurrent_requests_are_batched(server):
     assert batch > 1, "the LLM process never decoded more than one request per step"
     assert 'lighttts_requests_total{endpoint="/inference_zero_shot",status="200"}' in metrics
     assert re.search(r'^lighttts_stage_up\{stage="decode:1"\} 1\.0$', metrics, re.M)
+
+
+def _metric(text, name):
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_client_disconnect_aborts_in_every_stage(server):
+    import time
+    before = _metric(httpx.get(server.url + "/metrics").text, "lighttts_llm_aborted") or 0
+    with httpx.stream("POST", server.url + "/inference_zero_shot", timeout=60,
+                      data={"prompt_text": PROMPT_TEXT, "tts_text": "A long streaming request.", "stream": "true",
+                            "fixed_speech_tokens": "1500"},
+                      files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())  # first audio arrived; now hang up mid-stream
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        text = httpx.get(server.url + "/metrics").text
+        if (_metric(text, "lighttts_llm_aborted") or 0) > before and _metric(text, "lighttts_llm_running") == 0 \
+                and all(float(v) == 0 for v in re.findall(r'^lighttts_decode_active\{[^}]*\} (\S+)$', text, re.M)):
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"request not aborted everywhere:\n{text}")
+    assert _metric(text, "lighttts_llm_kv_used") == 0
+
+
+def test_websocket_bistream_lighttts_protocol(server):
+    import json
+    from websockets.sync.client import connect
+    with connect(server.url.replace("http", "ws") + "/inference_zero_shot_bistream", open_timeout=30) as ws:
+        ws.send(json.dumps({"prompt_text": PROMPT_TEXT, "tts_model_name": "default"}))
+        ws.send(PROMPT)
+        for piece in ("Hello there, ", "this arrives ", "in pieces."):
+            ws.send(json.dumps({"tts_text": piece}))
+        ws.send(json.dumps({"finish": True}))
+        pcm = b""
+        for msg in ws:
+            assert isinstance(msg, bytes), msg
+            pcm += msg
+    # three pieces form one sentence: its length is bounded by the LM's text ratio, and it is PCM16
+    assert len(pcm) > 0 and len(pcm) % 1920 == 0
+    with connect(server.url.replace("http", "ws") + "/inference_zero_shot_bistream", open_timeout=30) as ws:
+        ws.send("not json")
+        reply = json.loads(ws.recv(timeout=30))
+        assert reply["status"] == 400

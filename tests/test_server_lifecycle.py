@@ -94,14 +94,14 @@ def test_four_http_workers_unique_routing(tiny_model_dir, tmp_path):
         srv.stop()
 
 
-def test_gunicorn_two_workers_share_one_backend(tiny_model_dir, tmp_path):
+def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
     port = free_port()
     env_args = {"MODEL_DIR": tiny_model_dir, "PORT": str(port), "ZMQ_MODE": f"ipc://{tmp_path}/",
                 "MAX_TOTAL_TOKEN_NUM": "8192", "MAX_REQ_TOTAL_LEN": "2048", "BATCH_MAX_TOKENS": "2048",
                 "DATA_TYPE": "float32"}
     os.environ.update(env_args)
     try:
-        srv = Server([sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "2",
+        srv = Server([sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "4",
                       "-b", f"127.0.0.1:{port}", "--timeout", "300", "wsgi_wrapper:app"],
                      port, str(tmp_path / "gunicorn.log"))
     finally:
@@ -109,9 +109,10 @@ def test_gunicorn_two_workers_share_one_backend(tiny_model_dir, tmp_path):
             os.environ.pop(k)
     try:
         srv.wait_healthy(timeout=240)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda n: request(srv.url, n), [20, 25, 30, 35]))
-        assert [len(r.content) for r in results] == [44 + n * 1920 for n in (20, 25, 30, 35)]
+        lengths = [20 + 5 * i for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda n: request(srv.url, n), lengths))
+        assert [len(r.content) for r in results] == [44 + n * 1920 for n in lengths]
         backends = [p for p in os.listdir("/proc") if p.isdigit() and _title(p) == "lighttts::backend"]
         llms = [p for p in os.listdir("/proc") if p.isdigit() and _title(p) == "lighttts::llm"]
         assert len(backends) == 1 and len(llms) == 1  # once for all workers, not once per worker

@@ -28,7 +28,9 @@ class StageCollector:
             up.add_metric([stage], 1.0 if why == "ok" else 0.0)
         yield up
         stats = read_stats(self.endpoints)
-        llm = stats.get("llm", {})
+        llm = dict(stats.get("llm", {}))
+        llm.setdefault("kv_used", llm.get("kv_tokens"))      # names of the plain-PyTorch engine
+        llm.setdefault("kv_total", llm.get("kv_capacity"))
         for key, help_text in (("running", "requests decoding in the LLM"),
                                ("waiting", "requests waiting for admission to the LLM"),
                                ("batch_size", "LLM decode batch size of the last step"),
@@ -38,7 +40,7 @@ class StageCollector:
                                ("generated_tokens", "speech tokens generated"),
                                ("aborted", "requests aborted in the LLM"),
                                ("rejected", "requests the LLM refused (too long)")):
-            if key in llm:
+            if llm.get(key) is not None:
                 yield GaugeMetricFamily(f"lighttts_llm_{key}", help_text, value=float(llm[key]))
         active = GaugeMetricFamily("lighttts_decode_active", "requests held by a decode process", labels=["stage"])
         for stage, s in stats.items():
