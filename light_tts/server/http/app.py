@@ -44,6 +44,29 @@ def wav_header(data_bytes: Optional[int]) -> bytes:
                        SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data", size)
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `limit` bytes while it is being read (chunked
+    uploads have no Content-Length to check up front), before it is buffered or spooled."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BadRequest(f"request body is over the limit of {self.limit} bytes (--max_upload_bytes)", 413)
+            return message
+        await self.app(scope, limited_receive, send)
+
+
 def error(status: int, message: str, **headers) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
 
@@ -278,6 +301,8 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         if length and length.isdigit() and int(length) > args.max_upload_bytes:
             return error(413, f"request body is {int(length)} bytes; the limit is {args.max_upload_bytes}")
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=args.max_upload_bytes)
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, e: BadRequest):

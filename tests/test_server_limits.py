@@ -1,0 +1,78 @@
+"""Access control and limits of the real server: API key, upload cap while reading, request
+timeout (504), bounded admission (503 with Retry-After)."""
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from server_util import PROMPT_TEXT, PROMPT_WAV, Server
+
+PROMPT = open(PROMPT_WAV, "rb").read()
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("limits")
+    srv = Server.api_server(tiny_model_dir, tmp, "--api_key", "s3cret", "--max_upload_bytes", "150000",
+                            "--request_timeout", "2", "--max_queue_size", "2")
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()
+
+
+def post(url, n=20, headers=KEY, files=None, **data):
+    return httpx.post(url + "/inference_zero_shot", headers=headers, timeout=60,
+                      data={"prompt_text": PROMPT_TEXT, "tts_text": "Limits.", "fixed_speech_tokens": str(n), **data},
+                      files=files or {"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
+
+
+def test_api_key(server):
+    assert httpx.get(server.url + "/healthz").status_code == 200          # health needs no key
+    r = post(server.url, headers={})
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert post(server.url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert post(server.url).status_code == 200
+
+
+def test_upload_cap_with_and_without_content_length(server):
+    big = PROMPT + b"\0" * 100_000
+    r = post(server.url, files={"prompt_wav": ("p.wav", big, "audio/wav")})
+    assert r.status_code == 413 and "150000" in r.json()["detail"]
+
+    def chunks():  # chunked transfer: no Content-Length, the cap applies while reading
+        for i in range(0, 400_000, 10_000):
+            yield b"x" * 10_000
+    r = httpx.post(server.url + "/inference_zero_shot", headers={**KEY, "content-type": "application/json"},
+                   content=chunks(), timeout=60)
+    assert r.status_code == 413, r.text
+    assert post(server.url).status_code == 200  # and it keeps serving
+
+
+def test_timeout_is_504_and_aborts(server):
+    t = time.time()
+    r = post(server.url, n=1900)  # far more work than 2 s on a CPU
+    assert r.status_code == 504 and "timed out" in r.json()["detail"]
+    assert time.time() - t < 10
+
+
+def test_admission_is_bounded(server):
+    def long_stream():
+        with httpx.stream("POST", server.url + "/inference_zero_shot", headers=KEY, timeout=60,
+                          data={"prompt_text": PROMPT_TEXT, "tts_text": "Hold the queue.", "stream": "true",
+                                "fixed_speech_tokens": "1900"},
+                          files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}) as r:
+            for _ in r.iter_raw():
+                pass
+            return r.status_code
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        holders = [pool.submit(long_stream) for _ in range(2)]
+        time.sleep(0.8)
+        r = post(server.url)
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+        [h.result() for h in holders]
+    metrics = httpx.get(server.url + "/metrics", headers=KEY).text
+    assert "lighttts_http_rejected_total 1" in metrics
