@@ -44,16 +44,29 @@ def wav_header(data_bytes: Optional[int]) -> bytes:
                        SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data", size)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a request body over `limit` bytes while it is being read (chunked
-    uploads have no Content-Length to check up front), before it is buffered or spooled."""
+HEALTH_PATHS = ("/healthz", "/health", "/liveness", "/readiness")
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+class Guard:
+    """ASGI middleware in front of every route: the API key (all but health), and the upload cap,
+    checked on Content-Length and again while the body is read (chunked uploads carry no length),
+    so an oversize body is refused before it is buffered or spooled. Pure ASGI, so the limit error
+    is raised inside the route's own read and answered there as a 413."""
+
+    def __init__(self, app, api_key: Optional[str], limit: int):
+        self.app, self.api_key, self.limit = app, api_key, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"] not in HEALTH_PATHS:
+            if headers.get(b"authorization", b"").decode(errors="replace") != f"Bearer {self.api_key}":
+                return await error(401, "missing or wrong API key (Authorization: Bearer ...)")(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await error(413, f"request body is {int(length)} bytes; the limit is {self.limit} "
+                                    f"(--max_upload_bytes)")(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -291,18 +304,7 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
     async def _stop():
         await api.client.stop()
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
-        if args.api_key and path not in ("/healthz", "/health", "/liveness", "/readiness"):
-            if request.headers.get("authorization", "") != f"Bearer {args.api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > args.max_upload_bytes:
-            return error(413, f"request body is {int(length)} bytes; the limit is {args.max_upload_bytes}")
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, limit=args.max_upload_bytes)
+    app.add_middleware(Guard, api_key=args.api_key, limit=args.max_upload_bytes)
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, e: BadRequest):
