@@ -1,0 +1,147 @@
+"""Load benchmark for a running LightTTS server (seed 001's client, grown up).
+
+    python scripts/benchmark.py --url http://127.0.0.1:8080 --concurrency 1 4 16 64 --requests 64 \
+        --fixed_speech_tokens 250 [--stream both] [--payload multipart|json] [--json out.json]
+
+Per request: time to the first audio byte, total time, audio seconds, RTF. Per (mode, concurrency):
+p50/p90/p99 of first audio and total, audio-seconds per wall-second, errors. A fixed prompt (the
+fixture, ~3.3 s) and fixed texts; `--fixed_speech_tokens N` asks the server for exactly N speech
+tokens per request so random-weight runs compare (real weights: leave it 0).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = [
+    "LightTTS turns text into speech in the voice of a short recording.",
+    "The weather today is clear, with a light breeze from the west.",
+    "Please hold on while I look up the details of your order.",
+    "Streaming audio starts playing before the whole sentence is ready.",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def one(client: httpx.AsyncClient, args, prompt: bytes, i: int, stream: bool) -> dict:
+    fields = {"tts_text": TEXTS[i % len(TEXTS)], "prompt_text": args.prompt_text, "stream": stream,
+              "seed": i}
+    if args.fixed_speech_tokens:
+        fields["fixed_speech_tokens"] = args.fixed_speech_tokens
+    if args.payload == "json":
+        kw = {"json": {**fields, "prompt_wav": base64.b64encode(prompt).decode()}}
+    else:
+        kw = {"data": {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()},
+              "files": {"prompt_wav": ("prompt.wav", prompt, "audio/wav")}}
+    t0 = time.perf_counter()
+    first, size, status, err = None, 0, 0, ""
+    try:
+        async with client.stream("POST", args.url + "/inference_zero_shot", **kw) as r:
+            status = r.status_code
+            if status != 200:
+                err = (await r.aread()).decode(errors="replace")[:200]
+            else:
+                async for chunk in r.aiter_raw():
+                    if chunk and first is None:
+                        first = time.perf_counter() - t0
+                    size += len(chunk)
+    except httpx.HTTPError as e:
+        err = f"{type(e).__name__}: {e}"
+    total = time.perf_counter() - t0
+    audio = max(0, size - (0 if stream else 44)) / 2 / 24000
+    ok = status == 200 and audio > 0
+    return {"ok": ok, "status": status, "error": err, "first": first, "total": total, "audio": audio,
+            "rtf": total / audio if audio else None}
+
+
+async def run_level(args, prompt: bytes, concurrency: int, stream: bool) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        for w in range(args.warmup):
+            await one(client, args, prompt, w, stream)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def bounded(i):
+            async with sem:
+                return await one(client, args, prompt, i, stream)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(args.requests)))
+        wall = time.perf_counter() - t0
+    good = [r for r in results if r["ok"]]
+    firsts = [r["first"] for r in good if r["first"] is not None]
+    totals = [r["total"] for r in good]
+    return {"mode": "stream" if stream else "non-stream", "concurrency": concurrency, "requests": len(results),
+            "errors": len(results) - len(good), "wall": wall,
+            "first_p50": percentile(firsts, .5), "first_p90": percentile(firsts, .9),
+            "first_p99": percentile(firsts, .99), "total_p50": percentile(totals, .5),
+            "total_p99": percentile(totals, .99),
+            "rtf_p50": percentile([r["rtf"] for r in good if r["rtf"]], .5),
+            "audio_per_s": sum(r["audio"] for r in good) / wall,
+            "error_samples": sorted({f"{r['status']} {r['error']}" for r in results if not r["ok"]})[:3],
+            "results": results}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| mode | conc | req | err | first p50 | first p90 | first p99 | total p50 | total p99 | RTF p50 | audio s/s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ms = lambda v: f"{v * 1e3:.0f} ms" if v == v else "-"
+    for r in rows:
+        out.append(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {ms(r['first_p50'])} | "
+                   f"{ms(r['first_p90'])} | {ms(r['first_p99'])} | {r['total_p50']:.2f} s | {r['total_p99']:.2f} s | "
+                   f"{r['rtf_p50']:.3f} | {r['audio_per_s']:.1f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--requests", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--stream", choices=("yes", "no", "both"), default="both")
+    p.add_argument("--payload", choices=("multipart", "json"), default="multipart")
+    p.add_argument("--prompt_wav", default=os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav"))
+    p.add_argument("--prompt_text", default="The quick brown fox jumps over the lazy dog.")
+    p.add_argument("--fixed_speech_tokens", type=int, default=250, help="0: let the model decide")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", help="write every request's numbers here")
+    args = p.parse_args()
+    prompt = open(args.prompt_wav, "rb").read()
+    modes = {"yes": [True], "no": [False], "both": [True, False]}[args.stream]
+    rows = []
+    requests_arg = args.requests
+    for stream in modes:
+        for c in args.concurrency:
+            args.requests = requests_arg or max(8, 2 * c)
+            row = asyncio.run(run_level(args, prompt, c, stream))
+            rows.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+            for e in row["error_samples"]:
+                print(f"  error: {e}", flush=True)
+    print()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
