@@ -16,7 +16,7 @@ from light_tts.frontend.frontend import Frontend, PromptLimits
 from light_tts.frontend.voice_cache import Voice
 from light_tts.server.io_struct import (DecodeStartReq, ErrorOutput, LLMReq, TTSReq, VoiceData, VoiceDeleteReq,
                                         VoiceOutput, VoiceRegisterReq, VoiceStoreReq, sock_recv, sock_send)
-from light_tts.server.ipc import Endpoints, bind_pull, connect_push
+from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
 from light_tts.server.stage import stage_device, start_stage
 
 log = logging.getLogger("lighttts")
@@ -48,15 +48,12 @@ class EncodeWorker:
         self.ctx = zmq.Context()
         self.recv_from_http = bind_pull(self.ctx, endpoints.encode(index))
         self.send_to_llm = connect_push(self.ctx, endpoints.llm)
-        self._replies: dict[str, zmq.Socket] = {}
+        self.send_to_http = ReplySockets(self.ctx)
         self.handlers = {TTSReq: self.handle_tts, VoiceRegisterReq: self.handle_register,
                          VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete}
 
     def reply(self, addr: str, msg) -> None:
-        sock = self._replies.get(addr)
-        if sock is None:
-            sock = self._replies[addr] = connect_push(self.ctx, addr)
-        sock_send(sock, msg)
+        self.send_to_http.send(addr, msg)
 
     def serve_forever(self) -> None:
         while True:

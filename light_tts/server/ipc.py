@@ -169,3 +169,18 @@ def read_stats(endpoints: Endpoints) -> dict[str, dict]:
         except (OSError, ValueError):
             pass
     return out
+
+
+class ReplySockets:
+    """PUSH sockets to the HTTP workers named by requests' `reply_to`, opened on first use."""
+
+    def __init__(self, ctx: zmq.Context):
+        self.ctx = ctx
+        self._socks: dict[str, zmq.Socket] = {}
+
+    def send(self, addr: str, msg) -> None:
+        from light_tts.server.io_struct import sock_send
+        sock = self._socks.get(addr)
+        if sock is None:
+            sock = self._socks[addr] = connect_push(self.ctx, addr)
+        sock_send(sock, msg)
