@@ -1,6 +1,11 @@
 import os
 
-import pytest
+# The Triton kernels are tested on the CPU through Triton's interpreter (tests/test_kernels.py).
+# Triton reads this when it is imported and when kernels are decorated, so it is set here, before
+# any test module can import triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 
 # Two cores on CI: one intra-op thread per test process keeps timings sane and runs stable.

@@ -70,17 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("LLM")
     g.add_argument("--max_total_token_num", type=int, default=32768,
-                   help="KV-cache capacity in tokens, shared by all running requests")
+                   help="KV pool size in token slots (every layer's K/V for one token per slot), allocated once and "
+                        "shared by all running requests and the prompt prefix cache")
     g.add_argument("--max_req_total_len", type=int, default=16384,
-                   help="largest prompt + generated length of one request; longer requests get 400")
-    g.add_argument("--batch_max_tokens", type=int, default=16384, help="most prompt tokens prefilled in one step")
-    g.add_argument("--running_max_req_size", type=int, default=1000, help="most requests decoding at once")
+                   help="largest prompt + generated length of one text piece (2 special + prompt text + piece text + "
+                        "prompt speech + max speech tokens); longer requests get 400")
+    g.add_argument("--batch_max_tokens", type=int, default=16384, help="most prompt tokens prefilled in one prefill step (new requests are admitted while their "
+                        "prompts fit; must be >= --max_req_total_len)")
+    g.add_argument("--running_max_req_size", type=int, default=1000, help="most requests admitted at once (decoding, waiting for their next piece's prefill, or paused)")
     g.add_argument("--router_token_ratio", type=float, default=0.0,
-                   help="admit new requests only while KV usage is below 1 - this ratio (0: admit by estimate alone)")
+                   help="busy threshold as LightLLM: while KV in use / --max_total_token_num >= this ratio (always, at 0) "
+                        "admission assumes every request generates its maximum length, so running requests never "
+                        "run out of KV; below it, --router_max_new_token_len (or 1.1 x tokens so far) is assumed "
+                        "and a request that outgrows the pool is paused (KV freed, tokens kept, prefilled again "
+                        "later), never lost")
     g.add_argument("--router_max_new_token_len", type=int, default=1024,
-                   help="speech tokens assumed per request when estimating KV use at admission")
+                   help="speech tokens assumed per text piece at admission while not busy (see --router_token_ratio): "
+                        "min(max length, max(1.1 x tokens so far, this))")
     g.add_argument("--router_max_wait_tokens", type=int, default=8,
-                   help="decode steps a waiting request may be held back before a prefill is forced")
+                   help="decode steps between prefill steps while requests decode: waiting requests (and the next text "
+                        "piece of running ones) are prefilled every this many decode steps; with nothing "
+                        "decoding they are prefilled at once")
     g.add_argument("--cache_reserved_ratio", type=float, default=0.5,
                    help="share of the KV pool kept free for running requests to grow into")
     g.add_argument("--gpt_paral_num", type=int, default=None,
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", nargs="+", default=[], metavar="MODE",
                    help="kernel modes, space or comma separated: " + ", ".join(MODES) +
                         " (triton_int8kv stores the KV cache in int8)")
-    _flag(g, "--disable_cudagraph", "run the LLM decode step without CUDA graphs")
+    _flag(g, "--disable_cudagraph", "run the LLM decode step and the flow solver without CUDA graphs")
     g.add_argument("--graph_max_batch_size", type=int, default=64, help="largest decode batch captured in a CUDA graph")
     g.add_argument("--graph_max_len_in_batch", type=int, default=32768, help="longest sequence a captured graph serves")
     _flag(g, "--sample_close", "greedy decoding (argmax) instead of RAS sampling")
@@ -106,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations dtype on a GPU (on a CPU everything runs in float32)")
     _flag(g, "--load_trt", "use a TensorRT engine for the flow estimator (needs the tensorrt package)")
     _flag(g, "--load_jit", "torch.compile the flow estimator and HiFT")
+    g.add_argument("--decode_first_hop", type=int, default=0,
+                   help="speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
+                        "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from the official)")
     return p
 
 
@@ -129,6 +142,8 @@ def validate(args: argparse.Namespace) -> list[str]:
         errors.append(f"--router_token_ratio must be in [0, 1) (got {args.router_token_ratio})")
     if not 0 <= args.cache_reserved_ratio < 1:
         errors.append(f"--cache_reserved_ratio must be in [0, 1) (got {args.cache_reserved_ratio})")
+    if args.decode_first_hop < 0:
+        errors.append(f"--decode_first_hop must be >= 0 (got {args.decode_first_hop})")
     if args.cache_capacity < 0:
         errors.append(f"--cache_capacity must be >= 0 (got {args.cache_capacity})")
     if not 0 < args.port < 65536:

@@ -14,7 +14,7 @@ the same PUSH socket, which keeps them in order. A request counts against its de
 LLM side ends (finished, aborted or failed), not until its audio is out: an approximation of
 the decoder's real queue depth that needs no message back from the decoders.
 
-Abort: the request leaves the waiting queue or the running batch at once (its KV row is freed)
+Abort: the request leaves the waiting queue or the running batch at once (its KV slots are freed)
 and nothing more is sent for it. An abort that arrives before its LLMReq (the HTTP worker gave
 up while the encode stage was still busy) is remembered, and the LLMReq is then dropped.
 
@@ -48,18 +48,14 @@ class LLMServer:
     def __init__(self, args, endpoints: Endpoints, llm):
         self.args = args
         self.endpoints = endpoints
-        self.engine = LLMEngine(llm, max_total_token_num=args.max_total_token_num,
-                                max_req_total_len=args.max_req_total_len,
-                                running_max_req_size=args.running_max_req_size,
-                                router_max_new_token_len=args.router_max_new_token_len,
-                                greedy=args.sample_close)
+        self.engine = LLMEngine.from_args(llm, args)
         self.init_sockets()
         self.handlers = {LLMReq: self.handle_llm_req, AbortReq: self.handle_abort}
         self.decode_load = [0] * endpoints.decode_num   # active requests per decoder (see module doc)
         self.decoder_of: dict[str, int] = {}
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
-        self.counters = dict(steps=0, generated_tokens=0, last_batch_size=0, max_batch_size=0,
-                             aborted=0, rejected=0, errors=0, finished=0)
+        self.counters = dict(steps=0, prefill_steps=0, decode_steps=0, prefill_tokens=0, generated_tokens=0,
+                             last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, errors=0, finished=0)
         self.next_stats = self.next_log = time.monotonic()
 
     def init_sockets(self) -> None:
@@ -74,9 +70,7 @@ class LLMServer:
     def serve_forever(self) -> None:
         while True:
             self.recv_requests()
-            for seq in self.engine.admit():
-                self.route(seq)
-            if self.engine.running:
+            if self.engine.running or self.engine.waiting:
                 self.process_result(self.engine.step())
             self.report_stats()
 
@@ -131,6 +125,8 @@ class LLMServer:
         sock_send(self.send_to_decode[i], seq.req.decode)
 
     def process_result(self, res: StepResult) -> None:
+        for seq in res.admitted:  # its DecodeStartReq goes before any of its tokens
+            self.route(seq)
         for out in res.outputs:
             sock_send(self.send_to_decode[self.decoder_of[out.rid]], out)
             self.counters["generated_tokens"] += len(out.tokens)
@@ -143,7 +139,11 @@ class LLMServer:
             if i is not None:  # let its decoder free what it holds
                 sock_send(self.send_to_decode[i], AbortReq(rid=seq.rid))
             self.fail(seq.rid, seq.req.reply_to, message)
+        if res.kind == "idle":
+            return
         self.counters["steps"] += 1
+        self.counters[f"{res.kind}_steps"] += 1
+        self.counters["prefill_tokens"] += res.prefill_tokens
         self.counters["last_batch_size"] = res.batch_size
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], res.batch_size)
 
@@ -166,10 +166,13 @@ class LLMServer:
     # ---- stats --------------------------------------------------------------------------------
 
     def stats(self) -> dict:
+        """Published for /metrics: running, waiting, batch_size (requests in the last forward),
+        max_batch_size, kv_used (slots held by requests), kv_total, generated_tokens, aborted,
+        rejected, and the engine's details (kv_free, kv_cached = unreferenced prefix-cache slots,
+        prefix_hits / prefix_misses, paused, ...)."""
         return dict(running=len(self.engine.running), waiting=len(self.engine.waiting),
-                    batch_size=self.counters["last_batch_size"], **self.counters,
-                    kv_tokens=self.engine.kv_tokens(), kv_capacity=self.args.max_total_token_num,
-                    kv_reserved=self.engine.reserved_tokens(), decode_load=list(self.decode_load))
+                    batch_size=self.counters["last_batch_size"], **self.counters, **self.engine.stats(),
+                    decode_load=list(self.decode_load))
 
     def report_stats(self, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
@@ -180,11 +183,12 @@ class LLMServer:
         write_stats(self.endpoints, "llm", s)
         if not self.args.disable_log_stats and now >= self.next_log:
             self.next_log = now + self.args.log_stats_interval
-            log.info("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d "
-                     "finished %d aborted %d rejected %d errors %d decode_load %s",
+            log.info("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d (cached %d) "
+                     "prefix hits %d misses %d finished %d aborted %d rejected %d errors %d paused %d decode_load %s",
                      s["running"], s["waiting"], s["batch_size"], s["max_batch_size"], s["steps"],
-                     s["generated_tokens"], s["kv_tokens"], s["kv_capacity"], s["finished"], s["aborted"],
-                     s["rejected"], s["errors"], s["decode_load"])
+                     s["generated_tokens"], s["kv_used"], s["kv_total"], s["kv_cached"], s["prefix_hits"],
+                     s["prefix_misses"], s["finished"], s["aborted"], s["rejected"], s["errors"], s["paused"],
+                     s["decode_load"])
 
 
 def run_llm_process(args, endpoints: Endpoints) -> None:
@@ -201,8 +205,10 @@ def run_llm_process(args, endpoints: Endpoints) -> None:
     model = CosyVoice2Model.from_pretrained(args.model_dir, device=device, dtype=stage_dtype(args.data_type, device),
                                             components=("llm",))
     server = LLMServer(args, endpoints, model.llm)
-    log.info("LLM ready on %s (%s) in %.1f s; KV capacity %d tokens, up to %d requests, %d decoder(s)",
-             device, model.dtype, time.perf_counter() - t0, args.max_total_token_num,
-             args.running_max_req_size, endpoints.decode_num)
+    log.info("LLM ready on %s (%s) in %.1f s; KV pool %d tokens (%.0f MiB%s), up to %d requests, "
+             "%d CUDA graph(s), %s sampler, %d decoder(s)", device, model.dtype, time.perf_counter() - t0,
+             args.max_total_token_num, server.engine.pool.bytes() / 2**20, ", int8" if server.engine.pool.int8 else "",
+             args.running_max_req_size, server.engine.stats()["cuda_graphs"], server.engine.sampler.mode,
+             endpoints.decode_num)
     hb.ready()
     server.serve_forever()

@@ -1,22 +1,44 @@
-"""The LLM stage's engine: admission, per-request generation state and one batched step.
+"""The LLM stage's engine: router, token-slot KV pool, batched forward and sampling.
 
 No sockets here (light_tts.server.llm_process owns them), so the engine is testable in-process.
 
-Per request (LLMReq) and per text piece (sentence) it generates exactly what
-`Qwen2LM.inference(piece, prompt_text_ids, prompt_speech_tokens, seed=..., max_new_tokens=...,
-fixed_new_tokens=...)` yields, as `light_tts.synthesize` calls it for each sentence (same length
-bounds, same sampling, a generator re-seeded with the request's seed at the start of every
-piece), while all running requests decode together:
+Per request (LLMReq) and per text piece (sentence) it generates what `Qwen2LM.inference(piece,
+prompt_text_ids, prompt_speech_tokens, seed=..., max_new_tokens=..., fixed_new_tokens=...)`
+yields, as light_tts.synthesize calls it for each sentence (same length bounds and sampling
+rules, the request's seed re-applied at the start of every piece); the pieces of one request run
+one after another, requests run together. With the "exact" sampler (the CPU default) tokens are
+identical to that call's; see light_tts.server.llm.sampler for the batched GPU sampler.
 
-    step():  one batched decode forward for every live row of the BatchKVCache (rows of
-             different lengths, padded + masked), then a batch-1 prefill for every piece that
-             starts now (its KV is copied into a new row), then per-request sampling.
+Parts (one owner each):
+    KVPool (mem_manager)       token slots of every layer, alloc / free O(tokens)
+    ReqManager (req_manager)   req_to_token rows
+    PrefixCache (prefix_cache) shared K/V of [sos, prompt_text]
+    router                     admission estimate (estimated peak KV tokens)
+    ModelRunner / DecodeGraphs packed prefill and decode forwards, CUDA graphs
+    Sampler                    one call per step for the whole batch
 
-This is the plain-PyTorch path; a later engine swaps the insides (token-slot KV pool, Triton
-kernels, batched sampling) behind the same add / abort / admit / step interface.
+A step is a prefill step or a decode step (LightLLM's continuous batching):
+- prefill when an admitted request waits for one (its next text piece, or a paused request:
+  at once, so its timeline stays what the admission estimate assumed), and new requests when
+  nothing is decoding or after --router_max_wait_tokens decode steps since the last admission
+  (never two admission prefills in a row while something decodes, so decoding always
+  progresses): the admitted pieces first, then new requests from the waiting queue (FIFO) while
+  fewer than --running_max_req_size run, the estimated peak KV of running + new fits
+  --max_total_token_num, and the step's prompt tokens fit --batch_max_tokens. All of them go
+  through one packed forward.
+- decode: one token for every decoding request in one forward (a CUDA graph when one is
+  captured for the batch size). If the pool cannot hold one more token per request (only
+  possible with the optimistic estimate, --router_token_ratio > 0), unreferenced prefix-cache
+  entries are evicted, then the most recently admitted decoding requests are paused: their slots
+  are freed, their tokens and sampler state kept, and they are prefilled again (prompt + tokens so
+  far) at the next prefill step with room. Nothing is lost or sent twice.
+A finished piece frees its slots at once; the next piece is prefilled at the next step. Abort and
+errors free everything the request holds at once.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,8 +47,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from light_tts.models.qwen2 import BatchKVCache
 from light_tts.server.io_struct import LLMReq, SpeechTokensOutput
+from light_tts.server.llm.mem_manager import KVPool
+from light_tts.server.llm.model_runner import ModelRunner
+from light_tts.server.llm.prefix_cache import PrefixCache, PrefixEntry
+from light_tts.server.llm.req_manager import ReqManager
+from light_tts.server.llm.router import Load, estimated_peak, expected_new_tokens
+from light_tts.server.llm.sampler import Sampler, SampleRow
+
+log = logging.getLogger("lighttts")
 
 # Length bounds of a piece in speech tokens per text token: Qwen2LM.inference's defaults, which
 # are the official CosyVoice2 inference values.
@@ -48,12 +77,18 @@ class Sequence:
     req: LLMReq
     plans: list
     seed: int
-    estimate: int                            # KV tokens reserved at admission (see LLMEngine.admit)
+    order: int                                   # arrival number (admission / pause order)
     piece: int = 0
-    decoded: list = field(default_factory=list)   # tokens of the current piece (RAS window)
-    generator: Optional[torch.Generator] = None
-    row: Optional[int] = None                # BatchKVCache row while the piece is decoding
-    next_token: Optional[int] = None         # sampled, not yet fed (the row's next decode input)
+    decoded: list = field(default_factory=list)  # tokens of the current piece
+    generator: Optional[torch.Generator] = None  # exact sampler: the piece's RNG
+    row: Optional[int] = None                    # req_to_token row, from admission to the end
+    own_start: int = 0                           # positions own_start..seq_len-1 own their slots
+    prefix: Optional[PrefixEntry] = None         # shared prefix slots in use
+    seq_len: int = 0                             # positions in the pool; 0 = the piece needs a prefill
+    next_token: Optional[int] = None             # sampled, not yet fed
+    paused: bool = False                         # KV dropped mid-piece; resume with decoded tokens
+    prompt_text: list = field(default_factory=list)
+    prompt_speech: list = field(default_factory=list)
 
     @property
     def rid(self) -> str:
@@ -63,31 +98,74 @@ class Sequence:
     def fixed(self) -> bool:
         return self.req.fixed_speech_tokens is not None
 
+    @property
+    def decoding(self) -> bool:
+        return self.seq_len > 0
+
 
 @dataclass
 class StepResult:
     outputs: list = field(default_factory=list)    # SpeechTokensOutput, at most one per request
     finished: list = field(default_factory=list)   # Sequences whose last piece ended this step
     errors: list = field(default_factory=list)     # (Sequence, message): dropped, answer 500
-    batch_size: int = 0                            # rows in this step's batched decode forward
+    admitted: list = field(default_factory=list)   # Sequences admitted this step (route them first)
+    kind: str = "idle"                              # "prefill", "decode" or "idle"
+    batch_size: int = 0                            # requests in this step's forward
     prefills: int = 0
+    prefill_tokens: int = 0
+    paused: int = 0
 
 
 class LLMEngine:
-    def __init__(self, llm, *, max_total_token_num: int, max_req_total_len: int,
-                 running_max_req_size: int, router_max_new_token_len: int = 1024, greedy: bool = False):
+    def __init__(self, llm, *, max_total_token_num: int, max_req_total_len: int, running_max_req_size: int,
+                 batch_max_tokens: Optional[int] = None, router_max_wait_tokens: int = 8,
+                 router_token_ratio: float = 0.0, router_max_new_token_len: int = 1024, greedy: bool = False,
+                 int8_kv: bool = False, cuda_graph: bool = True, graph_max_batch_size: int = 64,
+                 graph_max_len_in_batch: int = 32768, prefix_cache_entries: int = 64, sampler: str = "auto"):
         self.llm = llm                                  # light_tts.models.llm.Qwen2LM, eval mode
-        self.body = llm.llm.model.model                 # Qwen2Model: takes positions / attention_mask
         self.device = llm.llm_embedding.weight.device
-        self.max_total_token_num = max_total_token_num
-        self.max_req_total_len = max_req_total_len
-        self.running_max_req_size = running_max_req_size
-        self.router_max_new_token_len = router_max_new_token_len
-        self.greedy = greedy
+        cfg = llm.llm.model.model.config
+        self.max_total_token_num = int(max_total_token_num)
+        self.max_req_total_len = int(max_req_total_len)
+        self.running_max_req_size = int(running_max_req_size)
+        self.batch_max_tokens = int(batch_max_tokens if batch_max_tokens is not None else max_req_total_len)
+        self.router_max_wait_tokens = int(router_max_wait_tokens)
+        self.router_token_ratio = float(router_token_ratio)
+        self.router_max_new_token_len = int(router_max_new_token_len)
+        if self.max_req_total_len > self.max_total_token_num or self.batch_max_tokens < self.max_req_total_len:
+            raise ValueError("need max_req_total_len <= max_total_token_num and batch_max_tokens >= max_req_total_len")
+
+        self.pool = KVPool(self.max_total_token_num, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                           llm.llm_embedding.weight.dtype, self.device, int8=int8_kv)
+        self.reqs = ReqManager(self.running_max_req_size, self.max_req_total_len, self.pool.pad_slot, self.device)
+        self.prefix = PrefixCache(self.pool, prefix_cache_entries)
+        self.runner = ModelRunner(llm, self.pool, self.reqs)
+        if sampler == "auto":
+            sampler = os.environ.get("LIGHTTTS_SAMPLER") or ("batched" if self.device.type == "cuda" else "exact")
+        self.sampler = Sampler(llm.speech_token_size, mode=sampler, greedy=greedy, **llm.sampling)
+        self.graphs = None
+        if cuda_graph and self.device.type == "cuda":
+            from light_tts.server.llm.cuda_graph import try_capture
+            self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len))
+
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.rows: list[Sequence] = []                  # rows[i] owns BatchKVCache row i
-        self.cache = BatchKVCache(len(self.body.layers))
+        self.running: list[Sequence] = []             # admitted, in admission order
+        self.wait_steps = 0                            # decode steps since new requests were last considered
+        self.last_kind = "idle"
+        self.num_paused = 0
+        self._arrivals = 0
+
+    @classmethod
+    def from_args(cls, llm, args, **overrides) -> "LLMEngine":
+        kw = dict(max_total_token_num=args.max_total_token_num, max_req_total_len=args.max_req_total_len,
+                  running_max_req_size=args.running_max_req_size, batch_max_tokens=args.batch_max_tokens,
+                  router_max_wait_tokens=args.router_max_wait_tokens, router_token_ratio=args.router_token_ratio,
+                  router_max_new_token_len=args.router_max_new_token_len, greedy=args.sample_close,
+                  int8_kv="triton_int8kv" in args.mode or "ppl_int8kv" in args.mode,
+                  cuda_graph=not args.disable_cudagraph, graph_max_batch_size=args.graph_max_batch_size,
+                  graph_max_len_in_batch=args.graph_max_len_in_batch)
+        kw.update(overrides)
+        return cls(llm, **kw)
 
     # ---- requests in ------------------------------------------------------------------------
 
@@ -109,6 +187,13 @@ class LLMEngine:
         """Why `req` can never run (the caller answers 400), or None."""
         if not req.text_pieces:
             return "no text to speak"
+        vocab = self.llm.llm.model.model.config.vocab_size
+        for name, ids, limit in (("text", [t for p in req.text_pieces for t in p], vocab),
+                                 ("prompt text", _ids(req.prompt_text_ids), vocab),
+                                 ("prompt speech", _ids(req.prompt_speech_tokens), self.llm.speech_token_size)):
+            bad = [int(t) for t in ids if not 0 <= int(t) < limit]
+            if bad:
+                return f"{name} token id {bad[0]} out of range [0, {limit})"
         plans = self.plan(req)
         worst = max(plans, key=lambda p: p.input_len + p.max_len)
         need = worst.input_len + worst.max_len
@@ -119,21 +204,15 @@ class LLMEngine:
         return None
 
     def add(self, req: LLMReq) -> Sequence:
-        plans = self.plan(req)
-        # Admission estimate: the largest piece's prompt plus its expected speech tokens (exact with
-        # fixed_speech_tokens, else its bound capped at --router_max_new_token_len; random and real
-        # weights usually stop well before the bound).
-        expected = [p.max_len if req.fixed_speech_tokens is not None
-                    else min(p.max_len, self.router_max_new_token_len) for p in plans]
-        estimate = max(p.input_len + e for p, e in zip(plans, expected))
         seed = int(req.seed) if req.seed is not None else random.SystemRandom().randrange(2**63)
-        seq = Sequence(req=req, plans=plans, seed=seed, estimate=estimate)
+        seq = Sequence(req=req, plans=self.plan(req), seed=seed, order=self._arrivals,
+                       prompt_text=_ids(req.prompt_text_ids), prompt_speech=_ids(req.prompt_speech_tokens))
+        self._arrivals += 1
         self.waiting.append(seq)
         return seq
 
-    @torch.inference_mode()  # the cache holds inference tensors: freeing a row moves one in place
     def abort(self, rid: str) -> Optional[Sequence]:
-        """Drop `rid` at once (its KV row too); returns it, or None when unknown."""
+        """Drop `rid` at once (its KV slots and req_to_token row too); returns it, or None."""
         for i, seq in enumerate(self.waiting):
             if seq.rid == rid:
                 del self.waiting[i]
@@ -147,70 +226,220 @@ class LLMEngine:
     def has(self, rid: str) -> bool:
         return any(s.rid == rid for s in self.waiting) or any(s.rid == rid for s in self.running)
 
-    # ---- scheduling ---------------------------------------------------------------------------
+    # ---- router ---------------------------------------------------------------------------------
 
-    def reserved_tokens(self) -> int:
-        """KV tokens the running requests are assumed to need: each its admission estimate, or
-        what it already holds if that is more."""
-        held = {id(s): n for s, n in zip(self.rows, self.cache.lengths)}
-        return sum(max(s.estimate, held.get(id(s), 0)) for s in self.running)
+    def is_busy(self) -> bool:
+        return self.kv_used() >= self.router_token_ratio * self.max_total_token_num
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting requests (FIFO) into running while fewer than running_max_req_size run and
-        the estimated tokens of running + new fit max_total_token_num. An idle engine always
-        admits the head (check() guarantees it fits: max_req_total_len <= max_total_token_num)."""
-        admitted = []
-        used = self.reserved_tokens()
+    def load(self, seq: Sequence, busy: bool) -> Load:
+        """The request's KV load for the admission estimate (light_tts.server.llm.router)."""
+        plan = seq.plans[seq.piece]
+        produced = len(seq.decoded)
+        est = expected_new_tokens(plan.max_len, produced, fixed=seq.fixed, busy=busy,
+                                  router_max_new_token_len=self.router_max_new_token_len)
+        has = seq.seq_len if seq.decoding else plan.input_len + produced
+        later = [(p.input_len, expected_new_tokens(p.max_len, 0, fixed=seq.fixed, busy=busy,
+                                                   router_max_new_token_len=self.router_max_new_token_len))
+                 for p in seq.plans[seq.piece + 1:]]
+        return Load(has=has, left=max(0, est - produced), later=max((i + e for i, e in later), default=0),
+                    steps=sum(e for _, e in later))
+
+    def estimated_peak(self, extra: tuple = ()) -> int:
+        busy = self.is_busy()
+        return estimated_peak([self.load(s, busy) for s in (*self.running, *extra)])
+
+    def _available(self) -> int:
+        return self.pool.num_free + self.prefix.evictable_tokens()
+
+    def _schedule_prefill(self, res: StepResult, admit: bool) -> list[Sequence]:
+        """Pieces to prefill now: waiting pieces of admitted requests, then (with `admit`) newly
+        admitted requests."""
+        budget, room = self.batch_max_tokens, self._available()
+        batch: list[Sequence] = []
+        for seq in [s for s in self.running if not s.decoding]:
+            if seq.plans[seq.piece].max_len <= 0:
+                continue                                   # ends without a forward (_skip_empty)
+            need = seq.plans[seq.piece].input_len + len(seq.decoded)
+            if need > budget or need > room:
+                break                                      # keep the order: earlier requests first
+            batch.append(seq)
+            budget -= need
+            room -= need
+        if not admit or len(batch) < sum(1 for s in self.running if not s.decoding and s.plans[s.piece].max_len > 0):
+            return batch                                   # admitted work is still waiting: admit nothing new
+        busy = self.is_busy()
+        loads = [self.load(s, busy) for s in self.running]
         while self.waiting and len(self.running) < self.running_max_req_size:
             seq = self.waiting[0]
-            if self.running and used + seq.estimate > self.max_total_token_num:
+            need = seq.plans[0].input_len
+            if need > budget or need > room:
+                break
+            loads.append(self.load(seq, busy))
+            if estimated_peak(loads) > self.max_total_token_num:
+                loads.pop()
                 break
             self.waiting.popleft()
+            seq.row = self.reqs.alloc()
             self.running.append(seq)
-            used += seq.estimate
-            admitted.append(seq)
-        return admitted
+            res.admitted.append(seq)
+            if seq.plans[0].max_len > 0:
+                batch.append(seq)
+                budget -= need
+                room -= need
+        return batch
 
-    # ---- one step -----------------------------------------------------------------------------
+    # ---- one step ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> StepResult:
         res = StepResult()
-        logits: list[tuple[Sequence, torch.Tensor]] = []
+        decoding = [s for s in self.running if s.decoding]
+        pending = any(not s.decoding for s in self.running)
+        may_admit = not decoding or (self.wait_steps >= self.router_max_wait_tokens and self.last_kind != "prefill")
+        if pending or (may_admit and self.waiting):
+            batch = self._schedule_prefill(res, admit=may_admit)
+            self._skip_empty(res)
+            if may_admit:
+                self.wait_steps = 0
+            if batch:
+                self._prefill(batch, res)
+                self.last_kind = res.kind = "prefill"
+                return res
+            decoding = [s for s in self.running if s.decoding]
+        if decoding:
+            self._decode(decoding, res)
+            self.wait_steps += 1
+            self.last_kind = res.kind = "decode"
+        else:
+            self.last_kind = "idle"
+        return res
 
-        # 1. One batched decode forward for every live row (each fed its last sampled token).
-        if self.rows:
-            res.batch_size = len(self.rows)
-            try:
-                batch_logits = self._decode()
-                logits.extend(zip(list(self.rows), batch_logits))
-            except Exception as e:  # not attributable to one row: fail the batch, keep serving
-                for seq in list(self.rows):
-                    self._fail(seq, f"LLM decode step failed: {type(e).__name__}: {e}", res)
-                self.cache = BatchKVCache(len(self.body.layers))
-
-        # 2. Prefill every piece that starts now (batch 1, then copied into a new row).
-        for seq in [s for s in self.running if s.row is None]:
-            plan = seq.plans[seq.piece]
-            if plan.max_len <= 0:  # nothing to generate (e.g. empty piece): the piece ends at once
+    def _skip_empty(self, res: StepResult) -> None:
+        """Pieces with nothing to generate (max length 0) end without a forward."""
+        for seq in list(self.running):
+            while seq in self.running and not seq.decoding and seq.plans[seq.piece].max_len <= 0:
                 self._end_piece(seq, [], res)
-                continue
-            try:
-                logits.append((seq, self._prefill(seq, plan)))
-                res.prefills += 1
-            except Exception as e:
-                self._fail(seq, f"LLM prefill failed: {type(e).__name__}: {e}", res)
 
-        # 3. Sample one token per request, emit it, end pieces.
-        for seq, row_logits in logits:
-            plan = seq.plans[seq.piece]
+    def _prefill(self, batch: list, res: StepResult) -> None:
+        xs, positions, meta, inserts, placed = [], [], [], [], []
+        start = 0
+        for seq in batch:
             try:
-                token = self.llm.sample_token(row_logits, seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
-                                              greedy=self.greedy, block_all_stops=seq.fixed,
-                                              generator=seq.generator)
-            except Exception as e:
-                self._fail(seq, f"LLM sampling failed: {type(e).__name__}: {e}", res)
+                x, n_new, total, insert = self._place(seq)
+            except Exception as e:  # this request's input is unusable: fail it alone
+                log.exception("prefill input of %s failed", seq.rid)
+                self._fail(seq, f"LLM prefill failed: {type(e).__name__}: {e}", res)
                 continue
+            xs.append(x)
+            positions.append(torch.arange(total - n_new, total))
+            meta.append((seq.row, start, n_new, total))
+            inserts.append(insert)
+            placed.append(seq)
+            start += n_new
+        if not placed:
+            return
+        try:
+            m = torch.tensor(meta, dtype=torch.int32).t().contiguous().to(self.device)
+            slots = torch.cat([self.reqs.slots(s.row, s.own_start, s.seq_len) for s in placed])
+            logits = self.runner.prefill(torch.cat(xs), torch.cat(positions).to(self.device), slots.to(self.device),
+                                         m[0], m[1], m[2], m[3], max(n for _, _, n, _ in meta))
+        except Exception as e:  # not attributable to one request: fail the batch, keep serving
+            log.exception("prefill failed")
+            for seq in placed:
+                self._fail(seq, f"LLM prefill failed: {type(e).__name__}: {e}", res)
+            return
+        for seq, insert in zip(placed, inserts):
+            if insert is not None:                    # a miss: its prefix becomes the cache entry
+                n = len(insert) + 1
+                entry = self.prefix.insert(insert, self.reqs.slots(seq.row, 0, n))
+                if entry is not None:
+                    seq.prefix, seq.own_start = entry, n
+        res.batch_size = res.prefills = len(placed)
+        res.prefill_tokens = start
+        self._sample(placed, logits, res)
+
+    def _place(self, seq: Sequence):
+        """Slots (in req_to_token) and input rows of a piece's prefill. Returns (x [n_new, D], n_new,
+        total, the prefix key to insert after the forward or None)."""
+        plan = seq.plans[seq.piece]
+        if seq.paused:
+            seq.paused = False                     # resume: prompt + the tokens so far, same sampler state
+        else:
+            seq.decoded = []
+            if self.sampler.mode == "exact" and not self.sampler.greedy:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(seq.seed)
+        lm_input = self.llm.build_lm_input(plan.text_ids, seq.prompt_text, seq.prompt_speech)[0]
+        if seq.decoded:
+            fed = torch.tensor(seq.decoded, dtype=torch.long, device=self.device)
+            lm_input = torch.cat((lm_input, self.llm.speech_embedding(fed)))
+        total = lm_input.shape[0]
+        key = tuple(seq.prompt_text)
+        entry = self.prefix.lookup(key) if key else None
+        seq.prefix = entry                         # released by _free_piece, even if the alloc fails
+        past = entry.num_tokens if entry is not None else 0
+        n_new = total - past
+        own = self._alloc(n_new)
+        if entry is not None:
+            self.reqs.write(seq.row, 0, entry.slots)
+        seq.own_start, seq.seq_len = past, total
+        self.reqs.write(seq.row, past, own)
+        insert = key if key and entry is None and self.prefix.enabled else None
+        return lm_input[past:], n_new, total, insert
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        if not self.pool.can_alloc(n):
+            self.prefix.evict(n)
+        return self.pool.alloc(n)
+
+    def _decode(self, decoding: list, res: StepResult) -> None:
+        need = len(decoding)
+        if not self.pool.can_alloc(need):
+            self.prefix.evict(need)
+        while not self.pool.can_alloc(len(decoding)) and len(decoding) > 1:
+            victim = max(decoding, key=lambda s: s.order)   # the most recently admitted
+            decoding.remove(victim)
+            self._pause(victim)
+            res.paused += 1
+        try:
+            slots = self.pool.alloc(len(decoding))
+            for seq in decoding:
+                seq.seq_len += 1
+            tokens = [s.next_token for s in decoding]
+            rows = [s.row for s in decoding]
+            lens = [s.seq_len for s in decoding]
+            slot_list = slots.tolist()
+            self.reqs.cpu[rows, np.asarray(lens) - 1] = slot_list   # the device table is written by the forward
+            max_len = max(lens)
+            if self.graphs is not None and self.graphs.can_run(len(decoding), max_len):
+                logits = self.graphs.run(tokens, rows, lens, slot_list)
+            else:
+                t = torch.tensor([tokens, rows, lens, slot_list], dtype=torch.int64).to(self.device)
+                logits = self.runner.decode(t[0], t[1].to(torch.int32), t[2].to(torch.int32), t[3], max_len)
+        except Exception as e:  # not attributable to one request: fail the batch, keep serving
+            log.exception("decode failed")
+            for seq in decoding:
+                self._fail(seq, f"LLM decode step failed: {type(e).__name__}: {e}", res)
+            return
+        res.batch_size = len(decoding)
+        self._sample(decoding, logits, res)
+
+    def _sample(self, batch: list, logits: torch.Tensor, res: StepResult) -> None:
+        rows = []
+        for seq in batch:
+            plan = seq.plans[seq.piece]
+            rows.append(SampleRow(decoded=seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
+                                  block_stops=seq.fixed, generator=seq.generator, seed=seq.seed,
+                                  counter=(seq.piece << 24) | len(seq.decoded)))
+        try:
+            tokens = self.sampler.sample(logits, rows)
+        except Exception as e:
+            log.exception("sampling failed")
+            for seq in batch:
+                self._fail(seq, f"LLM sampling failed: {type(e).__name__}: {e}", res)
+            return
+        for seq, token in zip(batch, tokens):
+            plan = seq.plans[seq.piece]
             if token >= self.llm.speech_token_size:  # a stop token: not emitted
                 self._end_piece(seq, [], res)
                 continue
@@ -220,68 +449,66 @@ class LLMEngine:
             else:
                 seq.next_token = token
                 res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=[token], piece=seq.piece))
-        return res
 
-    def _prefill(self, seq: Sequence, plan: PiecePlan) -> torch.Tensor:
-        req = seq.req
-        seq.decoded = []
-        seq.generator = torch.Generator(device=self.device)
-        seq.generator.manual_seed(seq.seed)
-        lm_input = self.llm.build_lm_input(plan.text_ids, _ids(req.prompt_text_ids), _ids(req.prompt_speech_tokens))
-        # Same cache capacity as Qwen2LM.inference, so prefill runs the very same kernels.
-        kv = self.llm.new_cache(initial_capacity=lm_input.shape[1] + plan.max_len)
-        out = self.llm.forward(lm_input, kv, last_only=True)[0]
-        seq.row = self.cache.add_row(kv)
-        self.rows.append(seq)
-        return out
+    # ---- bookkeeping --------------------------------------------------------------------------------
 
-    def _decode(self) -> torch.Tensor:
-        tokens = torch.tensor([s.next_token for s in self.rows], dtype=torch.long, device=self.device)
-        x = self.llm.speech_embedding.weight[tokens].unsqueeze(1)          # (B, 1, D)
-        positions, mask = self.cache.decode_layout()
-        hidden = self.body(x, self.cache, positions=positions, attention_mask=mask)
-        return self.llm.llm_decoder(hidden[:, -1])                        # (B, S + 3)
-
-    # ---- bookkeeping --------------------------------------------------------------------------
-
-    def _free_row(self, seq: Sequence) -> None:
-        if seq.row is None:
-            return
-        moved = self.cache.remove_row(seq.row)
-        last = self.rows.pop()
-        if moved is not None:  # the last row now lives where seq's was
-            self.rows[seq.row] = last
-            last.row = seq.row
-        seq.row = None
+    def _free_piece(self, seq: Sequence) -> None:
+        """Give back the piece's KV: own slots to the pool, the prefix reference to the cache."""
+        if seq.seq_len > seq.own_start:
+            self.pool.free(self.reqs.slots(seq.row, seq.own_start, seq.seq_len))
+        seq.own_start = 0
+        if seq.prefix is not None:
+            self.prefix.release(seq.prefix)
+            seq.prefix = None
+        seq.seq_len = 0
         seq.next_token = None
 
+    def _pause(self, seq: Sequence) -> None:
+        self._free_piece(seq)
+        seq.paused = True
+        self.num_paused += 1
+        log.info("paused %s (KV pool full): %d tokens kept, resumed at a later prefill", seq.rid, len(seq.decoded))
+
     def _drop(self, seq: Sequence) -> None:
-        self._free_row(seq)
+        self._free_piece(seq)
+        if seq.row is not None:
+            self.reqs.free(seq.row)
+            seq.row = None
         self.running.remove(seq)
 
     def _end_piece(self, seq: Sequence, tokens: list, res: StepResult) -> None:
-        self._free_row(seq)
+        self._free_piece(seq)
         last = seq.piece + 1 >= len(seq.plans)
         res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=tokens, piece=seq.piece,
                                               piece_done=True, finished=last))
         if last:
-            self.running.remove(seq)
+            self._drop(seq)
             res.finished.append(seq)
         else:
-            seq.piece += 1  # prefilled at the next step
+            seq.piece += 1  # prefilled at the next prefill step
             seq.decoded = []
+            seq.paused = False
 
     def _fail(self, seq: Sequence, message: str, res: StepResult) -> None:
         if seq in self.running:
             self._drop(seq)
         res.errors.append((seq, message))
-        # Nothing more goes out for it this step.
-        res.outputs = [o for o in res.outputs if o.rid != seq.rid]
+        res.outputs = [o for o in res.outputs if o.rid != seq.rid]   # nothing more goes out for it
 
-    # ---- stats --------------------------------------------------------------------------------
+    # ---- stats ---------------------------------------------------------------------------------------
 
-    def kv_tokens(self) -> int:
-        return self.cache.tokens()
+    def kv_used(self) -> int:
+        """Slots held by requests (their own and prefix entries they use)."""
+        return self.pool.num_used - self.prefix.evictable_tokens()
+
+    def stats(self) -> dict:
+        cached = self.prefix.evictable_tokens()
+        return dict(kv_used=self.pool.num_used - cached, kv_total=self.pool.size, kv_free=self.pool.num_free,
+                    kv_cached=cached, kv_estimated_peak=self.estimated_peak() if self.running else 0,
+                    prefix_hits=self.prefix.hits, prefix_misses=self.prefix.misses,
+                    prefix_entries=len(self.prefix.entries), paused=self.num_paused,
+                    cuda_graphs=len(self.graphs.graphs) if self.graphs is not None else 0,
+                    sampler=self.sampler.mode, kv_int8=self.pool.int8)
 
 
 def _ids(a) -> list:

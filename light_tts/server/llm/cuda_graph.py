@@ -1,0 +1,95 @@
+"""CUDA graphs of the decode step (ModelRunner.decode) for batch sizes up to --graph_max_batch_size.
+
+One graph per size in `batch_sizes` (1, 2, 4, 8, then every 8), captured at start into one
+shared memory pool, largest first. A batch of B rows replays the smallest graph of >= B rows;
+the extra rows are padding: token 0, the padding request row of req_to_token (every entry the
+pool's padding slot), length 1, new slot = the padding slot. They compute garbage that only
+ever lands in the padding slot and is never read back.
+
+Static inputs are one int64 buffer [4, max_bs] (tokens, req row, length, slot) filled by one
+host-to-device copy per step. The attention kernels get `max_len` = --graph_max_len_in_batch
+(a fixed launch shape); longer batches run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from light_tts.server.llm.model_runner import ModelRunner
+
+log = logging.getLogger("lighttts")
+
+
+def graph_batch_sizes(max_bs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_bs] + list(range(16, max_bs + 1, 8))
+    if max_bs not in sizes:
+        sizes.append(max_bs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_bs: int, max_len: int):
+        self.runner = runner
+        self.max_bs = int(max_bs)
+        self.max_len = int(max_len)
+        self.sizes = graph_batch_sizes(self.max_bs)
+        dev = runner.device
+        self.inputs = torch.zeros((4, self.max_bs), dtype=torch.int64, device=dev)
+        self.host = torch.zeros((4, self.max_bs), dtype=torch.int64, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pad = (0, runner.reqs.pad_row, 1, runner.pool.pad_slot)
+
+    def _run(self, bs: int) -> torch.Tensor:
+        t = self.inputs[:, :bs]
+        return self.runner.decode(t[0], t[1].to(torch.int32), t[2].to(torch.int32), t[3], self.max_len)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for row, value in enumerate(self.pad):
+            self.inputs[row].fill_(value)
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.sizes):
+                for _ in range(2):       # warm up (Triton compiles, allocator settles)
+                    self._run(bs)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.outputs[bs] = self._run(bs)
+                if pool is None:
+                    pool = g.pool()
+                self.graphs[bs] = g
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def can_run(self, bs: int, max_len: int) -> bool:
+        return bs <= self.max_bs and max_len <= self.max_len
+
+    def run(self, tokens: list, req_rows: list, seq_lens: list, slots: list) -> torch.Tensor:
+        bs = len(tokens)
+        size = next(s for s in self.sizes if s >= bs)
+        h = self.host
+        for row, vals in enumerate((tokens, req_rows, seq_lens, slots)):
+            h[row, :bs] = torch.as_tensor(vals, dtype=torch.int64)
+            h[row, bs:size] = self.pad[row]
+        self.inputs[:, :size].copy_(h[:, :size], non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:bs]
+
+
+def try_capture(runner: ModelRunner, max_bs: int, max_len: int) -> Optional[DecodeGraphs]:
+    """Captured graphs, or None (with a warning) when capture fails, e.g. reference kernels on CUDA
+    (they read lengths on the host, which a graph cannot)."""
+    try:
+        graphs = DecodeGraphs(runner, max_bs, max_len)
+        graphs.capture()
+        return graphs
+    except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+        log.warning("CUDA graph capture failed, decoding without graphs: %s: %s", type(e).__name__, e)
+        torch.cuda.synchronize()
+        return None

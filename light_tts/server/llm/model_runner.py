@@ -1,0 +1,129 @@
+"""Batched Qwen2 forward over the token-slot KV pool, with the weights of a loaded Qwen2LM.
+
+Two kinds of batch, both packed (no padding):
+
+    prefill  the new tokens of several requests back to back, x [N, hidden]; request b's tokens
+             are rows b_start[b] .. b_start[b] + b_new_len[b] and sit at positions
+             b_total_len[b] - b_new_len[b] .. b_total_len[b] - 1 (a prefix-cache hit or a resumed
+             request has history before them)
+    decode   one token per request, x [B, hidden]; request b's token sits at b_seq_len[b] - 1
+
+Per layer: rms_norm -> q/k/v projections -> rotary (in place) -> store_kv into the pool slots of
+the new tokens -> context_attention / decode_attention through req_to_token -> o_proj + residual
+-> rms_norm -> SwiGLU MLP + residual. Kernels come from light_tts.kernels.dispatch (Triton on
+CUDA, the plain-PyTorch reference elsewhere). The math is qwen2.py's; on a CPU in fp32 the
+logits equal the plain path's (tests check token equality). On CUDA the gate/up projections are
+fused into one GEMM (weights concatenated once at start).
+
+The speech head (llm_decoder) runs on the last new token of each request only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from light_tts.kernels import dispatch as K
+from light_tts.server.llm.mem_manager import KVPool
+from light_tts.server.llm.req_manager import ReqManager
+
+
+class ModelRunner:
+    def __init__(self, llm, pool: KVPool, reqs: ReqManager):
+        self.llm = llm
+        self.body = llm.llm.model.model
+        cfg = self.body.config
+        self.device = llm.llm_embedding.weight.device
+        self.dtype = llm.llm_embedding.weight.dtype
+        self.pool = pool
+        self.reqs = reqs
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = float(cfg.rms_norm_eps)
+        self.sm_scale = 1.0 / math.sqrt(self.d)
+        self.layers = list(self.body.layers)
+        self.fused_gate_up: Optional[list] = None
+        if self.device.type == "cuda":
+            self.fused_gate_up = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight), dim=0).contiguous()
+                                  for l in self.layers]
+        self.intermediate = cfg.intermediate_size
+
+    # ---- pieces ---------------------------------------------------------------------------------
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, D / 2] in the activation dtype (angles in fp32, as qwen2.RotaryEmbedding)."""
+        cos, sin = self.body.rotary(positions, self.dtype)
+        half = self.d // 2
+        return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+    def _mlp(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is None:
+            return layer.mlp(h)
+        gu = F.linear(h, self.fused_gate_up[i])
+        gate, up = gu[:, :self.intermediate], gu[:, self.intermediate:]
+        return layer.mlp.down_proj(layer.mlp.act(gate) * up)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        n = x.shape[0]
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = K.rms_norm(x, layer.input_layernorm.weight, self.eps)
+            q = attn.q_proj(h).view(n, self.hq, self.d)
+            k = attn.k_proj(h).view(n, self.hkv, self.d)
+            v = attn.v_proj(h).view(n, self.hkv, self.d)
+            K.rotary(q, k, cos, sin)
+            cache = self.pool.layer(i)
+            if self.pool.int8:
+                K.store_kv_int8(k, v, cache[0], cache[1], cache[2], cache[3], slots)
+            else:
+                K.store_kv(k, v, cache[0], cache[1], slots)
+            o = attend(q, cache)
+            x = x + attn.o_proj(o.reshape(n, self.hq * self.d))
+            h = K.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            x = x + self._mlp(i, layer, h)
+        return x
+
+    def head(self, x_last: torch.Tensor) -> torch.Tensor:
+        """Final norm + speech head on the rows given -> logits [B, S + 3]."""
+        return self.llm.llm_decoder(K.rms_norm(x_last, self.body.norm.weight, self.eps))
+
+    # ---- prefill ----------------------------------------------------------------------------------
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, b_req_idx: torch.Tensor,
+                b_start: torch.Tensor, b_new_len: torch.Tensor, b_total_len: torch.Tensor,
+                max_new_len: int) -> torch.Tensor:
+        """x [N, hidden] (embeddings of the new tokens), positions [N] long, slots [N] int64 (pool
+        slots of the new tokens, already written into req_to_token) and the b_* int32 [B] tensors
+        (device) -> logits [B, S + 3] of each request's last new token."""
+        r2t = self.reqs.req_to_token
+
+        def attend(q, cache):
+            if self.pool.int8:
+                return K.context_attention_int8(q, cache[0], cache[1], cache[2], cache[3], r2t, b_req_idx, b_start,
+                                                b_new_len, b_total_len, max_new_len, self.sm_scale)
+            return K.context_attention(q, cache[0], cache[1], r2t, b_req_idx, b_start, b_new_len, b_total_len,
+                                       max_new_len, self.sm_scale)
+        x = self._layers(x, positions, slots, attend)
+        last = (b_start + b_new_len - 1).long()
+        return self.head(x[last])
+
+    # ---- decode -------------------------------------------------------------------------------------
+
+    def decode(self, tokens: torch.Tensor, b_req_idx: torch.Tensor, b_seq_len: torch.Tensor,
+               slots: torch.Tensor, max_len: int) -> torch.Tensor:
+        """One new token per request: tokens [B] long (speech tokens fed back), b_req_idx /
+        b_seq_len int32 [B] (length including the new token), slots int64 [B] (where it goes; written
+        into req_to_token here) -> logits [B, S + 3]. Graph-capturable when the kernels are."""
+        x = F.embedding(tokens, self.llm.speech_embedding.weight)
+        positions = (b_seq_len - 1).long()
+        r2t = self.reqs.req_to_token
+        r2t[b_req_idx.long(), positions] = slots.to(torch.int32)
+
+        def attend(q, cache):
+            if self.pool.int8:
+                return K.decode_attention_int8(q, cache[0], cache[1], cache[2], cache[3], r2t, b_req_idx, b_seq_len,
+                                               max_len, self.sm_scale)
+            return K.decode_attention(q, cache[0], cache[1], r2t, b_req_idx, b_seq_len, max_len, self.sm_scale)
+        return self.head(self._layers(x, positions, slots, attend))

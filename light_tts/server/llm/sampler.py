@@ -1,0 +1,138 @@
+"""Sampling of one step's tokens for the whole batch (Qwen2LM.sample_token's rules, batched).
+
+Rules per row (light_tts.models.llm / sampling): scores = log_softmax(logits) in fp32; eos masked
+while the piece is shorter than its min length (`ignore_eos`), every non-speech token masked in
+fixed-length mode (`block_stops`); greedy = argmax; otherwise RAS: nucleus (top-p, top-k) draw,
+and if that token occurs >= win_size * tau_r times in the piece's last win_size tokens, a draw
+from the full distribution without it.
+
+Two ways to draw, same distribution:
+
+- "exact" (default on CPU): the masking, softmax, sort and top-p cut run once for the batch; the
+  draws are `torch.multinomial` calls on each request's own torch.Generator, on exactly the
+  tensors light_tts.models.sampling builds. Tokens therefore equal Qwen2LM.inference with the
+  same seed, token for token. Cost: a small Python loop over the batch with one multinomial (and
+  one host sync) per row; fine on a CPU, too slow for large GPU batches.
+- "batched" (default on CUDA): everything for the whole batch in one pass on the device, with one
+  host sync at the end. Uniform numbers come from a counter-based hash of (request seed, piece,
+  step, draw), so a request's tokens depend on its seed alone, not on the batch it ran in; they
+  are not the numbers torch.Generator would give, so tokens differ from the plain path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SampleRow:
+    decoded: Sequence[int]                         # this piece's tokens so far (RAS window)
+    ignore_eos: bool
+    block_stops: bool
+    generator: Optional[torch.Generator] = None    # exact mode
+    seed: int = 0                                  # batched mode
+    counter: int = 0                               # batched mode: (piece, step) packed
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser in int64 arithmetic (no overflow: operands stay < 2^32 * 2^27)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x45D9F3B) & M32
+    h = h ^ (h >> 16)
+    h = (h * 0x45D9F3B) & M32
+    return h ^ (h >> 16)
+
+
+def counter_uniform(seed: torch.Tensor, counter: torch.Tensor, draw: int) -> torch.Tensor:
+    """Uniform [0, 1) float32 per row from int64 (seed, counter) and a draw index."""
+    lo, hi = seed & M32, (seed >> 32) & M32
+    h = _mix32((lo ^ ((counter & 0xFFFFFFF) * 0x9E3779B1 & M32)) & M32)
+    h = _mix32(h ^ hi ^ (draw * 0x632BE5AB & M32))
+    h = _mix32(h ^ ((counter >> 28) & M32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+class Sampler:
+    def __init__(self, speech_token_size: int, top_p: float, top_k: int, win_size: int, tau_r: float,
+                 mode: str = "exact", greedy: bool = False):
+        if mode not in ("exact", "batched"):
+            raise ValueError(f"sampler mode must be 'exact' or 'batched', got {mode!r}")
+        self.S = int(speech_token_size)
+        self.top_p, self.top_k, self.win_size, self.tau_r = float(top_p), int(top_k), int(win_size), float(tau_r)
+        self.mode = mode
+        self.greedy = greedy
+
+    def scores(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        scores = logits.float().log_softmax(dim=-1)
+        ignore = [i for i, r in enumerate(rows) if r.ignore_eos and not r.block_stops]
+        block = [i for i, r in enumerate(rows) if r.block_stops]
+        if ignore:
+            scores[ignore, self.S] = -float("inf")
+        if block:
+            scores[block, self.S:] = -float("inf")
+        return scores
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
+        """logits [B, S + 3] -> one token per row."""
+        scores = self.scores(logits, rows)
+        if self.greedy:
+            return scores.argmax(dim=-1).tolist()
+        if self.mode == "exact":
+            return self._exact(scores, rows)
+        return self._batched(scores, rows)
+
+    def _exact(self, scores: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
+        probs = scores.softmax(dim=-1)
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)
+        head = sorted_probs[:, :self.top_k]
+        mass_before = torch.cat((head.new_zeros(head.shape[0], 1), torch.cumsum(head, dim=-1)[:, :-1]), dim=-1)
+        num_kept = (mass_before < self.top_p).sum(dim=-1).tolist()
+        out = []
+        for b, row in enumerate(rows):
+            choice = torch.multinomial(head[b, :num_kept[b]], 1, replacement=True, generator=row.generator)
+            token = int(sorted_idx[b, choice].item())
+            window = list(row.decoded)[-self.win_size:] if self.win_size > 0 else []
+            if sum(1 for t in window if int(t) == token) >= self.win_size * self.tau_r:
+                s = scores[b].clone()
+                s[token] = -float("inf")
+                p = s.softmax(dim=0)
+                token = int(torch.multinomial(p, 1, replacement=True, generator=row.generator).item())
+            out.append(token)
+        return out
+
+    def _batched(self, scores: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
+        dev = scores.device
+        B = scores.shape[0]
+        meta = torch.tensor([[r.seed & ((1 << 63) - 1) for r in rows], [r.counter for r in rows]], dtype=torch.int64)
+        win = self.win_size
+        hist = torch.full((B, max(win, 1)), -1, dtype=torch.int64)
+        if win > 0:
+            for b, r in enumerate(rows):
+                tail = list(r.decoded)[-win:]
+                if tail:
+                    hist[b, win - len(tail):] = torch.tensor(tail, dtype=torch.int64)
+        meta, hist = meta.to(dev, non_blocking=True), hist.to(dev, non_blocking=True)
+        seed, counter = meta[0], meta[1]
+
+        probs = scores.softmax(dim=-1)
+        head, idx = probs.topk(self.top_k, dim=-1)                    # sorted, largest first
+        mass_before = torch.cumsum(head, dim=-1) - head
+        w = torch.where(mass_before < self.top_p, head, torch.zeros_like(head))
+        w[:, 0] = head[:, 0]                                           # the top token is always kept
+        cdf = torch.cumsum(w, dim=-1)
+        u = counter_uniform(seed, counter, 0) * cdf[:, -1]
+        choice = (cdf <= u[:, None]).sum(dim=-1).clamp_(max=self.top_k - 1)
+        tok1 = idx.gather(1, choice[:, None])                          # [B, 1]
+
+        repeats = (hist == tok1).sum(dim=-1)
+        redraw = repeats >= win * self.tau_r if win > 0 else torch.zeros(B, dtype=torch.bool, device=dev)
+        p2 = probs.scatter(1, tok1, 0.0)
+        cdf2 = torch.cumsum(p2, dim=-1)
+        u2 = counter_uniform(seed, counter, 1) * cdf2[:, -1]
+        tok2 = (cdf2 <= u2[:, None]).sum(dim=-1).clamp_(max=p2.shape[1] - 1)
+        return torch.where(redraw, tok2, tok1[:, 0]).tolist()
