@@ -27,6 +27,17 @@ class StreamSchedule:
     pre_lookahead_len: int = 3
     mel_cache_len: int = 8          # mel frames carried into the next HiFT call
     samples_per_frame: int = 480    # 24 kHz / 50 Hz
+    # 0: the official first hop. n > 0 (and smaller than the official one): a first chunk of n
+    # tokens, then the rest up to the official first boundary, then the official growth. Costs:
+    # the early chunks end inside a 25-token encoder chunk (50-frame estimator chunk), so their
+    # frames see fewer in-chunk frames than the official schedule gives them: audio that differs
+    # from the official (not wrong), and one more flow + HiFT call per sentence.
+    first_hop_len: int = 0
+
+    def __post_init__(self):
+        if self.first_hop_len and self.first_hop_len * 2 <= self.mel_cache_len:
+            raise ValueError(f"first_hop_len {self.first_hop_len}: must be 0 or more than "
+                             f"{self.mel_cache_len // 2} tokens (HiFT holds back {self.mel_cache_len} mel frames)")
 
     @property
     def source_cache_len(self) -> int:
@@ -38,7 +49,12 @@ class StreamSchedule:
 
     def hops(self, prompt_tokens: int):
         """Token counts of successive streaming chunks (infinite generator)."""
-        yield self.first_hop(prompt_tokens)
+        first = self.first_hop(prompt_tokens)
+        if 0 < self.first_hop_len < first:
+            yield self.first_hop_len
+            yield first - self.first_hop_len
+        else:
+            yield first
         hop = self.token_hop_len
         while True:
             hop = min(self.token_max_hop_len, hop * self.stream_scale_factor)
@@ -71,7 +87,9 @@ class Token2Wav:
         self.prompt_feat = prompt_feat.reshape(1, -1, prompt_feat.shape[-1]).to(self.device, self.dtype)
         self.embedding = embedding.reshape(1, -1).to(self.device, self.dtype)
         self.window = torch.from_numpy(np.hamming(2 * schedule.source_cache_len)).float()
-        self.generator = torch.Generator(device="cpu")
+        # the NSF noise is drawn where the model runs: on a GPU a CPU generator would make and copy
+        # ~1 MB of noise per chunk and request (the official draws from the device's global RNG)
+        self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
 
@@ -85,8 +103,21 @@ class Token2Wav:
                                      prompt_token_len=lens(self.prompt_tokens), prompt_feat=self.prompt_feat,
                                      prompt_feat_len=lens(self.prompt_feat), embedding=self.embedding,
                                      streaming=streaming, finalize=finalize)
+        mel, cache_source = self.hift_input(mel, token_offset, finalize, speed)
+        speech, source = self.hift.inference(speech_feat=mel.to(self.dtype), cache_source=cache_source,
+                                             generator=self.generator)
+        return self.hift_output(speech, source, mel, finalize)
+
+    def run(self, chunk: "Chunk") -> torch.Tensor:
+        return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
+
+    # The two halves around the vocoder, shared with the batched engine (light_tts.decode.engine).
+
+    def hift_input(self, mel: torch.Tensor, token_offset: int, finalize: bool,
+                   speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow output (1, 80, frames after the prompt) float32 -> (HiFT input mel float32 with the
+        cached frames in front, cache_source (1, 1, n) for the excitation)."""
         mel = mel[:, :, token_offset * self.flow.token_mel_ratio:]
-        s = self.schedule
         if self.cache is not None:
             mel = torch.cat([self.cache["mel"], mel.to(self.cache["mel"].dtype)], dim=2)
             cache_source = self.cache["source"]
@@ -96,8 +127,13 @@ class Token2Wav:
             if self.cache is not None:
                 raise ValueError("speed other than 1.0 works only without streaming")
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, source = self.hift.inference(speech_feat=mel.to(self.dtype), cache_source=cache_source,
-                                             generator=self.generator)
+        return mel, cache_source
+
+    def hift_output(self, speech: torch.Tensor, source: torch.Tensor, mel: torch.Tensor,
+                    finalize: bool) -> torch.Tensor:
+        """HiFT output (1, samples), its source (1, 1, samples) and input mel -> this chunk's audio
+        (float32 [1, samples], CPU): cross-faded with the previous tail, own tail held back."""
+        s = self.schedule
         speech = speech.float().cpu()
         if self.cache is not None:
             speech = fade_in_out(speech, self.cache["speech"], self.window)
@@ -106,6 +142,16 @@ class Token2Wav:
                           "speech": speech[:, -s.source_cache_len:]}
             speech = speech[:, :-s.source_cache_len]
         return speech
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One flow + HiFT call of one sentence: audio for tokens[offset:] given `tokens` (all so far)."""
+    tokens: torch.Tensor    # (T,) int64, CPU
+    offset: int
+    finalize: bool
+    streaming: bool
+    speed: float = 1.0
 
 
 class StreamingDecoder:
@@ -149,14 +195,15 @@ class StreamingDecoder:
         """A chunk can be computed now."""
         return not self.done and (self.ended or self._hop_ready())
 
-    def step(self) -> Optional[np.ndarray]:
-        """Compute the next chunk: float32 [samples], or None for a sentence without tokens."""
+    def next_chunk(self) -> Optional[Chunk]:
+        """Take the next chunk off the schedule (advancing it); None for a sentence without tokens.
+        The caller computes it with `t2w.run` (or the batched engine) before the next call."""
         if self._hop_ready():
             end = self.offset + self.hop + self.t2w.schedule.pre_lookahead_len
-            audio = self.t2w(torch.tensor(self.tokens[:end]), self.offset, finalize=False, streaming=True)
+            chunk = Chunk(torch.tensor(self.tokens[:end]), self.offset, finalize=False, streaming=True)
             self.offset += self.hop
             self.hop = next(self._hops)
-            return audio[0].numpy()
+            return chunk
         if not self.ended or self.done:
             raise RuntimeError("no chunk is ready")
         self.done = True
@@ -164,7 +211,12 @@ class StreamingDecoder:
             return None
         # As the official: the final chunk runs the flow without chunk masks (streaming=False).
         speed = 1.0 if self.stream else self.speed
-        return self.t2w(torch.tensor(self.tokens), self.offset, finalize=True, streaming=False, speed=speed)[0].numpy()
+        return Chunk(torch.tensor(self.tokens), self.offset, finalize=True, streaming=False, speed=speed)
+
+    def step(self) -> Optional[np.ndarray]:
+        """Compute the next chunk: float32 [samples], or None for a sentence without tokens."""
+        chunk = self.next_chunk()
+        return None if chunk is None else self.t2w.run(chunk)[0].numpy()
 
     def _drain(self) -> list[np.ndarray]:
         out = []

@@ -250,5 +250,12 @@ def test_interleaved_requests_both_complete(decoder, voice, reference):
         if i < 90:
             h.tokens(b, tb[i:i + 15], piece_done=i + 15 >= 90, finished=i + 15 >= 90)
     got = h.collect([a, b])
-    assert _audio(got[a]) == b"".join(reference(ta, stream=True, seed=1))
-    assert _audio(got[b]) == b"".join(reference(tb, stream=False, seed=2))
+    # a and b share batched flow/HiFT calls: equal to decoding each alone up to float rounding
+    # (GEMM blocking depends on the batch), i.e. within a PCM16 step or two
+    _assert_pcm_close(_audio(got[a]), b"".join(reference(ta, stream=True, seed=1)))
+    _assert_pcm_close(_audio(got[b]), b"".join(reference(tb, stream=False, seed=2)))
+
+
+def _assert_pcm_close(got: bytes, ref: bytes, steps: int = 2) -> None:
+    x, y = np.frombuffer(got, "<i2").astype(np.int32), np.frombuffer(ref, "<i2").astype(np.int32)
+    assert x.shape == y.shape and np.abs(x - y).max() <= steps, (x.shape, y.shape)

@@ -142,8 +142,9 @@ def validate(args: argparse.Namespace) -> list[str]:
         errors.append(f"--router_token_ratio must be in [0, 1) (got {args.router_token_ratio})")
     if not 0 <= args.cache_reserved_ratio < 1:
         errors.append(f"--cache_reserved_ratio must be in [0, 1) (got {args.cache_reserved_ratio})")
-    if args.decode_first_hop < 0:
-        errors.append(f"--decode_first_hop must be >= 0 (got {args.decode_first_hop})")
+    if args.decode_first_hop < 0 or 0 < args.decode_first_hop < 5:
+        errors.append(f"--decode_first_hop must be 0 (official) or >= 5 (got {args.decode_first_hop}): "
+                      "HiFT holds back the last 8 mel frames (4 tokens) of every chunk")
     if args.cache_capacity < 0:
         errors.append(f"--cache_capacity must be >= 0 (got {args.cache_capacity})")
     if not 0 < args.port < 65536:

@@ -6,10 +6,10 @@ request, in order, over one PUSH socket) and from the HTTP workers (AbortReq).
 
 Per request it keeps the conditioning and a queue of sentences, each a StreamingDecoder over a
 fresh Token2Wav (the official decodes every sentence with its own tts() call: new HiFT cache,
-same seed). The loop: take every waiting message, then compute at most one chunk per request
-(round robin, oldest request first), send each chunk as soon as it exists, and block on the
-socket only when nothing is ready. `run_chunks` is the one step that touches the model, so a
-batched flow/HiFT engine replaces just that function.
+same seed). The loop: take every waiting message, then compute the next chunk of up to
+--decode_max_batch_size ready requests in ONE batched flow call and ONE batched HiFT call
+(light_tts.decode.engine; served requests move to the back so none starves), send each chunk
+as soon as it exists, and block on the socket only when nothing is ready.
 
 Start (the launcher, from a 'spawn' context):
 
@@ -33,7 +33,7 @@ import zmq
 from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
                                         drain, sock_send)
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, write_stats
-from light_tts.server.stage import start_stage, stage_device, stage_dtype
+from light_tts.server.stage import start_stage, stage_dtype
 
 log = logging.getLogger("lighttts")
 
@@ -66,17 +66,22 @@ class DecodeState:
 
 
 class DecodeServer:
-    def __init__(self, endpoints: Endpoints, index: int, flow, hift, ctx: Optional[zmq.Context] = None):
+    def __init__(self, endpoints: Endpoints, index: int, flow, hift, ctx: Optional[zmq.Context] = None,
+                 engine=None, max_batch_size: int = 16, first_hop: int = 0):
         self.stage = f"decode:{index}"
         self.endpoints = endpoints
-        self.init_model(flow, hift)
+        self.max_batch_size = max_batch_size
+        self.init_model(flow, hift, engine, first_hop)
         self.init_sockets(ctx or zmq.Context.instance(), endpoints.decode(index))
         self.init_state()
 
-    def init_model(self, flow, hift) -> None:
+    def init_model(self, flow, hift, engine, first_hop: int) -> None:
+        from light_tts.decode.engine import DecodeEngine
         from light_tts.token2wav import StreamSchedule
         self.flow, self.hift = flow, hift
-        self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+        self.engine = engine or DecodeEngine(flow, hift)
+        self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=first_hop)
+        self.batch_sizes: dict[int, int] = {}          # rows per engine call -> calls (stats)
 
     def init_sockets(self, ctx: zmq.Context, addr: str) -> None:
         self.ctx = ctx
@@ -124,19 +129,32 @@ class DecodeServer:
             self.fail(msg.rid, reply_to, e)
 
     def schedule_batch(self) -> list[DecodeState]:
-        """Requests with a chunk ready: at most one chunk each this iteration (fair, oldest first)."""
-        return [s for s in self.states.values() if s.ready]
+        """Up to max_batch_size requests with a chunk ready, one chunk each, in state order (served
+        requests are moved to the back in process_results, so that order is round robin)."""
+        return [s for s in self.states.values() if s.ready][:self.max_batch_size]
 
     def run_chunks(self, batch: list[DecodeState]) -> list[tuple[DecodeState, object]]:
-        """Compute the next chunk of every request in `batch`: (state, float32 audio | None | exception).
-
-        The only step that runs the model; a batched engine replaces this function."""
-        results = []
+        """Compute the next chunk of every request in `batch` with one batched engine call:
+        (state, float32 audio | None | exception) per request."""
+        results, rows, owners = [], [], []
         for state in batch:
             try:
-                results.append((state, state.pieces[0].step()))
+                chunk = state.pieces[0].next_chunk()
             except Exception as e:
                 results.append((state, e))
+                continue
+            if chunk is None:
+                results.append((state, None))   # a sentence without tokens
+            else:
+                rows.append((state.pieces[0].t2w, chunk))
+                owners.append(state)
+        if rows:
+            self.batch_sizes[len(rows)] = self.batch_sizes.get(len(rows), 0) + 1
+            try:
+                outs = self.engine.run(rows)
+            except Exception as e:  # the batch failed as a whole: fail its requests, keep serving
+                outs = [e] * len(rows)
+            results.extend(zip(owners, outs))
         return results
 
     def process_results(self, results) -> None:
@@ -150,6 +168,7 @@ class DecodeServer:
                 continue
             if state.pieces[0].done:
                 state.pieces.popleft()
+            self.states[rid] = self.states.pop(rid)   # to the back: round robin under a full batch
             if out is not None and len(out):
                 self.chunks += 1
                 self.audio_seconds += len(out) / SAMPLE_RATE
@@ -245,7 +264,8 @@ class DecodeServer:
             del self.aborted[rid]
         write_stats(self.endpoints, self.stage, {"active": len(self.states), "chunks": self.chunks,
                                                  "audio_seconds": round(self.audio_seconds, 3),
-                                                 "aborted": self.aborted_count, "errors": self.errors})
+                                                 "aborted": self.aborted_count, "errors": self.errors,
+                                                 "batch_sizes": dict(sorted(self.batch_sizes.items()))})
 
 
 def load_decode_model(model_dir: str, device: str, data_type: str):
@@ -258,17 +278,51 @@ def load_decode_model(model_dir: str, device: str, data_type: str):
     return model.flow, model.hift
 
 
+def decode_device(index: int) -> str:
+    """Device of decode process `index`: GPU index % visible GPUs (light_tts.decode.placement)."""
+    import torch
+    from light_tts.decode.placement import decode_device as assign
+    return assign(index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def check_trt_available() -> None:
+    """--load_trt needs the tensorrt package: say what to install, before loading anything."""
+    from light_tts.decode.trt import require_tensorrt
+    require_tensorrt()
+
+
 def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
     """Entry point of decode process `index` (a fresh 'spawn' process)."""
     stage = f"decode:{index}"
     hb = start_stage(endpoints, stage, args.log_level)
+    if args.load_trt:
+        try:
+            check_trt_available()
+        except RuntimeError as e:
+            log.error("%s", e)
+            raise SystemExit(3)
     import torch
-    device = stage_device(index)
+    from light_tts.decode.engine import build_engine
+    from light_tts.decode.placement import physical_gpu
+    device = decode_device(index)
     if device == "cpu":
         torch.set_num_threads(cpu_threads())
+        # subnormal floats (they occur in the flow/HiFT activations) run 10-50x slower on x86 CPUs;
+        # flushing them to zero changes no audible (or PCM16) value
+        torch.set_flush_denormal(True)
+    else:
+        torch.cuda.set_device(device)
     t0 = time.perf_counter()
     flow, hift = load_decode_model(args.model_dir, device, args.data_type)
-    server = DecodeServer(endpoints, index, flow, hift)
-    log.info("ready on %s (%s) in %.1f s", device, stage_dtype(args.data_type, device), time.perf_counter() - t0)
+    dtype = stage_dtype(args.data_type, device)
+    engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
+                          load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
+                          max_batch_size=args.decode_max_batch_size)
+    server = DecodeServer(endpoints, index, flow, hift, engine=engine, max_batch_size=args.decode_max_batch_size,
+                          first_hop=getattr(args, "decode_first_hop", 0))
+    gpu = physical_gpu(index, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) \
+        if device != "cpu" else None
+    log.info("ready on %s%s (%s) in %.1f s", device, f" (physical GPU {gpu})" if gpu else "", dtype,
+             time.perf_counter() - t0)
     hb.ready()
     server.run_forever()

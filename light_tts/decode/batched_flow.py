@@ -1,0 +1,215 @@
+"""One flow call for the chunks of many requests.
+
+Per request (lengths differ, and the encoder's look-ahead context must follow each row's own
+tokens): embed, encode -> mu (1, 80, T_i) and the prompt condition. Then every row is padded on the
+right to one T and the 10 Euler steps with classifier-free guidance run as ONE estimator call per
+step over the doubled batch [conditional rows; unconditional rows].
+
+Why padding is invisible to the real frames: the estimator's convolutions are causal (left
+padding only), every block multiplies by the frame mask before its convolutions, and attention
+takes an additive bias that hides padded keys (`attention_bias`). So frame j < T_i of row i sees
+exactly what it sees alone. The bias also carries each row's own mask kind: streaming chunks use
+the chunk-causal mask (static_chunk_size frames), final chunks the full mask, so both kinds share
+a batch. Padded rows (batch buckets) have an empty frame mask; `attention_mask` opens their
+attention fully so nothing divides by zero, and their output is discarded.
+
+`BiasEstimator` is the estimator's forward with that bias as an explicit input: one function for
+eager, torch.compile, CUDA graphs and the ONNX/TensorRT export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from light_tts.models.flow.cfm import NOISE_FRAMES, CausalConditionalCFM
+from light_tts.models.flow.masks import attention_mask, mask_to_bias, valid_mask
+from light_tts.models.flow.unet_blocks import CausalConv1d, sinusoidal_time_embedding
+
+
+class BiasEstimator(nn.Module):
+    """CausalConditionalDecoder.forward with the attention bias as input (B, 1, T, T) instead of
+    the `streaming` flag. Single-resolution U-Nets only (CosyVoice2: channels [256])."""
+
+    def __init__(self, estimator: nn.Module):
+        super().__init__()
+        if len(estimator.down_blocks) != 1 or not isinstance(estimator.down_blocks[0].resample, CausalConv1d):
+            raise ValueError("batched decode supports the single-resolution estimator (channels: [C]) only")
+        self.estimator = estimator
+
+    def _attend(self, stage, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(1, 2).contiguous()
+        for block in stage.transformers:
+            h = block(h, bias)
+        return h.transpose(1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """x, mu, cond (B, 80, T); mask (B, 1, T); t (B,); spks (B, 80); attn_bias (B, 1, T, T)."""
+        est = self.estimator
+        t_emb = est.time_mlp(sinusoidal_time_embedding(t, est.in_channels))
+        x = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
+        skips = []
+        for stage in est.down_blocks:
+            x = self._attend(stage, stage.resnet(x, mask, t_emb), attn_bias)
+            skips.append(x)
+            x = stage.resample(x * mask)
+        for stage in est.mid_blocks:
+            x = self._attend(stage, stage.resnet(x, mask, t_emb), attn_bias)
+        for stage in est.up_blocks:
+            skip = skips.pop()
+            x = torch.cat([x[:, :, :skip.size(-1)], skip], dim=1)
+            x = self._attend(stage, stage.resnet(x, mask, t_emb), attn_bias)
+            x = stage.resample(x * mask)
+        x = est.final_block(x, mask)
+        return est.final_proj(x * mask) * mask
+
+
+def attention_bias(frame_mask: torch.Tensor, streaming: torch.Tensor, chunk_frames: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T) bool frame mask, (B,) bool streaming -> additive bias (B, 1, T, T): per row the
+    chunk-causal mask (streaming) or the plain key mask, as the estimator builds for one request."""
+    t = frame_mask.size(-1)
+    full = attention_mask(frame_mask, 0).expand(-1, t, -1)
+    chunked = attention_mask(frame_mask, chunk_frames) if chunk_frames > 0 else full
+    mask = torch.where(streaming.view(-1, 1, 1), chunked, full)
+    return mask_to_bias(mask, dtype).unsqueeze(1)
+
+
+@dataclass
+class FlowBatch:
+    """Padded estimator inputs (B rows, maybe more after bucketing) and what to cut out after."""
+    mu: torch.Tensor            # (B, 80, T)
+    mask: torch.Tensor          # (B, 1, T) in the estimator dtype
+    spks: torch.Tensor          # (B, 80)
+    cond: torch.Tensor          # (B, 80, T)
+    bias: torch.Tensor          # (B, 1, T, T)
+    frames: list[int]           # real frames per row
+    prompt_frames: list[int]
+
+
+def euler_cfg(step: Callable, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor, bias: torch.Tensor, t_span: torch.Tensor, cfg_rate: float) -> torch.Tensor:
+    """CausalConditionalCFM.solve_euler for a padded batch, one `step` (estimator) call per Euler
+    step over the doubled batch. Same arithmetic, in the same order, as the official loop."""
+    b = x.size(0)
+    dtype = spks.dtype
+    mask_in = torch.cat([mask, mask], dim=0).to(dtype)
+    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+    spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0).to(dtype)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
+    bias_in = torch.cat([bias, bias], dim=0)
+    w = cfg_rate
+    t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]
+    n = len(t_span)
+    for i in range(1, n):
+        x_in = torch.cat([x, x], dim=0).to(dtype)
+        t_in = t.to(dtype).expand(2 * b)
+        v = step(x_in, mask_in, mu_in, t_in, spks_in, cond_in, bias_in)
+        x = x + dt * ((1.0 + w) * v[:b] - w * v[b:])
+        t = t + dt
+        if i < n - 1:
+            dt = t_span[i + 1] - t
+    return x.float()
+
+
+class EagerSolver:
+    """Runs euler_cfg on exactly the batch it gets (no buckets)."""
+
+    def __init__(self, cfm: CausalConditionalCFM, step: Callable, n_timesteps: int):
+        self.cfm, self.step, self.n_timesteps = cfm, step, n_timesteps
+        self._noise: dict = {}
+
+    def bucket(self, rows: int, frames: int) -> tuple[int, int]:
+        return rows, frames
+
+    def noise(self, frames: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The official start noise's first `frames` columns, kept on the device (no host copy
+        per call, so the loop can be captured in a CUDA graph)."""
+        key = (str(device), dtype)
+        if key not in self._noise:
+            self._noise[key] = self.cfm.initial_noise(NOISE_FRAMES, device, dtype)
+        return self._noise[key][:, :, :frames]
+
+    def __call__(self, batch: FlowBatch) -> torch.Tensor:
+        mu = batch.mu
+        x0 = self.noise(mu.size(2), mu.device, mu.dtype).expand(mu.size(0), -1, -1)
+        t_span = self.cfm.time_grid(self.n_timesteps, mu.device, mu.dtype)
+        return euler_cfg(self.step, x0, batch.mask, mu, batch.spks, batch.cond, batch.bias, t_span,
+                         self.cfm.inference_cfg_rate)
+
+
+class BatchedFlow:
+    """rows of (Token2Wav, Chunk) -> one mel (1, 80, new frames) float32 per row, as
+    Token2Wav's flow.inference call gives it."""
+
+    def __init__(self, flow: nn.Module, solver=None, n_timesteps: int = 10):
+        self.flow = flow
+        self.estimator = BiasEstimator(flow.decoder.estimator)
+        self.chunk_frames = int(flow.decoder.estimator.static_chunk_size)
+        self.solver = solver or EagerSolver(flow.decoder, self.estimator, n_timesteps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flow.dtype
+
+    def encode_row(self, t2w, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu (1, 80, T), cond (1, 80, T)) of one request, exactly as flow.inference builds them."""
+        flow, dev = self.flow, t2w.device
+        tokens = torch.cat([t2w.prompt_tokens, chunk.tokens.reshape(1, -1).to(dev, torch.int32)], dim=1)
+        n = torch.tensor([tokens.shape[1]], dtype=torch.int32, device=dev)
+        mu, _ = flow.encode(flow.embed_tokens(tokens, n), n, chunk.finalize, chunk.streaming)
+        cond = torch.zeros_like(mu)
+        cond[:, :, :t2w.prompt_feat.size(1)] = t2w.prompt_feat.transpose(1, 2).to(mu.dtype)
+        return mu, cond
+
+    def prepare(self, rows: Sequence) -> FlowBatch:
+        encoded = [self.encode_row(t2w, chunk) for t2w, chunk in rows]
+        frames = [mu.size(2) for mu, _ in encoded]
+        b, t = self.solver.bucket(len(rows), max(frames))
+        dev, dtype = encoded[0][0].device, encoded[0][0].dtype
+        mu = torch.zeros(b, encoded[0][0].size(1), t, device=dev, dtype=dtype)
+        cond = torch.zeros_like(mu)
+        for i, (m, c) in enumerate(encoded):
+            mu[i, :, :frames[i]] = m[0]
+            cond[i, :, :frames[i]] = c[0]
+        emb = torch.cat([t2w.embedding for t2w, _ in rows], dim=0)
+        spks = torch.zeros(b, mu.size(1), device=dev, dtype=dtype)
+        spks[:len(rows)] = self.flow.speaker(emb)
+        lengths = torch.tensor(frames + [0] * (b - len(rows)), device=dev)
+        frame_mask = valid_mask(lengths, t)
+        streaming = torch.tensor([c.streaming for _, c in rows] + [False] * (b - len(rows)), device=dev)
+        return FlowBatch(mu=mu, mask=frame_mask.to(dtype), spks=spks, cond=cond,
+                         bias=attention_bias(frame_mask, streaming, self.chunk_frames, spks.dtype),
+                         frames=frames, prompt_frames=[t2w.prompt_feat.size(1) for t2w, _ in rows])
+
+    @torch.inference_mode()
+    def __call__(self, rows: Sequence) -> list:
+        """Per row the mel, or the exception that failed that row alone (e.g. a bad token id in
+        its encoder); the others still run as one batch."""
+        out: list = [None] * len(rows)
+        good = []
+        for i, (t2w, chunk) in enumerate(rows):
+            try:
+                self.check_row(t2w, chunk)
+                good.append(i)
+            except Exception as e:
+                out[i] = e
+        if good:
+            batch = self.prepare([rows[i] for i in good])
+            mel = self.solver(batch)
+            for j, i in enumerate(good):
+                out[i] = mel[j:j + 1, :, batch.prompt_frames[j]:batch.frames[j]]
+        return out
+
+    def check_row(self, t2w, chunk) -> None:
+        """What would fail this row's encoder, found before the batch runs."""
+        tokens = chunk.tokens
+        if tokens.numel() == 0 or (not chunk.finalize and tokens.numel() <= self.flow.pre_lookahead_len):
+            raise ValueError(f"flow: too few tokens ({tokens.numel()}) for a chunk")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.flow.vocab_size:
+            raise ValueError(f"speech token {hi if hi >= self.flow.vocab_size else lo} outside the "
+                             f"{self.flow.vocab_size}-token vocabulary")

@@ -1,0 +1,61 @@
+"""torch.compile of the estimator and HiFT (--load_jit), and the start-up warm-up that makes the
+first request pay neither compilation nor CUDA-graph capture.
+
+Compilation uses dynamic shapes (batch and frames vary per call); the warm-up runs every batch
+bucket at the common frame buckets, through the same solver the server uses, so the graphs are
+captured (cuda_graph.GraphSolver) and the compiled kernels built before the process says ready.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger("lighttts")
+
+WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt + sentence so far)
+WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
+
+
+def compile_engine(engine):
+    """Swap the engine's estimator step and HiFT network for compiled versions; returns the step."""
+    step = torch.compile(engine.flow.estimator, dynamic=True)
+    engine.hift.decode_equal = torch.compile(engine.hift.hift.decode, dynamic=True)
+    engine.hift.decode_masked = torch.compile(engine.hift._decode_masked, dynamic=True)
+    return step
+
+
+@torch.inference_mode()
+def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
+            hift_frames: Sequence[int] = WARM_HIFT_FRAMES) -> float:
+    """Run the solver for every batch bucket x frame bucket and HiFT for every batch bucket."""
+    from light_tts.decode.batched_flow import FlowBatch
+    from light_tts.decode.cuda_graph import batch_buckets
+    t0 = time.perf_counter()
+    flow = engine.flow
+    p = next(flow.flow.parameters())
+    dev, dtype = p.device, p.dtype
+    c = flow.flow.output_size
+    for b in batch_buckets(max_batch_size):
+        for t in frames:
+            rb, tb = flow.solver.bucket(b, t)
+            mask = torch.ones(rb, 1, tb, device=dev, dtype=dtype)
+            batch = FlowBatch(mu=torch.zeros(rb, c, tb, device=dev, dtype=dtype), mask=mask,
+                              spks=torch.zeros(rb, c, device=dev, dtype=dtype),
+                              cond=torch.zeros(rb, c, tb, device=dev, dtype=dtype),
+                              bias=torch.zeros(rb, 1, tb, tb, device=dev, dtype=dtype), frames=[], prompt_frames=[])
+            flow.solver(batch)
+        gens = [torch.Generator(device=dev).manual_seed(0) for _ in range(b)]
+        for t in hift_frames:
+            mels = [torch.zeros(1, c, t, device=dev, dtype=engine.hift.dtype) for _ in range(b)]
+            engine.hift(mels, [None] * b, gens)
+            if b > 1:  # the masked (unequal lengths) path too
+                mels[0] = mels[0][:, :, :t - 8]
+                engine.hift(mels, [None] * b, gens)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    log.info("decode warm-up (batch <= %d, %d frame buckets) took %.1f s", max_batch_size, len(frames), seconds)
+    return seconds

@@ -1,0 +1,82 @@
+"""DecodeEngine: the next chunk of many sentences -> audio, with one flow and one HiFT call.
+
+The schedule stays per sentence in token2wav.StreamingDecoder (one implementation for the
+reference and the server): the caller takes each decoder's `next_chunk()` and hands the
+(Token2Wav, Chunk) pairs here. Token2Wav keeps the per-request state (prompt, speaker, HiFT
+cache, NSF generator) and does the per-row work around the vocoder (`hift_input`,
+`hift_output`); the engine batches the two model calls in between.
+
+Speed paths (build_engine): CUDA graphs of the Euler loop on CUDA (unless disabled), torch.compile
+of the estimator and HiFT (--load_jit), a TensorRT estimator (--load_trt).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from light_tts.decode.batched_flow import BatchedFlow, EagerSolver
+from light_tts.decode.batched_hift import BatchedHift
+
+log = logging.getLogger("lighttts")
+
+
+class DecodeEngine:
+    def __init__(self, flow, hift, solver=None):
+        self.flow = BatchedFlow(flow, solver)
+        self.hift = BatchedHift(hift)
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence) -> list:
+        """rows: (Token2Wav, Chunk) pairs, at most one per Token2Wav. Returns per row float32
+        audio [samples] (numpy) or the exception that failed that row."""
+        out: list = [None] * len(rows)
+        mels = self.flow(rows)
+        hift_rows = []
+        for i, ((t2w, chunk), mel) in enumerate(zip(rows, mels)):
+            if isinstance(mel, Exception):
+                out[i] = mel
+                continue
+            try:
+                mel, cache_source = t2w.hift_input(mel, chunk.offset, chunk.finalize, chunk.speed)
+                hift_rows.append((i, mel, cache_source))
+            except Exception as e:  # a bad row fails alone
+                out[i] = e
+        if hift_rows:
+            results = self.hift([m.to(self.hift.dtype) for _, m, _ in hift_rows], [c for _, _, c in hift_rows],
+                                [rows[i][0].generator for i, _, _ in hift_rows])
+            for (i, mel, _), (speech, source) in zip(hift_rows, results):
+                t2w, chunk = rows[i]
+                out[i] = t2w.hift_output(speech, source, mel, chunk.finalize)[0].numpy()
+        return out
+
+
+def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
+                 load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
+                 max_batch_size: int = 16, warmup: bool = True) -> DecodeEngine:
+    """The engine with the speed paths the flags ask for (CPU: always eager, said in the log)."""
+    on_cuda = device.startswith("cuda")
+    if load_trt and not on_cuda:
+        raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
+    engine = DecodeEngine(flow, hift)
+    step = engine.flow.estimator
+    if load_trt:
+        from light_tts.decode.trt import TrtEstimator
+        step = TrtEstimator.load_or_build(engine.flow.estimator, model_dir, data_type, device,
+                                          max_batch_size=2 * max_batch_size)
+    elif load_jit:
+        if on_cuda:
+            from light_tts.decode.compile import compile_engine
+            step = compile_engine(engine)
+        else:
+            log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
+    if on_cuda and cuda_graph and not load_trt:
+        from light_tts.decode.cuda_graph import GraphSolver
+        engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size)
+    else:
+        engine.flow.solver = EagerSolver(flow.decoder, step, engine.flow.solver.n_timesteps)
+    if warmup and on_cuda:
+        from light_tts.decode.compile import warm_up
+        warm_up(engine, max_batch_size)
+    return engine

@@ -1,0 +1,178 @@
+"""Decode engine benchmark: batched flow + HiFT per 25-token streaming chunk, beside the plain
+one-request-at-a-time path (token2wav.Token2Wav), in one run.
+
+    python scripts/bench_decode.py --model_dir /tmp/lighttts-full --dtype bf16 [--make full]
+
+Workload: a 125-token prompt (5 s) and its first streaming chunk (25 tokens + 3 look-ahead, so the
+estimator runs over 300 frames: 250 prompt + 50 new; 1.0 s of audio per request). HiFT gets the
+steady-state chunk: 50 new mel frames + 8 cached, with a cached excitation.
+Per batch size (default 1/4/16/64) and mode (eager, CUDA graphs, torch.compile, both) it prints
+flow and HiFT milliseconds per batched call and audio seconds per second; then the first-chunk
+latency at batch 1 (flow + HiFT + the per-row work, audio on the host) per mode, and the plain
+path's numbers. Times are medians over --repeat runs after warm-up. Modes that would run past
+--budget_s are skipped (said in the output), so the whole run stays within a device call.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from light_tts.decode.batched_flow import EagerSolver  # noqa: E402
+from light_tts.decode.engine import DecodeEngine  # noqa: E402
+from light_tts.server.decode_process import load_decode_model  # noqa: E402
+from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
+
+AUDIO_S_PER_CHUNK = 1.0   # 25 tokens x 2 frames x 480 samples / 24 kHz
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeat: int, device, warmup: int = 2) -> float:
+    """Median wall milliseconds (synchronised) of fn()."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(out)
+
+
+class Workload:
+    def __init__(self, flow, hift, prompt_tokens: int, seed: int = 0):
+        self.flow, self.hift = flow, hift
+        g = torch.Generator().manual_seed(seed)
+        self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+        self.prompt = torch.randint(0, flow.vocab_size, (prompt_tokens,), generator=g)
+        self.feat = torch.randn(2 * prompt_tokens, flow.output_size, generator=g) * 0.5
+        self.emb = torch.randn(192, generator=g)
+        hop = self.schedule.first_hop(prompt_tokens)
+        self.chunk = Chunk(torch.randint(0, flow.vocab_size, (hop + flow.pre_lookahead_len,), generator=g), 0,
+                           finalize=False, streaming=True)
+        p = next(hift.parameters())
+        self.device = p.device
+        self.hift_mel = torch.randn(1, flow.output_size, 58, generator=g).to(p.device, p.dtype)
+        self.cache_source = torch.zeros(1, 1, self.schedule.source_cache_len, device=p.device)
+
+    def t2w(self, seed: int) -> Token2Wav:
+        return Token2Wav(self.flow, self.hift, self.prompt, self.feat, self.emb, self.schedule, seed=seed)
+
+    def rows(self, b: int):
+        return [(self.t2w(i), self.chunk) for i in range(b)]
+
+
+def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: dict) -> None:
+    step = engine.flow.estimator
+    engine.hift.decode_equal = engine.hift.hift.decode
+    engine.hift.decode_masked = engine.hift._decode_masked
+    if "compile" in mode:
+        if "step" not in compiled:
+            from light_tts.decode.compile import compile_engine
+            compiled["step"] = compile_engine(engine)
+            compiled["hift"] = (engine.hift.decode_equal, engine.hift.decode_masked)
+        step = compiled["step"]
+        engine.hift.decode_equal, engine.hift.decode_masked = compiled["hift"]
+    if "graphs" in mode:
+        from light_tts.decode.cuda_graph import GraphSolver
+        engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch)
+    else:
+        engine.flow.solver = EagerSolver(flow.decoder, step, 10)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--make", choices=("tiny", "full"), help="write a random model there first if missing")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_sizes", default="1,4,16,64")
+    p.add_argument("--modes", default="eager,graphs,compile,compile+graphs")
+    p.add_argument("--prompt_tokens", type=int, default=125)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    if args.make and not os.path.exists(os.path.join(args.model_dir, "flow.pt")):
+        from light_tts.tools.make_random_model import make_random_model
+        make_random_model(args.model_dir, args.make, seed=0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}")
+    else:
+        torch.set_flush_denormal(True)
+    flow, hift = load_decode_model(args.model_dir, str(device), args.dtype if device.type == "cuda" else "fp32")
+    work = Workload(flow, hift, args.prompt_tokens)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    if device.type != "cuda":
+        modes = [m for m in modes if m == "eager"]
+    frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)
+    print(f"workload: prompt {args.prompt_tokens} tokens, chunk {work.chunk.tokens.numel()} tokens "
+          f"(estimator over {frames} frames), HiFT 58 frames; repeat {args.repeat}\n")
+
+    rows_out, first_chunk, skipped = [], {}, []
+    with torch.inference_mode():
+        # the plain path: one request at a time through Token2Wav (flow.inference + hift.inference)
+        def plain_chunk():
+            work.t2w(0)(work.chunk.tokens, 0, finalize=False, streaming=True)
+        plain_ms = timed(plain_chunk, args.repeat, device)
+        first_chunk["plain (token2wav)"] = plain_ms
+        for b in sizes:
+            rows_out.append(("plain, one at a time", b, None, None, b * plain_ms,
+                             b * AUDIO_S_PER_CHUNK / (b * plain_ms / 1e3)))
+
+        engine = DecodeEngine(flow, hift)
+        compiled: dict = {}
+        for mode in modes:
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append(mode)
+                continue
+            t_mode = time.perf_counter()
+            set_mode(engine, flow, mode, max(sizes), compiled)
+            for b in sizes:
+                rows = work.rows(b)
+                flow_ms = timed(lambda: engine.flow(rows), args.repeat, device)
+                mels = [work.hift_mel] * b
+                caches = [work.cache_source] * b
+                gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
+                hift_ms = timed(lambda: engine.hift(mels, caches, gens), args.repeat, device)
+                total = flow_ms + hift_ms
+                rows_out.append((mode, b, flow_ms, hift_ms, total, b * AUDIO_S_PER_CHUNK / (total / 1e3)))
+
+            def first():  # a fresh request's first chunk, end to end through the engine
+                engine.run([(work.t2w(0), work.chunk)])
+            first_chunk[mode] = timed(first, args.repeat, device)
+            print(f"[{mode}: {time.perf_counter() - t_mode:.0f} s incl. compile/capture]", flush=True)
+
+    print("\n| path | batch | flow ms / call | HiFT ms / call | flow+HiFT ms | audio s per s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for mode, b, f, h, tot, aps in rows_out:
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"
+        print(f"| {mode} | {b} | {fmt(f)} | {fmt(h)} | {tot:.1f} | {aps:.1f} |")
+    print("\n| first chunk, batch 1 | ms (flow + HiFT + per-row work, audio on the host) |")
+    print("| --- | ---: |")
+    for mode, ms in first_chunk.items():
+        print(f"| {mode} | {ms:.1f} |")
+    if skipped:
+        print(f"\nskipped (past --budget_s {args.budget_s:.0f} s): {', '.join(skipped)}")
+    if device.type == "cuda":
+        print(f"\npeak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB; "
+              f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The batched decode engine (light_tts.decode) on the tiny model, CPU, fp32.
+
+Batching: requests of different prompt and token lengths, streaming and final chunks mixed in one
+flow call and one HiFT call, equal decoding each alone (float rounding only); the streamed chunks
+equal the offline streaming reference (stream_chunks). Also: the estimator's ONNX export against
+PyTorch under onnxruntime, the worker -> GPU assignment, and the --load_trt start-up message.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from light_tts.decode.batched_flow import BiasEstimator
+from light_tts.decode.engine import DecodeEngine
+from light_tts.decode.placement import decode_device, physical_gpu, visible_gpus
+from light_tts.server.decode_process import load_decode_model
+from light_tts.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+    torch.set_flush_denormal(True)  # as the decode process on CPU: subnormals make these random inputs 10x slower
+    try:
+        yield flow, hift, StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _requests(flow, specs):
+    """(prompt tokens, prompt feat, embedding, speech tokens, seed) per (prompt len, tokens, seed)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for tp, n, seed in specs:
+        out.append((torch.randint(0, flow.vocab_size, (tp,), generator=g), torch.randn(2 * tp, 80, generator=g),
+                    torch.randn(192, generator=g), torch.randint(0, flow.vocab_size, (n,), generator=g).tolist(),
+                    seed))
+    return out
+
+
+def _t2w(model, req, schedule=None):
+    flow, hift, sch = model
+    return Token2Wav(flow, hift, req[0], req[1], req[2], schedule or sch, seed=req[4])
+
+
+def _run_batched(engine, decoders):
+    """Drive the decoders in lockstep: every iteration one engine call over all ready chunks."""
+    out = [[] for _ in decoders]
+    batches = []
+    while any(d.ready for d in decoders):
+        rows, owners = [], []
+        for i, d in enumerate(decoders):
+            if d.ready:
+                chunk = d.next_chunk()
+                if chunk is not None:
+                    rows.append((d.t2w, chunk))
+                    owners.append(i)
+        batches.append(rows)
+        for i, audio in zip(owners, engine.run(rows)):
+            assert not isinstance(audio, Exception), audio
+            out[i].append(audio)
+    return out, batches
+
+
+def test_batched_equals_each_alone_and_the_streaming_reference(model):
+    flow, hift, _ = model
+    reqs = _requests(flow, [(13, 70, 0), (30, 120, 5), (47, 40, 7)])
+    alone = [list(stream_chunks(iter(r[3]), _t2w(model, r), stream=True)) for r in reqs]
+    decoders = [StreamingDecoder(_t2w(model, r), stream=True) for r in reqs]
+    for d, r in zip(decoders, reqs):
+        d.feed(r[3])
+        d.end()
+    got, batches = _run_batched(DecodeEngine(flow, hift), decoders)
+    # the batches really mix: 3 rows of different lengths, then streaming and final rows together
+    assert len(batches[0]) == 3 and len({c.tokens.shape[0] for _, c in batches[0]}) == 3
+    assert len({c.tokens.shape[0] + t.prompt_tokens.shape[1] for t, c in batches[0]}) == 2
+    assert {c.streaming for _, c in batches[1]} == {True, False}
+    for ref, out in zip(alone, got):
+        assert len(ref) == len(out)
+        for a, b in zip(ref, out):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+        # streamed chunks joined = the offline streaming reference joined
+        np.testing.assert_allclose(np.concatenate(out), np.concatenate(ref), rtol=0, atol=1e-5)
+
+
+def test_bucket_padding_is_invisible(model):
+    """CUDA graphs pad rows to a power of two and frames to FRAME_BUCKET: same mels (run eagerly here)."""
+    from light_tts.decode.batched_flow import BatchedFlow, EagerSolver
+    from light_tts.decode.cuda_graph import GraphSolver
+    from light_tts.token2wav import Chunk
+
+    class PaddedEager(GraphSolver):   # GraphSolver's buckets, EagerSolver's execution (no CUDA here)
+        __call__ = EagerSolver.__call__
+
+    flow, hift, _ = model
+    reqs = _requests(flow, [(13, 60, 0), (30, 60, 1), (47, 60, 2)])
+    rows = [(_t2w(model, r), Chunk(torch.tensor(r[3][:k]), 0, finalize=f, streaming=not f))
+            for r, k, f in zip(reqs, (40, 48, 31), (False, True, False))]
+    padded = BatchedFlow(flow, PaddedEager(flow.decoder, None, max_batch_size=8, frame_bucket=64))
+    padded.solver.step = padded.estimator
+    assert padded.solver.bucket(3, 130) == (4, 192)
+    exact = BatchedFlow(flow)
+    for a, b in zip(exact(rows), padded(rows)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-4)
+
+
+def test_one_row_is_bit_exact_with_the_plain_path(model):
+    flow, hift, _ = model
+    req = _requests(flow, [(21, 60, 3)])[0]
+    ref = list(stream_chunks(iter(req[3]), _t2w(model, req), stream=True))
+    d = StreamingDecoder(_t2w(model, req), stream=True)
+    d.feed(req[3])
+    d.end()
+    got, _ = _run_batched(DecodeEngine(flow, hift), [d])
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got[0])) and len(ref) == len(got[0])
+
+
+def test_smaller_first_hop_realigns_with_the_official_schedule(model):
+    flow, hift, sch = model
+    hops = lambda s, tp: [h for h, _ in zip(s.hops(tp), range(5))]
+    assert hops(sch, 30) == [45, 50, 100, 100, 100]
+    small = StreamSchedule(pre_lookahead_len=sch.pre_lookahead_len, first_hop_len=10)
+    assert hops(small, 30) == [10, 35, 50, 100, 100]    # back on the official chunk boundaries after 2 hops
+    assert hops(small, 50)[:2] == [10, 15]
+    assert hops(StreamSchedule(first_hop_len=60), 30)[0] == 45   # not smaller: the official hop
+    req = _requests(flow, [(30, 80, 0)])[0]
+    official = list(stream_chunks(iter(req[3]), _t2w(model, req), stream=True))
+    early = list(stream_chunks(iter(req[3]), _t2w(model, req, small), stream=True))
+    # first audio after 10 + 3 tokens instead of 45 + 3; same total length, one chunk more
+    assert len(early[0]) == (2 * 10 - sch.mel_cache_len) * 480 and len(early) == len(official) + 1
+    assert sum(map(len, early)) == sum(map(len, official))
+
+
+def test_onnx_export_matches_pytorch(model, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from light_tts.decode.onnx_export import INPUT_NAMES, example_inputs, export_estimator
+    flow, _, _ = model
+    est = BiasEstimator(flow.decoder.estimator).eval()
+    path = export_estimator(est, str(tmp_path / "estimator.onnx"))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # other batch and frames than the export's example; padded rows; both mask kinds; an empty row
+    args = example_inputs(est, batch=5, frames=173, lengths=[173, 150, 99, 1, 0],
+                          streaming=[True, False, True, False, True], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = est(*args).numpy()
+    out = sess.run(None, {n: a.numpy() for n, a in zip(INPUT_NAMES, args)})[0]
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # and the bias form equals the model's own estimator with its streaming flag
+    with torch.no_grad():
+        own = flow.decoder.estimator(*(a[:1] for a in args[:6]), streaming=True)
+    np.testing.assert_allclose(own.numpy(), ref[:1], rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_decode_worker_gpu_assignment():
+    assert [decode_device(i, 2) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert decode_device(3, 1) == "cuda:0" and decode_device(0, 0) == "cpu" and decode_device(7, 0) == "cpu"
+    assert [decode_device(i, 3) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    with pytest.raises(ValueError):
+        decode_device(-1, 2)
+    # CUDA_VISIBLE_DEVICES: torch's cuda:i is the i-th listed card
+    assert visible_gpus(None, 2) == ["0", "1"]
+    assert visible_gpus("2,3", 2) == ["2", "3"]
+    assert [physical_gpu(i, "3,1", 2) for i in range(3)] == ["3", "1", "3"]
+    assert visible_gpus("1,-1,0", 1) == ["1"]            # CUDA stops at the first invalid entry
+    assert visible_gpus("", 0) == [] and visible_gpus("-1", 0) == []
+    assert physical_gpu(0, "-1", 0) is None
+    assert visible_gpus("GPU-8a1b2c3d-0000-1111-2222-333344445555,1", 2)[0].startswith("GPU-")
+
+
+def test_load_trt_without_tensorrt_fails_at_start_with_what_to_install(tiny_model_dir, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from server_util import Server
+    server = Server.api_server(tiny_model_dir, tmp_path, "--load_trt")
+    try:
+        rc = server.proc.wait(timeout=180)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    log = open(server.log_path).read()
+    assert rc != 0, log
+    assert "--load_trt needs NVIDIA TensorRT" in log and "pip install tensorrt" in log, log
+    assert "stage decode:0 exited" in log, log
