@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
   python3 scripts/bench_decode.py --model_dir "$MODEL_DIR" --dtype "$DTYPE" --batch_sizes 1,4,16,64 --repeat 5 \
-    --budget_s 400
+    --budget_s ${BENCH_BUDGET_S:-400}
 fi
 
 NGPU=$(nvidia-smi -L | wc -l)
