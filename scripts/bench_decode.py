@@ -109,6 +109,8 @@ def main() -> int:
         make_random_model(args.model_dir, args.make, seed=0)
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}")
     else:
