@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import os
-import statistics
 import sys
 import time
 

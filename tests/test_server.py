@@ -2,7 +2,6 @@
 modes, aliases, JSON+base64, voices, bad input, concurrency across 2 HTTP workers."""
 import base64
 import concurrent.futures
-import os
 import re
 
 import httpx

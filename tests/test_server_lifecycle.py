@@ -7,7 +7,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server, descendants, free_port
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from light_tts.server.ipc import Endpoints, StatusTable, pid_alive, stage_health
 

@@ -31,8 +31,8 @@ import numpy as np
 import zmq
 
 from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
-                                        drain, sock_send)
-from light_tts.server.ipc import Endpoints, bind_pull, connect_push, write_stats
+                                        drain)
+from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, write_stats
 from light_tts.server.stage import start_stage, stage_dtype
 
 log = logging.getLogger("lighttts")
@@ -86,7 +86,7 @@ class DecodeServer:
     def init_sockets(self, ctx: zmq.Context, addr: str) -> None:
         self.ctx = ctx
         self.recv_from_peers = bind_pull(ctx, addr)
-        self.send_to_http: dict[str, zmq.Socket] = {}   # reply_to -> PUSH, created on first use
+        self.send_to_http = ReplySockets(self.ctx)                          # by reply_to, opened on first use
 
     def init_state(self) -> None:
         self.states: dict[str, DecodeState] = {}        # insertion order = arrival order
@@ -250,10 +250,7 @@ class DecodeServer:
             self.send(reply_to, ErrorOutput(rid=rid, status=500, message=f"decode failed: {exc}", stage=self.stage))
 
     def send(self, reply_to: str, msg) -> None:
-        sock = self.send_to_http.get(reply_to)
-        if sock is None:
-            sock = self.send_to_http[reply_to] = connect_push(self.ctx, reply_to)
-        sock_send(sock, msg)
+        self.send_to_http.send(reply_to, msg)
 
     def maybe_write_stats(self) -> None:
         now = time.monotonic()

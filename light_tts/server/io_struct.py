@@ -16,7 +16,7 @@ backend and every reply reaches the worker that asked. Names end in Req (asks fo
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np

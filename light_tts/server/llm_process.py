@@ -34,7 +34,7 @@ import zmq
 
 from light_tts.server import io_struct
 from light_tts.server.io_struct import AbortReq, ErrorOutput, LLMReq, sock_send
-from light_tts.server.ipc import Endpoints, bind_pull, connect_push, write_stats
+from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
 
 log = logging.getLogger("lighttts")
@@ -63,7 +63,7 @@ class LLMServer:
         self.recv_from_peers = bind_pull(self.ctx, self.endpoints.llm)   # encode (LLMReq), HTTP (AbortReq)
         self.send_to_decode = [connect_push(self.ctx, self.endpoints.decode(i))
                                for i in range(self.endpoints.decode_num)]
-        self.send_to_http: dict[str, zmq.Socket] = {}                    # by reply_to, made on first use
+        self.send_to_http = ReplySockets(self.ctx)                          # by reply_to, opened on first use
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -158,10 +158,7 @@ class LLMServer:
             self.decode_load[i] -= 1
 
     def reply(self, reply_to: str, msg) -> None:
-        sock = self.send_to_http.get(reply_to)
-        if sock is None:
-            sock = self.send_to_http[reply_to] = connect_push(self.ctx, reply_to)
-        sock_send(sock, msg)
+        self.send_to_http.send(reply_to, msg)
 
     # ---- stats --------------------------------------------------------------------------------
 

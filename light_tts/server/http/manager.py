@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import zmq
 import zmq.asyncio
