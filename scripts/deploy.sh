@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# One-command deployment under gunicorn (seed 001's deploy.sh): check, write the settings, start
+# scripts/run.sh in the background, wait until /healthz is healthy.
+#
+#   scripts/deploy.sh [MODEL_DIR] [DECODE_WORKERS] [HTTP_WORKERS]   deploy (defaults: configs/a10_single.env, 4)
+#   scripts/deploy.sh stop | status
+#
+# Writes the effective settings to DEPLOY_ENV (configs/production.env), which run.sh reads first.
+# Files: LOG_FILE (logs/light-tts.log), PID_FILE (/var/run/light-tts.pid, or $PID_DIR/light-tts.pid
+# when /var/run is not writable) holding the gunicorn master's pid. STARTUP_TIMEOUT (300) bounds
+# the wait. Environment overrides as in run.sh (PORT, HOST, PYTHON, ...).
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lighttts_common.sh"
+
+CONFIG_DIR=${CONFIG_DIR:-$LT_ROOT/configs}
+DEPLOY_ENV=${DEPLOY_ENV:-$CONFIG_DIR/production.env}
+LOG_FILE=${LOG_FILE:-$LT_ROOT/logs/light-tts.log}
+if [ -z "${PID_FILE:-}" ]; then
+    if [ -w /var/run ]; then PID_FILE=/var/run/light-tts.pid; else PID_FILE=${PID_DIR:-/tmp}/light-tts.pid; fi
+fi
+
+master_pid() {
+    local pid
+    [ -f "$PID_FILE" ] || return 1
+    pid=$(cat "$PID_FILE")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && grep -q gunicorn "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+}
+
+do_stop() {
+    local pid i
+    if ! pid=$(master_pid); then lt_log "not running (pid file $PID_FILE)"; rm -f "$PID_FILE"; return 0; fi
+    kill -TERM "$pid"
+    # gunicorn stops its workers; the backend follows its master out
+    for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && { lt_warn "gunicorn $pid still running after 30 s: SIGKILL"; kill -KILL -- "-$pid" 2>/dev/null; }
+    rm -f "$PID_FILE"
+    lt_log "stopped (gunicorn master $pid)"
+}
+
+do_status() {
+    local pid
+    [ -f "$DEPLOY_ENV" ] && lt_load_env "$DEPLOY_ENV"
+    PY=${PYTHON:-$(command -v python3)}
+    if pid=$(master_pid); then
+        echo "running: gunicorn master $pid, http://127.0.0.1:${PORT:-8080}/healthz -> $(lt_http_code "http://127.0.0.1:${PORT:-8080}/healthz")"
+        return 0
+    fi
+    echo "not running"; return 3
+}
+
+check_dependencies() {
+    lt_log "checking dependencies..."
+    lt_find_python gunicorn
+    lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
+    if [ "$LT_DEVICE" = gpu ]; then
+        local gpu_count
+        gpu_count=$(nvidia-smi --list-gpus | wc -l)
+        [ "$gpu_count" -ge "$DECODE_WORKERS" ] ||
+            lt_warn "$gpu_count GPU(s) for $DECODE_WORKERS decode processes: decode i runs on GPU i % $gpu_count"
+    fi
+    lt_check_model "$MODEL_DIR"
+}
+
+create_config() {
+    lt_log "writing $DEPLOY_ENV"
+    mkdir -p "$(dirname "$DEPLOY_ENV")"
+    cat >"$DEPLOY_ENV" <<CONF
+# written by scripts/deploy.sh on $(date '+%Y-%m-%d %H:%M:%S'); read by scripts/run.sh (LIGHTTTS_ENV_FILE)
+MODEL_DIR=$MODEL_DIR
+DECODE_PROCESS_NUM=$DECODE_WORKERS
+WORKERS=$HTTP_WORKERS
+PORT=${PORT:-8080}
+HOST=${HOST:-0.0.0.0}
+LOAD_TRT=$LOAD_TRT
+CONF
+}
+
+start_service() {
+    local pid t0 code now next=0
+    lt_log "starting LightTTS (gunicorn) -> $LOG_FILE"
+    mkdir -p "$(dirname "$LOG_FILE")" "$(dirname "$PID_FILE")"
+    LIGHTTTS_ENV_FILE=$DEPLOY_ENV SKIP_CHECKS=1 PYTHON=$PY \
+        setsid "$LT_ROOT/scripts/run.sh" >>"$LOG_FILE" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$PID_FILE"
+    t0=$(date +%s)
+    while :; do
+        if [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" = Z ] || ! kill -0 "$pid" 2>/dev/null; then
+            echo "---- last 40 lines of $LOG_FILE ----" >&2; tail -n 40 "$LOG_FILE" >&2
+            rm -f "$PID_FILE"; lt_die "the service exited during the start"
+        fi
+        code=$(lt_http_code "http://127.0.0.1:${PORT:-8080}/healthz" 2)
+        [ "$code" = 200 ] && break
+        now=$(( $(date +%s) - t0 ))
+        if [ "$now" -ge "${STARTUP_TIMEOUT:-300}" ]; then
+            echo "---- last 40 lines of $LOG_FILE ----" >&2; tail -n 40 "$LOG_FILE" >&2
+            do_stop; lt_die "not healthy after ${STARTUP_TIMEOUT:-300} s"
+        fi
+        if [ "$now" -ge "$next" ]; then echo "  waiting for /healthz ${now}/${STARTUP_TIMEOUT:-300} s (HTTP $code)"; next=$((now + 5)); fi
+        sleep 1
+    done
+    lt_log "service started (gunicorn master $pid, pid file $PID_FILE)"
+}
+
+main() {
+    case "${1:-}" in
+        stop) do_stop; return ;;
+        status) do_status; return ;;
+        -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; return ;;
+    esac
+    if [ -n "${LIGHTTTS_ENV_FILE:-}" ]; then lt_load_env "$LIGHTTTS_ENV_FILE"; fi
+    lt_load_env "$CONFIG_DIR/a10_single.env"
+    MODEL_DIR=${1:-${MODEL_DIR:-}}
+    [ -n "$MODEL_DIR" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
+    DECODE_WORKERS=${2:-${DECODE_PROCESS_NUM:-1}}
+    HTTP_WORKERS=${3:-${WORKERS:-4}}
+    master_pid >/dev/null && lt_die "already running (gunicorn master $(master_pid)); scripts/deploy.sh stop"
+    lt_log "deploying LightTTS..."
+    check_dependencies
+    create_config
+    start_service
+    lt_log "deployed: http://localhost:${PORT:-8080}"
+    lt_log "health:   http://localhost:${PORT:-8080}/healthz"
+    lt_log "metrics:  http://localhost:${PORT:-8080}/metrics"
+    lt_log "verify:   $PY scripts/verify_deployment.py --full --url http://127.0.0.1:${PORT:-8080}"
+}
+
+main "$@"

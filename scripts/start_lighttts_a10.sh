@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# LightTTS on an NVIDIA A10 (24 GB): start, stop and check the server (seed 000's runbook).
+#
+#   scripts/start_lighttts_a10.sh single       one instance on :8080, returns once /healthz is healthy
+#   scripts/start_lighttts_a10.sh multi        two instances on :8080 and :8081 (staggered, lower
+#                                              limits each) behind nginx on :8000
+#   scripts/start_lighttts_a10.sh stop         stop everything this script started (pid files)
+#   scripts/start_lighttts_a10.sh status       instances, health, uptime, logs (exit 0 all healthy,
+#                                              1 some not, 3 none running)
+#   scripts/start_lighttts_a10.sh restart [single|multi]   stop, then start the last mode again
+#   scripts/start_lighttts_a10.sh run          one instance in the foreground (systemd, containers)
+#   scripts/start_lighttts_a10.sh nginx-conf   print the nginx config for PORTS (for the system nginx)
+#   scripts/start_lighttts_a10.sh check        the pre-start checks only (Python, GPU, model files)
+#
+# Anything after the command goes to api_server unchanged: `... single --log_level debug`.
+# Settings: configs/a10_single.env (multi: configs/a10_multi.env on top of it); an environment
+# variable of the same name wins over both: MODEL_DIR, HOST, PORT, PORTS, MAX_TOTAL_TOKEN_NUM, ...
+# Script settings (environment only): LOG_DIR (/tmp), PID_DIR (/tmp), CONFIG_DIR (configs/),
+# PYTHON or VENV (the interpreter), ENVRC (a file to source first, e.g. /root/tts/.envrc),
+# ZMQ_MODE (--zmq_mode), STAGGER_SECONDS, STARTUP_TIMEOUT, STOP_TIMEOUT (30), NGINX_PREFIX,
+# FORCE_CPU, REQUIRE_GPU, GPU_INDEX + PORT_BASE (run: port = PORT_BASE + GPU_INDEX).
+#
+# Files: log $LOG_DIR/lighttts_<mode>_<port>.log (the previous one is kept as .log.1),
+# pid $PID_DIR/lighttts_worker_<port>.pid, private nginx under $PID_DIR/lighttts_nginx/.
+set -uo pipefail
+
+. "$(dirname "${BASH_SOURCE[0]}")/lighttts_common.sh"
+
+CONFIG_DIR=${CONFIG_DIR:-$LT_ROOT/configs}
+LOG_DIR=${LOG_DIR:-/tmp}
+PID_DIR=${PID_DIR:-/tmp}
+STOP_TIMEOUT=${STOP_TIMEOUT:-30}
+LOG_TAIL_LINES=${LOG_TAIL_LINES:-40}
+MODE_FILE="$PID_DIR/lighttts_mode"
+STARTED=()   # ports started by this invocation (stopped again if the start fails)
+
+usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+load_profile() {
+    local mode=$1
+    if [ -n "${ENVRC:-}" ]; then
+        # shellcheck disable=SC1090
+        . "$ENVRC" || lt_die "sourcing ENVRC=$ENVRC failed"
+    fi
+    [ "$mode" = multi ] && lt_load_env "$CONFIG_DIR/a10_multi.env"
+    lt_load_env "$CONFIG_DIR/a10_single.env"
+    [ -n "${MODEL_DIR:-}" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
+    HOST=${HOST:-0.0.0.0}
+    if [ -n "${GPU_INDEX:-}" ]; then PORT=$(( ${PORT_BASE:-9000} + GPU_INDEX )); fi
+    PORT=${PORT:-8080}
+    if [ "$mode" = multi ]; then PORTS=${PORTS:-"8080 8081"}; else PORTS=$PORT; fi
+    NGINX_MODE=${NGINX_MODE:-private} NGINX_HOST=${NGINX_HOST:-0.0.0.0} NGINX_PORT=${NGINX_PORT:-8000}
+    NGINX_BALANCE=${NGINX_BALANCE:-round_robin}
+    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
+    STAGGER_SECONDS=${STAGGER_SECONDS:-60} STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-300}
+    export CUDA_VISIBLE_DEVICES
+    mkdir -p "$LOG_DIR" "$PID_DIR" || lt_die "cannot create LOG_DIR=$LOG_DIR or PID_DIR=$PID_DIR"
+}
+
+server_args() {
+    local port=$1 extra=()
+    SERVER_ARGS=(--model_dir "$MODEL_DIR" --host "$HOST" --port "$port"
+                 --encode_process_num "${ENCODE_PROCESS_NUM:-1}" --decode_process_num "${DECODE_PROCESS_NUM:-1}"
+                 --max_total_token_num "${MAX_TOTAL_TOKEN_NUM:-32768}" --max_req_total_len "${MAX_REQ_TOTAL_LEN:-16384}"
+                 --batch_max_tokens "${BATCH_MAX_TOKENS:-16384}" --load_trt "${LOAD_TRT:-False}"
+                 --cache_capacity "${CACHE_CAPACITY:-100}" --httpserver_workers "${HTTPSERVER_WORKERS:-1}")
+    [ -n "${DATA_TYPE:-}" ] && SERVER_ARGS+=(--data_type "$DATA_TYPE")
+    lt_is_true "${HEALTH_MONITOR:-false}" && SERVER_ARGS+=(--health_monitor)
+    [ -n "${ZMQ_MODE:-}" ] && SERVER_ARGS+=(--zmq_mode "$ZMQ_MODE")
+    read -r -a extra <<<"${EXTRA_ARGS:-}"
+    SERVER_ARGS+=("${extra[@]}" "${CLI_EXTRA[@]}")
+}
+
+pid_file() { echo "$PID_DIR/lighttts_worker_$1.pid"; }
+log_file() { echo "$LOG_DIR/lighttts_$1_$2.log"; }
+
+# Is any non-zombie process left in process group $1? (each instance is its own group: setsid)
+instance_alive() {
+    local want=$1 d stat f
+    for d in /proc/[0-9]*; do
+        read -r stat 2>/dev/null <"$d/stat" || continue
+        read -r -a f <<<"${stat##*) }"   # state ppid pgrp session ...
+        [ "${f[2]:-}" = "$want" ] && [ "${f[0]:-}" != Z ] && return 0
+    done
+    return 1
+}
+
+# A live, non-zombie process (a launcher this shell started and that died stays a zombie child).
+pid_running() {
+    local stat f
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+    read -r -a f <<<"${stat##*) }"
+    [ "${f[0]}" != Z ]
+}
+
+# The pid in the file, if it is a live LightTTS launcher (not a recycled pid).
+live_pid() {
+    local f=$1 pid
+    [ -f "$f" ] || return 1
+    pid=$(cat "$f" 2>/dev/null)
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    pid_running "$pid" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'api_server' || return 1
+    echo "$pid"
+}
+
+# fail_start WHAT WHY LOG: say why, show the log's last lines, stop what this run started, exit 1.
+fail_start() {
+    local what=$1 why=$2 log=${3:-}
+    echo "${LT_RED}[$(date '+%Y-%m-%d %H:%M:%S')] ERROR: $what failed to start: $why${LT_NC}" >&2
+    if [ -n "$log" ]; then
+        echo "---- last $LOG_TAIL_LINES lines of $log ----" >&2
+        tail -n "$LOG_TAIL_LINES" "$log" >&2
+        echo "---- end of $log ----" >&2
+    fi
+    if [ ${#STARTED[@]} -gt 0 ]; then
+        lt_log "stopping what this start launched (instances ${STARTED[*]/#/:})"
+        stop_ports "${STARTED[@]}"
+    fi
+    stop_nginx
+    rm -f "$MODE_FILE"
+    exit 1
+}
+
+start_instance() {
+    local mode=$1 port=$2 log pidf pid
+    log=$(log_file "$mode" "$port") pidf=$(pid_file "$port")
+    [ -f "$log" ] && mv -f "$log" "$log.1"
+    server_args "$port"
+    {
+        echo "# $(date '+%Y-%m-%d %H:%M:%S') start_lighttts_a10.sh $mode (device: $LT_DEVICE)"
+        echo "# $PY -m light_tts.server.api_server ${SERVER_ARGS[*]}"
+    } >"$log"
+    # setsid: the instance is its own session and process group, so it outlives this shell and
+    # `stop` can reach every process of it; the launcher keeps its command line (pkill -f works).
+    setsid "$PY" -m light_tts.server.api_server "${SERVER_ARGS[@]}" >>"$log" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$pidf"
+    STARTED+=("$port")
+    lt_log "instance :$port starting (pid $pid, log $log)"
+}
+
+# wait_healthy PORT SECONDS [soft]: 0 when healthy; soft: 1 on timeout instead of failing.
+wait_healthy() {
+    local port=$1 limit=$2 soft=${3:-} t0 now next=0 code pid url line log
+    url="http://127.0.0.1:$port/healthz"
+    log=$(log_file "$CUR_MODE" "$port")
+    pid=$(cat "$(pid_file "$port")")
+    t0=$(date +%s)
+    while :; do
+        pid_running "$pid" || fail_start "instance :$port" "the server exited during the start" "$log"
+        code=$(lt_http_code "$url" 2)
+        [ "$code" = 200 ] && return 0
+        now=$(( $(date +%s) - t0 ))
+        if [ "$now" -ge "$limit" ]; then
+            [ -n "$soft" ] && return 1
+            fail_start "instance :$port" "not healthy after ${limit} s (STARTUP_TIMEOUT)" "$log"
+        fi
+        if [ "$now" -ge "$next" ]; then
+            line=$(grep -v '^#' "$log" 2>/dev/null | tail -n1 | cut -c1-110)
+            echo "  :$port waiting for /healthz ${now}/${limit} s (HTTP $code)${line:+ | $line}"
+            next=$((now + 5))
+        fi
+        sleep 1
+    done
+}
+
+# Stop instances by port: SIGTERM to the launcher (it stops HTTP, then every stage), SIGKILL to the
+# whole process group if anything is left after STOP_TIMEOUT.
+stop_ports() {
+    local port pid pids=() ports=() t0 i
+    for port in "$@"; do
+        if pid=$(live_pid "$(pid_file "$port")"); then
+            kill -TERM "$pid" 2>/dev/null
+            pids+=("$pid") ports+=("$port")
+        else
+            [ -f "$(pid_file "$port")" ] && lt_log "instance :$port was not running (stale pid file removed)"
+            rm -f "$(pid_file "$port")"
+        fi
+    done
+    t0=$(date +%s)
+    for i in "${!pids[@]}"; do
+        while instance_alive "${pids[$i]}" && [ $(( $(date +%s) - t0 )) -lt "$STOP_TIMEOUT" ]; do sleep 0.2; done
+        if instance_alive "${pids[$i]}"; then
+            lt_warn "instance :${ports[$i]} still running after ${STOP_TIMEOUT} s: SIGKILL to its process group"
+            kill -KILL -- "-${pids[$i]}" 2>/dev/null
+            sleep 0.5
+        fi
+        rm -f "$(pid_file "${ports[$i]}")"
+        lt_log "instance :${ports[$i]} stopped (pid ${pids[$i]})"
+    done
+    STOPPED=${#pids[@]}
+}
+
+known_ports() {
+    local f p
+    for f in "$PID_DIR"/lighttts_worker_*.pid; do
+        [ -e "$f" ] || continue
+        p=${f##*_}; echo "${p%.pid}"
+    done | sort -n
+}
+
+# ---------------------------------------------------------------- nginx
+render_nginx_conf() {
+    local template="$CONFIG_DIR/nginx/lighttts_$NGINX_BALANCE.conf"
+    [ -f "$template" ] || lt_die "no nginx template $template (NGINX_BALANCE=round_robin or least_conn)"
+    awk -v ports="$PORTS" -v listen="$NGINX_HOST:$NGINX_PORT" '
+        /^[[:space:]]*server 127\.0\.0\.1:[0-9]+/ {
+            if (!done) {
+                match($0, /:[0-9]+/); head = substr($0, 1, RSTART); tail = substr($0, RSTART + RLENGTH)
+                n = split(ports, p, " ")
+                for (i = 1; i <= n; i++) print head p[i] tail
+                done = 1
+            }
+            next
+        }
+        /^[[:space:]]*listen [0-9]+;/ { print "    listen " listen ";"; next }
+        { print }' "$template"
+}
+
+nginx_main_conf() {
+    local prefix=$1
+    cat <<EOF
+# written by start_lighttts_a10.sh: a private nginx in front of the LightTTS instances
+worker_processes ${NGINX_WORKERS:-auto};
+pid $prefix/nginx.pid;
+error_log $prefix/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+    log_format lighttts '\$remote_addr [\$time_local] "\$request" \$status \$body_bytes_sent '
+                        'upstream=\$upstream_addr upstream_status=\$upstream_status time=\$request_time';
+    access_log $prefix/logs/access.log lighttts;
+    client_body_temp_path $prefix/temp/client_body;
+    proxy_temp_path $prefix/temp/proxy;
+    fastcgi_temp_path $prefix/temp/fastcgi;
+    uwsgi_temp_path $prefix/temp/uwsgi;
+    scgi_temp_path $prefix/temp/scgi;
+    include $prefix/conf/lighttts.conf;
+}
+EOF
+}
+
+nginx_pid() { local f="$NGINX_PREFIX/nginx.pid" pid; [ -f "$f" ] || return 1; pid=$(cat "$f"); kill -0 "$pid" 2>/dev/null && echo "$pid"; }
+
+start_nginx() {
+    local prefix=$NGINX_PREFIX out i
+    if [ "$NGINX_MODE" = none ]; then
+        lt_log "NGINX_MODE=none: no balancer started (scripts/start_lighttts_a10.sh nginx-conf prints a config for yours)"
+        return 0
+    fi
+    if ! command -v nginx >/dev/null 2>&1; then
+        lt_warn "nginx not found (apt-get install -y nginx): the instances run without a balancer in front"
+        return 0
+    fi
+    nginx_pid >/dev/null && lt_die "a private nginx is already running (pid $(nginx_pid), prefix $prefix)"
+    lt_port_busy "$NGINX_HOST" "$NGINX_PORT" &&
+        lt_die "port $NGINX_PORT for nginx is in use (the system nginx? set NGINX_PORT=... or NGINX_MODE=none)"
+    mkdir -p "$prefix/conf" "$prefix/logs" "$prefix/temp" || lt_die "cannot create $prefix"
+    render_nginx_conf >"$prefix/conf/lighttts.conf"
+    nginx_main_conf "$prefix" >"$prefix/conf/nginx.conf"
+    echo "$NGINX_PORT" >"$prefix/port"
+    # nginx reads $NGINX as sockets inherited from a binary upgrade: never pass one on
+    unset NGINX
+    out=$(nginx -t -q -p "$prefix" -c "$prefix/conf/nginx.conf" -e "$prefix/logs/error.log" 2>&1) ||
+        fail_start nginx "nginx -t rejected $prefix/conf/nginx.conf: $out" "$prefix/logs/error.log"
+    # no command substitution here: the nginx master keeps its stdout open, a pipe would never end
+    nginx -p "$prefix" -c "$prefix/conf/nginx.conf" -e "$prefix/logs/error.log" \
+        </dev/null >>"$prefix/logs/error.log" 2>&1 ||
+        fail_start nginx "nginx did not start" "$prefix/logs/error.log"
+    for i in $(seq 1 50); do
+        [ "$(lt_http_code "http://127.0.0.1:$NGINX_PORT/healthz" 2)" = 200 ] && break
+        [ "$i" = 50 ] && fail_start nginx "http://127.0.0.1:$NGINX_PORT/healthz did not answer 200 within 10 s" "$prefix/logs/error.log"
+        sleep 0.2
+    done
+    lt_log "nginx ($NGINX_BALANCE) on $NGINX_HOST:$NGINX_PORT -> $(echo "$PORTS" | sed 's/[0-9][0-9]*/:&/g') (pid $(nginx_pid), config $prefix/conf/lighttts.conf, access log $prefix/logs/access.log)"
+}
+
+stop_nginx() {
+    local pid i
+    pid=$(nginx_pid) || return 0
+    kill -QUIT "$pid" 2>/dev/null
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null
+    for i in $(seq 1 25); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    rm -f "$NGINX_PREFIX/nginx.pid"
+    lt_log "nginx stopped (pid $pid)"
+}
+
+# ---------------------------------------------------------------- commands
+preflight() {
+    lt_find_python
+    lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
+    lt_check_model "$MODEL_DIR"
+}
+
+cmd_start() {
+    local mode=$1 port pid prev="" ports settings="$CONFIG_DIR/a10_single.env"
+    CUR_MODE=$mode
+    load_profile "$mode"
+    [ "$mode" = multi ] && settings="$CONFIG_DIR/a10_multi.env + $settings"
+    lt_log "LightTTS $mode start (settings: environment, then $settings)"
+    preflight
+    read -r -a ports <<<"$PORTS"
+    [ ${#ports[@]} -gt 0 ] || lt_die "PORTS is empty"
+    for port in "${ports[@]}"; do
+        [[ $port =~ ^[0-9]+$ ]] || lt_die "bad port '$port' (PORT/PORTS)"
+        if pid=$(live_pid "$(pid_file "$port")"); then
+            lt_die "an instance already runs on :$port (pid $pid): '$0 stop' or '$0 restart'"
+        fi
+        lt_port_busy "$HOST" "$port" && lt_die "port $port is in use by another process (ss -ltnp 'sport = :$port')"
+    done
+    echo "$mode" >"$MODE_FILE"
+    for port in "${ports[@]}"; do
+        if [ -n "$prev" ]; then
+            # seed 000: stagger the starts so two model loads do not compete; a healthy previous
+            # instance has finished loading, so the wait ends there
+            lt_log "stagger: waiting up to ${STAGGER_SECONDS} s for :$prev before starting :$port"
+            wait_healthy "$prev" "$STAGGER_SECONDS" soft || true
+        fi
+        start_instance "$mode" "$port"
+        prev=$port
+    done
+    for port in "${ports[@]}"; do
+        wait_healthy "$port" "$STARTUP_TIMEOUT"
+        lt_log "instance :$port healthy: http://127.0.0.1:$port/healthz"
+    done
+    [ "$mode" = multi ] && start_nginx
+    lt_log "LightTTS $mode ready. Verify: $PY scripts/verify_deployment.py --full$(for p in "${ports[@]}"; do printf ' --url http://127.0.0.1:%s' "$p"; done)"
+    lt_log "logs: $(for p in "${ports[@]}"; do printf '%s ' "$(log_file "$mode" "$p")"; done)| status: $0 status | stop: $0 stop"
+}
+
+cmd_stop() {
+    local ports
+    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
+    mapfile -t ports < <(known_ports)
+    STOPPED=0
+    [ ${#ports[@]} -gt 0 ] && stop_ports "${ports[@]}"
+    stop_nginx
+    rm -f "$MODE_FILE"
+    if [ "$STOPPED" = 0 ]; then
+        lt_log "no instance was running (pid files: $PID_DIR/lighttts_worker_*.pid)"
+    fi
+    return 0
+}
+
+cmd_status() {
+    local port pid health uptime log any=0 bad=0 body nport
+    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
+    PY=${PYTHON:-$(command -v python3 || command -v python)}
+    printf '%-7s %-8s %-9s %-30s %-12s %s\n' PORT PID STATE HEALTH UPTIME LOG
+    for port in $(known_ports); do
+        any=1
+        log=$(ls -t "$LOG_DIR"/lighttts_*_"$port".log 2>/dev/null | head -n1)
+        if pid=$(live_pid "$(pid_file "$port")"); then
+            body=$(curl_body "http://127.0.0.1:$port/healthz")
+            health="$(lt_http_code "http://127.0.0.1:$port/healthz" 3) $body"
+            uptime=$(ps -o etime= -p "$pid" 2>/dev/null | tr -d ' ')
+            [[ $health == 200* ]] || bad=1
+            printf '%-7s %-8s %-9s %-30s %-12s %s\n' "$port" "$pid" running "${health:0:30}" "$uptime" "$log"
+        else
+            bad=1
+            printf '%-7s %-8s %-9s %-30s %-12s %s\n' "$port" "$(cat "$(pid_file "$port")" 2>/dev/null)" dead - - "$log"
+        fi
+    done
+    if pid=$(nginx_pid); then
+        nport=$(cat "$NGINX_PREFIX/port" 2>/dev/null)
+        health=$(lt_http_code "http://127.0.0.1:$nport/healthz" 3)
+        [ "$health" = 200 ] || bad=1
+        printf '%-7s %-8s %-9s %-30s %-12s %s\n' "$nport" "$pid" nginx "$health" \
+            "$(ps -o etime= -p "$pid" 2>/dev/null | tr -d ' ')" "$NGINX_PREFIX/logs/"
+    fi
+    [ -f "$MODE_FILE" ] && echo "mode: $(cat "$MODE_FILE")"
+    if [ "$any" = 0 ]; then echo "not running"; return 3; fi
+    return "$bad"
+}
+
+curl_body() {
+    "$PY" -I -c '
+import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.read(200).decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.read(200).decode(errors="replace"))
+except Exception as e:
+    print(type(e).__name__)' "$1" | tr -d '\n'
+}
+
+cmd_run() {
+    CUR_MODE=single
+    load_profile single
+    preflight
+    server_args "$PORT"
+    lt_log "exec $PY -m light_tts.server.api_server ${SERVER_ARGS[*]}"
+    exec "$PY" -m light_tts.server.api_server "${SERVER_ARGS[@]}"
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+[ "${1:-}" = -- ] && shift
+CLI_EXTRA=("$@")
+case "$cmd" in
+    single|multi) cmd_start "$cmd" ;;
+    stop) cmd_stop ;;
+    status) cmd_status; exit $? ;;
+    restart)
+        mode=${CLI_EXTRA[0]:-$(cat "$MODE_FILE" 2>/dev/null || echo single)}
+        case "$mode" in single|multi) ;; *) lt_die "restart: unknown mode '$mode' (single or multi)" ;; esac
+        [ "${CLI_EXTRA[0]:-}" = "$mode" ] && CLI_EXTRA=("${CLI_EXTRA[@]:1}")
+        cmd_stop
+        cmd_start "$mode" ;;
+    run) cmd_run ;;
+    nginx-conf) load_profile multi; render_nginx_conf ;;
+    check) CUR_MODE=single; load_profile single; preflight; lt_log "checks passed" ;;
+    -h|--help|help) usage ;;
+    *) usage >&2; echo >&2; lt_die "unknown command '${cmd}': single, multi, stop, status, restart, run, nginx-conf, check" ;;
+esac

@@ -1,0 +1,449 @@
+"""The deployment layer, for real on CPU with the tiny model: start_lighttts_a10.sh single|multi|
+stop|status with a real nginx in front, verify_deployment.py, monitor.py, deploy.sh -> run.sh ->
+gunicorn, and the nginx (`nginx -t`), systemd (`systemd-analyze verify`) and Kubernetes (schema)
+configs."""
+import concurrent.futures
+import configparser
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import pytest
+import yaml
+
+from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, wav_info
+
+SCRIPTS = os.path.join(ROOT, "scripts")
+CONFIGS = os.path.join(ROOT, "configs")
+PROMPT = open(PROMPT_WAV, "rb").read()
+# every key the settings files define: cleared from the inherited environment so the files apply
+SETTINGS_KEYS = {"MODEL_DIR", "HOST", "PORT", "PORTS", "ENCODE_PROCESS_NUM", "DECODE_PROCESS_NUM",
+                 "MAX_TOTAL_TOKEN_NUM", "MAX_REQ_TOTAL_LEN", "BATCH_MAX_TOKENS", "LOAD_TRT", "CACHE_CAPACITY",
+                 "HEALTH_MONITOR", "DATA_TYPE", "HTTPSERVER_WORKERS", "EXTRA_ARGS", "STARTUP_TIMEOUT",
+                 "GPU_MEM_NEED_MB", "STAGGER_SECONDS", "NGINX", "NGINX_MODE", "NGINX_HOST", "NGINX_PORT",
+                 "NGINX_BALANCE", "NGINX_PREFIX", "WORKERS", "GPU_INDEX", "PORT_BASE", "ZMQ_MODE", "VENV"}
+SMALL = {"MAX_TOTAL_TOKEN_NUM": "8192", "MAX_REQ_TOTAL_LEN": "2048", "BATCH_MAX_TOKENS": "2048",
+         "CACHE_CAPACITY": "10"}
+NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.path.exists(p)), None)
+
+
+@pytest.fixture
+def tmp():
+    """A short private directory (ipc:// socket paths must stay under 108 bytes)."""
+    d = tempfile.mkdtemp(prefix="ltd")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def script_env(tmp, model_dir, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
+    env.update(MODEL_DIR=model_dir, LOG_DIR=tmp, PID_DIR=tmp, ZMQ_MODE=f"ipc://{tmp}/", PYTHON=sys.executable,
+               HOST="127.0.0.1", OMP_NUM_THREADS="1", STARTUP_TIMEOUT="150", STOP_TIMEOUT="20", **SMALL)
+    if NGINX:
+        env["PATH"] = os.path.dirname(NGINX) + os.pathsep + env.get("PATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(script, *args, env, timeout=240):
+    return subprocess.run([os.path.join(SCRIPTS, script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def synth(url, n=10, text="Deployment test sentence."):
+    return httpx.post(url + "/inference_zero_shot", timeout=120,
+                      data={"prompt_text": PROMPT_TEXT, "tts_text": text, "fixed_speech_tokens": str(n)},
+                      files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
+
+
+def served(port):
+    """Successful zero-shot requests an instance has answered (its Prometheus counter)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    m = re.search(r'^lighttts_requests_total\{endpoint="/inference_zero_shot",status="200"\} (\S+)$', text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
+def live_in_group(pgid):
+    """Non-zombie processes of process group `pgid` (each instance is its own group)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(p))
+    return out
+
+
+def procs_mentioning(text):
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if text in cmd:
+            out.append((int(p), cmd))
+    return out
+
+
+def wait_gone(pgid, timeout=15.0):
+    t0 = time.time()
+    while live_in_group(pgid) and time.time() - t0 < timeout:
+        time.sleep(0.2)
+    return live_in_group(pgid)
+
+
+# ----------------------------------------------------------------------------- single
+
+def test_single_start_serve_status_stop(tiny_model_dir, tmp):
+    port = free_port()
+    env = script_env(tmp, tiny_model_dir, PORT=port)
+    r = run("start_lighttts_a10.sh", "single", env=env)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        if not shutil.which("nvidia-smi"):
+            assert "CPU MODE" in r.stderr, r.stderr
+        assert "waiting for /healthz" in r.stdout and f"instance :{port} healthy" in r.stdout, r.stdout
+        assert "all 10 files of the official layout present" in r.stdout
+        log = os.path.join(tmp, f"lighttts_single_{port}.log")
+        pid = int(open(os.path.join(tmp, f"lighttts_worker_{port}.pid")).read())
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        assert re.search(r"python.*api_server", cmdline), cmdline   # seed 000's pkill pattern finds it
+        for flag in ("--max_total_token_num 8192", "--load_trt False", "--health_monitor", f"--port {port}"):
+            assert flag in cmdline, (flag, cmdline)
+        assert "lighttts::llm" in open(log).read() or os.path.getsize(log) > 0
+
+        url = f"http://127.0.0.1:{port}"
+        resp = synth(url)
+        assert resp.status_code == 200, resp.text
+        rate, channels, bits, nbytes = wav_info(resp.content)
+        assert (rate, channels, bits) == (24000, 1, 16) and nbytes > 0
+
+        st = run("start_lighttts_a10.sh", "status", env=env, timeout=30)
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert re.search(rf"^{port}\s+{pid}\s+running\s+200 .*healthy", st.stdout, re.M), st.stdout
+
+        again = run("start_lighttts_a10.sh", "single", env=env, timeout=60)
+        assert again.returncode != 0 and "already runs" in again.stderr, again.stdout + again.stderr
+
+        mon = subprocess.run([sys.executable, os.path.join(SCRIPTS, "monitor.py"), "--once", "--json",
+                              "--interval", "0.3", "--url", url], capture_output=True, text=True, timeout=30)
+        assert mon.returncode == 0, mon.stdout + mon.stderr
+        row = json.loads(mon.stdout)["instances"][0]
+        assert row["healthy"] and row["requests_total"] >= 1 and row["kv_total"] == 8192, row
+        assert row["p50"] is not None and row["p50"] > 0, row
+    finally:
+        stop = run("start_lighttts_a10.sh", "stop", env=env, timeout=60)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not wait_gone(pid), "processes of the instance left behind"
+    assert not os.path.exists(os.path.join(tmp, f"lighttts_worker_{port}.pid"))
+    assert not [d for d in os.listdir(tmp) if d.startswith("lighttts-") and not d.endswith(".lock")]
+    assert run("start_lighttts_a10.sh", "status", env=env, timeout=30).returncode == 3
+
+
+def test_start_refuses_a_damaged_model_and_reports_a_failed_start(tiny_model_dir, tmp):
+    # a model directory with flow.pt missing and llm.pt cut short: refused before anything starts
+    bad = os.path.join(tmp, "model")
+    shutil.copytree(tiny_model_dir, bad)
+    os.remove(os.path.join(bad, "flow.pt"))
+    with open(os.path.join(bad, "llm.pt"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(bad, "llm.pt")) // 2)
+    port = free_port()
+    r = run("start_lighttts_a10.sh", "single", env=script_env(tmp, bad, PORT=port), timeout=60)
+    assert r.returncode == 1
+    assert "flow.pt: missing" in r.stderr and "llm.pt: truncated" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmp, f"lighttts_worker_{port}.pid"))
+
+    # the server itself refuses its flags: the script says so, shows the log's tail, exits 1
+    env = script_env(tmp, tiny_model_dir, PORT=port, EXTRA_ARGS="--tp_size 2")
+    r = run("start_lighttts_a10.sh", "single", env=env, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed to start" in r.stderr and "last 40 lines of" in r.stderr, r.stderr
+    assert "--tp_size 2: only 1 is supported" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmp, f"lighttts_worker_{port}.pid"))
+
+
+# ----------------------------------------------------------------------------- multi + nginx
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install -y nginx)")
+def test_multi_behind_nginx(tiny_model_dir, tmp):
+    p1, p2, front = free_port(), free_port(), free_port()
+    env = script_env(tmp, tiny_model_dir, PORTS=f"{p1} {p2}", NGINX_PORT=front, NGINX_HOST="127.0.0.1",
+                     STAGGER_SECONDS=1, NGINX_BALANCE="round_robin")
+    r = run("start_lighttts_a10.sh", "multi", env=env)
+    pids = []
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "stagger: waiting up to 1 s" in r.stdout and "nginx (round_robin)" in r.stdout, r.stdout
+        pids = [int(open(os.path.join(tmp, f"lighttts_worker_{p}.pid")).read()) for p in (p1, p2)]
+        cmd1 = open(f"/proc/{pids[0]}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        assert "--max_total_token_num 8192" in cmd1 and "--cache_capacity 10" in cmd1
+        assert os.path.exists(os.path.join(tmp, f"lighttts_multi_{p1}.log"))
+        url = f"http://127.0.0.1:{front}"
+
+        # round-robin: consecutive requests alternate between the instances
+        order = []
+        for i in range(6):
+            before = (served(p1), served(p2))
+            resp = synth(url, text=f"Request number {i}.")
+            assert resp.status_code == 200, resp.text
+            after = (served(p1), served(p2))
+            assert sum(after) - sum(before) == 1, (before, after)
+            order.append(p1 if after[0] > before[0] else p2)
+        assert all(a != b for a, b in zip(order, order[1:])), order
+
+        v = subprocess.run([sys.executable, os.path.join(SCRIPTS, "verify_deployment.py"), "--full",
+                            "--url", url, "--url", f"http://127.0.0.1:{p1}", "--url", f"http://127.0.0.1:{p2}",
+                            "--fixed_speech_tokens", "10", "--concurrency", "2"],
+                           capture_output=True, text=True, timeout=180)
+        assert v.returncode == 0 and "deployment VERIFIED: 18 checks passed" in v.stdout, v.stdout + v.stderr
+        for check in ("zero_shot", "stream", "concurrency"):
+            assert len(re.findall(rf"\s{check}\s+PASS", v.stdout)) == 3, v.stdout
+
+        # one instance dies (SIGKILL to all its processes) while requests flow: no client sees an error
+        done_before, second_before = [], served(p2)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(synth, url, 15, f"Failover request {i}.") for i in range(12)]
+            while sum(f.done() for f in futures) < 2:
+                time.sleep(0.05)
+            done_before = sum(f.done() for f in futures)
+            os.killpg(pids[0], signal.SIGKILL)
+            results = [f.result() for f in futures]
+        bad = [(x.status_code, x.text[:200]) for x in results if x.status_code != 200]
+        assert not bad, bad
+        for x in results:
+            assert wav_info(x.content)[3] > 0
+        assert served(p2) - second_before >= len(results) - done_before
+        # nginx's access log names both upstreams for a request the dead instance failed
+        access = open(os.path.join(tmp, "lighttts_nginx", "logs", "access.log")).read()
+        assert f"upstream=127.0.0.1:{p1}, 127.0.0.1:{p2}" in access, access[-2000:]
+        assert not wait_gone(pids[0], 10)
+
+        st = run("start_lighttts_a10.sh", "status", env=env, timeout=30)
+        assert st.returncode == 1 and re.search(rf"^{p1}\s+\d+\s+dead", st.stdout, re.M), st.stdout
+        assert re.search(rf"^{front}\s+\d+\s+nginx\s+200", st.stdout, re.M), st.stdout
+    finally:
+        stop = run("start_lighttts_a10.sh", "stop", env=env, timeout=90)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    for pid in pids:
+        assert not wait_gone(pid), f"instance {pid} left processes behind"
+    assert not procs_mentioning(os.path.join(tmp, "lighttts_nginx")), "nginx left running"
+
+
+# ----------------------------------------------------------------------------- gunicorn
+
+def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
+    port = free_port()
+    env = script_env(tmp, tiny_model_dir, PORT=port, DEPLOY_ENV=os.path.join(tmp, "production.env"),
+                     LOG_FILE=os.path.join(tmp, "light-tts.log"), PID_FILE=os.path.join(tmp, "light-tts.pid"))
+    r = run("deploy.sh", tiny_model_dir, "1", "2", env=env)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr + open(os.path.join(tmp, "light-tts.log")).read()[-3000:]
+        assert "WORKERS=2" in open(os.path.join(tmp, "production.env")).read()
+        master = int(open(os.path.join(tmp, "light-tts.pid")).read())
+        assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()
+        resp = synth(f"http://127.0.0.1:{port}")
+        assert resp.status_code == 200 and wav_info(resp.content)[0] == 24000, resp.text
+        log = open(os.path.join(tmp, "light-tts.log")).read()
+        assert "Booting worker" in log and "uvicorn.workers.UvicornWorker" in log, log[-2000:]
+        assert run("deploy.sh", "status", env=env, timeout=30).returncode == 0
+    finally:
+        stop = run("deploy.sh", "stop", env=env, timeout=60)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    t0 = time.time()
+    while procs_mentioning(tmp) and time.time() - t0 < 20:   # the backend follows its master out
+        time.sleep(0.2)
+    assert not procs_mentioning(tmp), procs_mentioning(tmp)
+    assert not live_in_group(master)
+
+
+# ----------------------------------------------------------------------------- tools
+
+def test_monitor_runs_the_restart_hook_for_a_dead_instance(tmp):
+    port = free_port()
+    marker = os.path.join(tmp, "restarted")
+    r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "monitor.py"), "--once", "--interval", "0.1",
+                        "--url", f"http://127.0.0.1:{port}", "--restart-after", "1",
+                        "--restart-cmd", f"echo {{port}} $LIGHTTTS_URL > {marker}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "down" in r.stdout
+    assert open(marker).read().split() == [str(port), f"http://127.0.0.1:{port}"]
+
+
+def test_verify_deployment_fails_on_a_dead_url():
+    port = free_port()
+    r = subprocess.run([sys.executable, os.path.join(SCRIPTS, "verify_deployment.py"), "--full",
+                        "--url", f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "FAIL" in r.stdout and "deployment FAILED" in r.stdout, r.stdout
+
+
+def test_settings_files_layer_under_the_environment():
+    common = os.path.join(SCRIPTS, "lighttts_common.sh")
+    script = (f'. {common}; lt_load_env {CONFIGS}/a10_multi.env; lt_load_env {CONFIGS}/a10_single.env; '
+              'echo "$PORT|$PORTS|$MAX_TOTAL_TOKEN_NUM|$BATCH_MAX_TOKENS|$CACHE_CAPACITY|$STAGGER_SECONDS|$LOAD_TRT"')
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
+    out = subprocess.run(["bash", "-c", script], env={**env, "PORT": "9999", "CACHE_CAPACITY": "7"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    # multi's lower limits and 60 s stagger (seed 000) over single's values; the environment wins
+    assert out == "9999|8080 8081|24576|12288|7|60|True", out
+    out = subprocess.run(["bash", "-c", f". {common}; lt_load_env {CONFIGS}/a10_single.env; "
+                          'echo "$MAX_TOTAL_TOKEN_NUM $MAX_REQ_TOTAL_LEN $BATCH_MAX_TOKENS $ENCODE_PROCESS_NUM"'],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "32768 16384 16384 1", out
+
+
+# ----------------------------------------------------------------------------- configs
+
+def nginx_t(conf_files, tmp):
+    main = os.path.join(tmp, "nginx.conf")
+    includes = "\n".join(f"    include {c};" for c in conf_files)
+    with open(main, "w") as f:
+        f.write(f"pid {tmp}/nginx.pid;\nevents {{ worker_connections 64; }}\nhttp {{\n"
+                + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+                + f"    access_log off;\n{includes}\n}}\n")
+    return subprocess.run([NGINX, "-t", "-p", tmp, "-c", main, "-e", os.path.join(tmp, "error.log")],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install -y nginx)")
+def test_nginx_configs_pass_nginx_t(tmp):
+    rr = os.path.join(CONFIGS, "nginx", "lighttts_round_robin.conf")
+    lc = os.path.join(CONFIGS, "nginx", "lighttts_least_conn.conf")
+    for conf in (rr, lc):
+        r = nginx_t([conf], tmp)
+        assert r.returncode == 0 and "test is successful" in r.stderr, (conf, r.stderr)
+        text = open(conf).read()
+        for directive in ("proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
+                          "proxy_buffering off;", "client_max_body_size 20m;", "proxy_read_timeout 300s;",
+                          "proxy_set_header Upgrade $http_upgrade;", "location = /inference_zero_shot_bistream",
+                          "location /ws", "server 127.0.0.1:8080", "server 127.0.0.1:8081", "zone "):
+            assert directive in text, (conf, directive)
+    # the two files differ only in the balancing method
+    strip = lambda p: [l for l in open(p).read().splitlines()  # noqa: E731
+                       if not l.lstrip().startswith("#") and "least_conn;" not in l]
+    assert strip(rr) == strip(lc)
+
+    # what the script renders for seed 004's seven per-GPU instances
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS},
+           "PORTS": "9000 9001 9002 9003 9004 9005 9006", "NGINX_BALANCE": "least_conn", "NGINX_PORT": "8080"}
+    out = run("start_lighttts_a10.sh", "nginx-conf", env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert len(re.findall(r"server 127\.0\.0\.1:900[0-6] max_fails=3 fail_timeout=10s;", out.stdout)) == 7
+    assert "least_conn;" in out.stdout and "listen 0.0.0.0:8080;" in out.stdout
+    rendered = os.path.join(tmp, "rendered.conf")
+    open(rendered, "w").write(out.stdout)
+    r = nginx_t([rendered], tmp)
+    assert r.returncode == 0, r.stderr
+
+    broken = os.path.join(tmp, "broken.conf")
+    open(broken, "w").write(open(rr).read().replace("proxy_buffering off;", "proxy_buffering off"))
+    assert nginx_t([broken], tmp).returncode != 0
+
+
+def unit_sections(path):
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    cp.optionxform = str
+    cp.read(path)
+    return cp
+
+
+def test_systemd_units(tmp):
+    units = {name: os.path.join(CONFIGS, "systemd", name) for name in ("lighttts.service", "tts@.service")}
+    for name, path in units.items():
+        cp = unit_sections(path)
+        assert set(cp.sections()) == {"Unit", "Service", "Install"}, cp.sections()
+        svc = cp["Service"]
+        exec_start = svc["ExecStart"].split()
+        assert exec_start[0] == "/opt/light-tts/scripts/start_lighttts_a10.sh" and exec_start[1] == "run"
+        assert os.access(os.path.join(ROOT, "scripts", "start_lighttts_a10.sh"), os.X_OK)
+        assert svc["Type"] == "simple" and svc["KillMode"] == "mixed" and svc["Restart"] == "always"
+        assert cp["Install"]["WantedBy"] == "multi-user.target"
+    tmpl = open(units["tts@.service"]).read()
+    for line in ("Environment=CUDA_VISIBLE_DEVICES=%i", "Environment=GPU_INDEX=%i", "Environment=PORT_BASE=9000"):
+        assert line in tmpl
+    # the per-GPU port: PORT_BASE + GPU_INDEX, computed by the script
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
+    out = subprocess.run(["bash", "-c", f'. {SCRIPTS}/lighttts_common.sh; '
+                          f'src=$(sed -n "/^load_profile()/,/^}}/p" {SCRIPTS}/start_lighttts_a10.sh); eval "$src"; '
+                          f'CONFIG_DIR={CONFIGS} LOG_DIR={tmp} PID_DIR={tmp}; load_profile single; echo $PORT'],
+                         env={**env, "GPU_INDEX": "12", "PORT_BASE": "9000"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "9012", out.stdout + out.stderr
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed: structural checks only")
+    import pwd
+    user = pwd.getpwuid(os.getuid()).pw_name
+    for name, path in units.items():
+        text = open(path).read().replace("/opt/light-tts", ROOT).replace("User=tts", f"User={user}")
+        text = text.replace("Group=tts\n", "")  # the tts account is the operator's to create
+        open(os.path.join(tmp, name), "w").write(text)
+    r = subprocess.run([analyze, "verify", "lighttts.service", "tts@.service", "tts@0.service"], cwd=tmp,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Unknown" not in r.stderr and "not executable" not in r.stderr, r.stderr
+
+
+def test_k8s_manifests(tmp):
+    docs = {}
+    for name in sorted(os.listdir(os.path.join(CONFIGS, "k8s"))):
+        with open(os.path.join(CONFIGS, "k8s", name)) as f:
+            for doc in yaml.safe_load_all(f):
+                docs[doc["kind"]] = doc
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}, set(docs)
+    dep = docs["Deployment"]
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (c,) = pod["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readiness"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/liveness"
+    assert c["command"][-1] == "run" and c["envFrom"][0]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    port_names = {p["name"] for p in c["ports"]}
+    assert docs["Service"]["spec"]["ports"][0]["targetPort"] in port_names
+    assert docs["Service"]["spec"]["selector"].items() <= labels.items()
+    pdb = docs["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items() and pdb["spec"]["minAvailable"] == 1
+    assert dep["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+
+    # the ConfigMap carries the A10 profile of configs/a10_single.env
+    env_file = {}
+    for line in open(os.path.join(CONFIGS, "a10_single.env")):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            env_file[k] = v
+    data = docs["ConfigMap"]["data"]
+    for k, v in env_file.items():
+        if k != "MODEL_DIR":
+            assert data.get(k) == v, (k, data.get(k), v)
+
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed: structural checks only")
+    version = kv.latest_version()
+    for name in sorted(os.listdir(os.path.join(CONFIGS, "k8s"))):
+        with open(os.path.join(CONFIGS, "k8s", name)) as f:
+            for doc in yaml.safe_load_all(f):
+                kv.validate(doc, version, strict=True)
+    wrong = dict(pdb, spec={**pdb["spec"], "minAvailabel": 1})
+    with pytest.raises(kv.ValidationError):
+        kv.validate(wrong, version, strict=True)
