@@ -98,6 +98,7 @@ def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
     env_args = {"MODEL_DIR": tiny_model_dir, "PORT": str(port), "ZMQ_MODE": f"ipc://{tmp_path}/",
                 "MAX_TOTAL_TOKEN_NUM": "8192", "MAX_REQ_TOTAL_LEN": "2048", "BATCH_MAX_TOKENS": "2048",
                 "DATA_TYPE": "float32"}
+    before = {p for p in os.listdir("/proc") if p.isdigit() and _title(p).startswith("lighttts::")}
     os.environ.update(env_args)
     try:
         srv = Server([sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "4",
@@ -112,8 +113,9 @@ def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda n: request(srv.url, n), lengths))
         assert [len(r.content) for r in results] == [44 + n * 1920 for n in lengths]
-        backends = [p for p in os.listdir("/proc") if p.isdigit() and _title(p) == "lighttts::backend"]
-        llms = [p for p in os.listdir("/proc") if p.isdigit() and _title(p) == "lighttts::llm"]
+        new = [p for p in os.listdir("/proc") if p.isdigit() and p not in before]  # ignore other servers
+        backends = [p for p in new if _title(p) == "lighttts::backend"]
+        llms = [p for p in new if _title(p) == "lighttts::llm"]
         assert len(backends) == 1 and len(llms) == 1  # once for all workers, not once per worker
     finally:
         srv.stop()
