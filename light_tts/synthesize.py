@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         p.error("--tts_text is empty")
 
     import soundfile as sf
+    if args.device == "cpu":
+        torch.set_flush_denormal(True)  # random and real weights produce subnormals: 2x slower CPU math
     t0 = time.perf_counter()
     try:
         model = CosyVoice2Model.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
