@@ -20,6 +20,12 @@ def request(url, n=30, **extra):
                       files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
 
 
+def max_batch(url) -> float:
+    import re
+    text = httpx.get(url + "/metrics").text
+    return float(re.search(r"^lighttts_llm_max_batch_size (\S+)$", text, re.M).group(1))
+
+
 def titles(pids):
     out = {}
     for pid in pids:
@@ -89,6 +95,7 @@ def test_four_http_workers_unique_routing(tiny_model_dir, tmp_path):
         for n, r in zip(lengths, results):
             assert r.status_code == 200, r.text
             assert len(r.content) == 44 + n * 960 * 2
+        assert max_batch(srv.url) > 1, "the LLM never batched requests from different HTTP workers"
     finally:
         srv.stop()
 
@@ -113,6 +120,7 @@ def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda n: request(srv.url, n), lengths))
         assert [len(r.content) for r in results] == [44 + n * 1920 for n in lengths]
+        assert max_batch(srv.url) > 1, "the LLM never batched requests from different gunicorn workers"
         new = [p for p in os.listdir("/proc") if p.isdigit() and p not in before]  # ignore other servers
         backends = [p for p in new if _title(p) == "lighttts::backend"]
         llms = [p for p in new if _title(p) == "lighttts::llm"]
