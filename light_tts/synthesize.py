@@ -51,7 +51,7 @@ def synthesize_piece(model: CosyVoice2Model, voice: Voice, text_ids: list[int], 
 def synthesize(model: CosyVoice2Model, frontend: Frontend, tts_text: str, voice: Voice, *,
                mode: str = "zero_shot", instruct_text: str = "", **kwargs) -> Iterator[np.ndarray]:
     """Normalise and split `tts_text`, then synthesise each piece in turn."""
-    instruct_ids = frontend.tokenize(instruct_text) if mode == "instruct2" else None
+    instruct_ids = frontend.instruct_ids(instruct_text) if mode == "instruct2" else None
     for piece in frontend.normalize(tts_text, split=True):
         yield from synthesize_piece(model, voice, frontend.tokenize(piece), mode=mode,
                                     instruct_ids=instruct_ids, **kwargs)

@@ -62,6 +62,13 @@ class Frontend:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def instruct_ids(self, instruct_text: str) -> list[int]:
+        """The instruction as the LM was trained to see it: ending in <|endofprompt|> (the official
+        examples pass it that way; appended here when the caller left it out)."""
+        marker = "<|endofprompt|>"
+        text = instruct_text.strip()
+        return self.tokenize(text if text.endswith(marker) else text + marker)
+
     # audio
     def speech_tokens(self, audio16k: np.ndarray) -> np.ndarray:
         mel = whisper_log_mel(audio16k).numpy()

@@ -22,6 +22,7 @@ from typing import Callable
 from light_tts.server.ipc import Endpoints, StatusTable, pid_alive, stage_health
 
 log = logging.getLogger("lighttts")
+BACKEND_ARGS_ENV = "LIGHTTTS_BACKEND_ARGS"
 
 
 def _target(stage: str) -> tuple[Callable, tuple]:
@@ -47,9 +48,12 @@ class Backend:
         self.ctx = mp.get_context("spawn")
         self.procs: dict[str, mp.Process] = {}
         self._stopping = threading.Event()
+        self._created = False
+        self._restarts: dict[str, list[float]] = {}
 
     def start(self) -> None:
         self.endpoints.create()
+        self._created = True
         os.makedirs(os.path.join(self.endpoints.root, "prom"), mode=0o700, exist_ok=True)
         for stage in self.endpoints.stages():
             self._spawn(stage)
@@ -95,9 +99,18 @@ class Backend:
                               "; restarting it" if self.args.health_monitor else
                               "; /healthz reports 503 until the server is restarted (--health_monitor restarts stages)")
                     table.beat(slot, 0, StatusTable.EXITED)
-                if self.args.health_monitor:
+                if self.args.health_monitor and self._may_restart(stage):
                     table.mark_restart(slot)
                     self._spawn(stage)
+
+    def _may_restart(self, stage: str) -> bool:
+        """Back off a stage that keeps dying (e.g. out of GPU memory while loading): 1, 2, 4 ... 60 s."""
+        now = time.time()
+        recent = [t for t in self._restarts.get(stage, []) if now - t < 300]
+        if recent and now - recent[-1] < min(60.0, 2.0 ** (len(recent) - 1)):
+            return False
+        self._restarts[stage] = recent + [now]
+        return True
 
     def stop(self) -> None:
         self._stopping.set()
@@ -110,7 +123,8 @@ class Backend:
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        self.endpoints.remove()
+        if self._created:  # never remove the directory of an instance this one refused to replace
+            self.endpoints.remove()
 
 
 def backend_healthy(endpoints: Endpoints) -> bool:
@@ -121,30 +135,33 @@ def ensure_backend(args, watch_pid: int, timeout: float = 900.0) -> Endpoints:
     """Start a detached backend for this instance unless one is already serving (gunicorn: the first
     worker to arrive starts it, the others wait on the lock and find it running)."""
     endpoints = endpoints_for(args)
-    lock_path = f"{endpoints.root}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not backend_healthy(endpoints):
-            cmd = [sys.executable, "-m", "light_tts.server.backend", "--watch_pid", str(watch_pid),
-                   "--args_json", json.dumps(vars(args))]
-            proc = subprocess.Popen(cmd, start_new_session=True)
-            t0 = time.time()
-            while not backend_healthy(endpoints):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the backend exited with code {proc.returncode} while starting")
-                if time.time() - t0 > timeout:
-                    raise RuntimeError(f"the backend was not ready after {timeout:.0f} s")
-                time.sleep(0.2)
+    fd = os.open(f"{endpoints.root}.lock", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = None
+        if not endpoints.live_pids():  # none running, not even one still loading: start it
+            env = dict(os.environ, **{BACKEND_ARGS_ENV: json.dumps(vars(args))})  # not argv: it holds the API key
+            proc = subprocess.Popen([sys.executable, "-m", "light_tts.server.backend", "--watch_pid", str(watch_pid)],
+                                    env=env, start_new_session=True)
+        t0 = time.time()
+        while not backend_healthy(endpoints):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the backend exited with code {proc.returncode} while starting")
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"the backend was not ready after {timeout:.0f} s")
+            time.sleep(0.2)
+    finally:
+        os.close(fd)
     return endpoints
 
 
 def main(argv=None) -> int:
     """Detached backend: run until SIGTERM or until --watch_pid exits."""
-    p = argparse.ArgumentParser(description="LightTTS backend stages (started by wsgi_wrapper)")
-    p.add_argument("--args_json", required=True)
+    p = argparse.ArgumentParser(description="LightTTS backend stages (started by wsgi_wrapper; the server "
+                                            f"arguments arrive as JSON in ${BACKEND_ARGS_ENV})")
     p.add_argument("--watch_pid", type=int, default=0)
     ns = p.parse_args(argv)
-    args = argparse.Namespace(**json.loads(ns.args_json))
+    args = argparse.Namespace(**json.loads(os.environ.pop(BACKEND_ARGS_ENV)))
     from light_tts.server.stage import name_process, setup_logging
     setup_logging("backend", args.log_level)
     name_process("backend")

@@ -92,7 +92,7 @@ class EncodeWorker:
         if req.mode == "cross_lingual":
             prompt_text, prompt_speech = EMPTY, EMPTY
         elif req.mode == "instruct2":
-            prompt_text = np.asarray(self.frontend.tokenize(req.instruct_text), dtype=np.int32)
+            prompt_text = np.asarray(self.frontend.instruct_ids(req.instruct_text), dtype=np.int32)
             prompt_speech = EMPTY
         decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
                                 prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
@@ -103,6 +103,10 @@ class EncodeWorker:
             fixed_speech_tokens=req.fixed_speech_tokens, created=req.created))
 
     def handle_register(self, req: VoiceRegisterReq) -> None:
+        cache = self.frontend.cache
+        if req.voice_id not in cache.voice_ids() and len(cache.voice_ids()) >= max(1, self.args.cache_capacity):
+            raise RequestError(507, f"{len(cache.voice_ids())} voices are registered (--cache_capacity); "
+                                    f"delete one with DELETE /voices/{{id}} first")
         voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
         self.frontend.cache.register(req.voice_id, voice)
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))

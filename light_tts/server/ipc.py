@@ -55,8 +55,23 @@ class Endpoints:
         return ([f"encode:{i}" for i in range(self.encode_num)] + ["llm"]
                 + [f"decode:{i}" for i in range(self.decode_num)])
 
+    def live_pids(self) -> list[int]:
+        """Stage pids of a backend that still runs in this directory (empty if none)."""
+        try:
+            table = StatusTable(self.status_path)
+        except (OSError, ValueError):
+            return []
+        return [pid for pid in (int(row[0]) for row in table.table) if pid_alive(pid)]
+
     def create(self) -> None:
-        """Make the private directory afresh (the launcher does this once)."""
+        """Make the private directory afresh (the launcher does this once). Refuses while another
+        backend's stages still run in it: wiping it would cut that instance off its sockets."""
+        running = self.live_pids()
+        if running:
+            raise RuntimeError(f"another LightTTS instance is running in {self.root} (stage pids "
+                               f"{', '.join(map(str, running))}); stop it or use another --port")
+        if os.path.lexists(self.root) and (os.path.islink(self.root) or os.lstat(self.root).st_uid != os.getuid()):
+            raise RuntimeError(f"{self.root} exists and is not a directory of this user; remove it or use another --port")
         shutil.rmtree(self.root, ignore_errors=True)
         os.makedirs(self.root, mode=0o700)
         os.chmod(self.root, 0o700)  # makedirs' mode is masked by the umask

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import re
@@ -56,12 +57,21 @@ class Guard:
     def __init__(self, app, api_key: Optional[str], limit: int):
         self.app, self.api_key, self.limit = app, api_key, limit
 
+    def _authorized(self, headers: dict) -> bool:
+        given = headers.get(b"authorization", b"").decode(errors="replace")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            if self.api_key and not self._authorized(dict(scope.get("headers") or [])):
+                await receive()  # websocket.connect
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.api_key and scope["path"] not in HEALTH_PATHS:
-            if headers.get(b"authorization", b"").decode(errors="replace") != f"Bearer {self.api_key}":
+            if not self._authorized(headers):
                 return await error(401, "missing or wrong API key (Authorization: Bearer ...)")(scope, receive, send)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
@@ -281,6 +291,7 @@ class Api:
                     nxt = asyncio.ensure_future(outputs.__anext__())
                 elif gone.result():
                     nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)  # let it unwind before aclose()
                     return
                 else:
                     await asyncio.sleep(0.05)
@@ -321,12 +332,15 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             return error(e.status, str(e))
         return await api.synthesize(request, fields, endpoint)
 
+    def synth_route(mode: str, path: str):
+        # a closure, not default arguments: FastAPI would publish those as query parameters a client could set
+        async def handler(request: Request):
+            return await synth(request, mode, path)
+        return handler
+
     for mode in ("zero_shot", "cross_lingual", "instruct2", "sft"):
         path = f"/inference_{mode}"
-
-        async def handler(request: Request, _mode=mode, _path=path):
-            return await synth(request, _mode, _path)
-        app.add_api_route(path, handler, methods=["GET", "POST"], name=f"inference_{mode}")
+        app.add_api_route(path, synth_route(mode, path), methods=["GET", "POST"], name=f"inference_{mode}")
 
     @app.post("/v1/audio/speech")
     async def openai_speech(request: Request):
@@ -352,14 +366,24 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             raise BadRequest("prompt_wav is required (a WAV, FLAC, OGG or MP3 upload)")
         if not prompt_text.strip():
             raise BadRequest("prompt_text is required: the transcript of prompt_wav")
-        out = await api.client.register_voice(voice_id, prompt_text, audio, args.request_timeout)
+        try:
+            out = await api.client.register_voice(voice_id, prompt_text, audio, args.request_timeout)
+        except Overloaded as e:
+            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            return error(504, f"voice registration timed out after {args.request_timeout:g} s")
         if isinstance(out, ErrorOutput):
             return error(out.status, out.message)
         return {"voice_id": voice_id, "speech_tokens": int(len(out.voice.speech_tokens))}
 
     @app.delete("/voices/{voice_id}")
     async def delete_voice(voice_id: str):
-        out = await api.client.delete_voice(voice_id, args.request_timeout)
+        try:
+            out = await api.client.delete_voice(voice_id, args.request_timeout)
+        except Overloaded as e:
+            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            return error(504, f"voice deletion timed out after {args.request_timeout:g} s")
         if isinstance(out, VoiceOutput) and out.existed:
             return {"voice_id": voice_id, "deleted": True}
         return error(404, f"unknown voice_id {voice_id!r}")
@@ -396,13 +420,22 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         await ws.accept()
         try:
             start = json.loads(await ws.receive_text())
+            if not isinstance(start, dict):
+                raise BadRequest("the first message must be a JSON object {prompt_text, tts_model_name}")
             audio = await ws.receive_bytes()
-            pieces = []
+            if len(audio) > args.max_upload_bytes:
+                raise BadRequest(f"prompt audio is over the limit of {args.max_upload_bytes} bytes", 413)
+            pieces, size = [], 0
             while True:
                 msg = json.loads(await ws.receive_text())
+                if not isinstance(msg, dict):
+                    raise BadRequest('text messages must be JSON objects: {"tts_text": ...} or {"finish": true}')
                 if msg.get("finish"):
                     break
                 pieces.append(str(msg.get("tts_text", "")))
+                size += len(pieces[-1])
+                if size > args.max_req_total_len:
+                    raise BadRequest(f"tts_text is over {args.max_req_total_len} characters (--max_req_total_len)")
             params = {"prompt_text": str(start.get("prompt_text", "")), "tts_text": "".join(pieces),
                       "prompt_wav": audio, "stream": "true"}
             fields = api.tts_fields(params, "zero_shot", "pcm")
@@ -415,7 +448,7 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
                     await ws.send_bytes(out.pcm)
             await ws.close()
         except (BadRequest, ValueError, KeyError, TypeError) as e:
-            await ws.send_text(json.dumps({"error": str(e), "status": 400}))
+            await ws.send_text(json.dumps({"error": str(e), "status": getattr(e, "status", 400)}))
             await ws.close(code=1003)
         except (WebSocketDisconnect, Overloaded):
             pass

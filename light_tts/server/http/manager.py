@@ -89,7 +89,13 @@ class BackendClient:
 
     async def _receive_loop(self) -> None:
         while True:
-            out = await async_recv(self.recv_from_backend)
+            try:
+                out = await async_recv(self.recv_from_backend)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one undecodable message must not stop this worker's replies
+                log.exception("dropping a reply that could not be decoded")
+                continue
             state = self.states.get(out.rid)
             if state is not None:  # replies of aborted requests are dropped here
                 state.queue.put_nowait(out)
