@@ -79,3 +79,25 @@ def test_admission_is_bounded(server):
         [h.result() for h in holders]
     metrics = httpx.get(server.url + "/metrics", headers=KEY).text
     assert "lighttts_http_rejected_total 1" in metrics
+
+
+def test_websocket_needs_the_key_too(server):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+    url = server.url.replace("http", "ws") + "/inference_zero_shot_bistream"
+    with pytest.raises((ConnectionClosed, InvalidStatus)):
+        with connect(url, open_timeout=30) as ws:
+            ws.send('{"prompt_text": "x"}')
+            ws.recv(timeout=30)
+
+
+def test_second_instance_on_the_same_port_is_refused(server, tiny_model_dir):
+    import subprocess
+    import sys
+    from server_util import ROOT, server_env
+    zmq_dir = server.proc.args[server.proc.args.index("--zmq_mode") + 1]
+    out = subprocess.run([sys.executable, "-m", "light_tts.server.api_server", "--model_dir", tiny_model_dir,
+                          "--port", str(server.port), "--zmq_mode", zmq_dir], cwd=ROOT, env=server_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "another LightTTS instance is running" in out.stderr + out.stdout
+    assert post(server.url).status_code == 200  # the running instance was left alone
