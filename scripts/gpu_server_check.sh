@@ -6,11 +6,7 @@ cd "$(dirname "$0")/.."
 MODEL_DIR=${1:-/tmp/lighttts-full}
 DTYPE=${2:-bf16}
 PORT=8080
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-fi
-export PYTHONUNBUFFERED=1
+. scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$MODEL_DIR/llm.pt" ] || python3 -m light_tts.tools.make_random_model --size full --out "$MODEL_DIR" | tail -1
 python3 -m light_tts.server.api_server --model_dir "$MODEL_DIR" --port $PORT --data_type "$DTYPE" \

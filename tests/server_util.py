@@ -98,8 +98,9 @@ def stage_pids(pattern: str = "lighttts::") -> dict[str, int]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """Live processes whose parent chain reaches `pid`, or that share its session."""
+def live_processes(field: int, value: int) -> list[int]:
+    """Non-zombie pids whose /proc/<pid>/stat field (after the name) equals `value`:
+    field 2 is the process group, field 3 the session."""
     out = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -109,10 +110,14 @@ def descendants(pid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        state, sid = fields[0], int(fields[3])
-        if state != "Z" and sid == pid and int(p) != pid:
+        if fields[0] != "Z" and int(fields[field]) == value:
             out.append(int(p))
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes in the session `pid` leads (servers start in their own session)."""
+    return [p for p in live_processes(3, pid) if p != pid]
 
 
 def wav_info(body: bytes) -> tuple[int, int, int, int]:

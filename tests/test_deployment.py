@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, wav_info
+from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, live_processes, wav_info
 
 SCRIPTS = os.path.join(ROOT, "scripts")
 CONFIGS = os.path.join(ROOT, "configs")
@@ -72,18 +72,7 @@ def served(port):
 
 def live_in_group(pgid):
     """Non-zombie processes of process group `pgid` (each instance is its own group)."""
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(p))
-    return out
+    return live_processes(2, pgid)
 
 
 def procs_mentioning(text):
