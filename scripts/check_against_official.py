@@ -306,6 +306,38 @@ def check_lm(label, off, ours, text, prompt_text, prompt_speech, steps, seeds):
     return g_ours
 
 
+def check_bistream(label, off, ours, text, prompt_text, prompt_speech, steps, seeds):
+    """Official inference_bistream (text as a generator of 5-token chunks) vs ours, first `steps` tokens."""
+    def chunks():
+        for i in range(0, len(text), 5):
+            yield torch.tensor([text[i:i + 5]], dtype=torch.int32)
+    for case, (pt, ps) in {"with prompt": (prompt_text, prompt_speech), "no prompt": ([], []),
+                           "prompt text only": (prompt_text, [])}.items():
+        for s in seeds:
+            t0 = time.time()
+            torch.manual_seed(s)
+            a = lm_args([], pt, ps, sampling=25)
+            a["text"] = chunks()
+            a.pop("text_len")
+            s_off = []
+            try:
+                for t in off.llm.inference_bistream(**a):
+                    s_off.append(int(t))
+                    if len(s_off) >= steps:
+                        break
+            except ValueError as e:  # the official raises on a drawn S + 1 in a run
+                row(label, f"LM bistream {case} seed {s}", f"official stopped: {e}")
+                continue
+            s_ours = []
+            for t in ours.llm.inference_bistream([text[i:i + 5] for i in range(0, len(text), 5)], pt, ps, seed=s):
+                s_ours.append(t)
+                if len(s_ours) >= steps:
+                    break
+            first = next((i for i, (x, y) in enumerate(zip(s_off, s_ours)) if x != y), None)
+            row(label, f"LM bistream {case} seed {s}", f"{'identical' if s_off == s_ours else 'MISMATCH at %s' % first}"
+                f" ({len(s_ours)} vs {len(s_off)} tokens; {time.time() - t0:.1f}s)")
+
+
 # ---------------------------------------------------------------- b. flow, c. hift
 def flow_args(tokens, prompt_tokens, prompt_feat, emb, streaming, finalize):
     n = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32)  # noqa: E731
@@ -496,7 +528,7 @@ def check_weights(label, off, ours):
     row(label, f"loaded weights official vs ours (keys {n})", "identical" if not bad else "; ".join(bad))
 
 
-def run(size, lm_steps, flow_tokens, seeds, direct):
+def run(size, lm_steps, flow_tokens, seeds, direct, bistream_only=False):
     label = size
     print(f"\n===== {size} =====", flush=True)
     d = ensure_dir(size)
@@ -511,6 +543,9 @@ def run(size, lm_steps, flow_tokens, seeds, direct):
     prompt_speech = torch.randint(0, 6561, (50,), generator=g).tolist()
     summary = {}
     summary["lm"] = check_lm(label, off, ours, text, prompt_text, prompt_speech, lm_steps, seeds)
+    check_bistream(label, off, ours, text, prompt_text, prompt_speech, 3 * lm_steps, seeds)  # reaches the final phase
+    if bistream_only:
+        return summary
     tokens, prompt_tokens, prompt_feat, emb = make_inputs(flow_tokens, 37)
     summary["flow"], mel = check_flow(label, off, ours, tokens, prompt_tokens, prompt_feat, emb)
     summary["hift"] = check_hift(label, off, ours, mel)
@@ -529,12 +564,13 @@ def main():
     ap.add_argument("--lm-steps", type=int, default=60)
     ap.add_argument("--flow-tokens", type=int, default=150)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--lm-only", action="store_true", help="stop after the LM checks (unistream and bistream)")
     ap.add_argument("--no-direct", action="store_true", help="skip the directly-called official token2wav run")
     a = ap.parse_args()
     sizes = [s for s, on in (("tiny", a.tiny), ("full", a.full)) if on] or ["tiny", "full"]
     t0 = time.time()
     for s in sizes:
-        run(s, a.lm_steps, a.flow_tokens, a.seeds, not a.no_direct)
+        run(s, a.lm_steps, a.flow_tokens, a.seeds, not a.no_direct, a.lm_only)
     print(f"\n===== summary ({time.time() - t0:.0f}s) =====")
     for r in ROWS:
         print(" | ".join(r))

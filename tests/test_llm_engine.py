@@ -36,7 +36,7 @@ def run(eng, arrive, max_steps=2000, on_step=None):
             break
         res = eng.step()
         results.append(res)
-        for seq, msg in res.errors:
+        for seq, msg, _ in res.errors:
             errors[seq.rid] = msg
         for o in res.outputs:
             got[o.rid][o.piece] += o.tokens
@@ -111,7 +111,7 @@ def test_pool_returns_to_free_after_finish_abort_and_error(lm):
     eng.runner.decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     res = eng.step()
     eng.runner.decode = decode
-    assert {s.rid for s, _ in res.errors} == {"a", "c"} and "boom" in res.errors[0][1]
+    assert {s.rid for s, _, _ in res.errors} == {"a", "c"} and "boom" in res.errors[0][1]
     assert not eng.running
     assert_pool_free(eng)
     # Still serving afterwards; finished requests give everything back.

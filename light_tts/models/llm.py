@@ -15,11 +15,12 @@ stop, as the official `stop_token_ids`), with min/max length from token/text rat
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from light_tts.models.bistream import SOS, SPEECH, TASK, TEXT, BistreamPolicy
 from light_tts.models.config import Qwen2Config
 from light_tts.models.qwen2 import KVCache, Qwen2ForCausalLM
 from light_tts.models.sampling import greedy_sampling, ras_sampling
@@ -114,6 +115,22 @@ class Qwen2LM(nn.Module):
                  self.speech_embedding(speech)]
         return torch.cat(parts, dim=0).unsqueeze(0)
 
+    def embed_items(self, items: Sequence[tuple]) -> torch.Tensor:
+        """Bistream input items [(kind, id)] (light_tts.models.bistream) -> (L, D) embeddings."""
+        device = self.llm_embedding.weight.device
+        tables = {SOS: self.llm_embedding, TASK: self.llm_embedding, TEXT: self.llm.model.model.embed_tokens,
+                  SPEECH: self.speech_embedding}
+        fixed = {SOS: self.sos, TASK: self.task_id}
+        parts, i = [], 0
+        while i < len(items):  # one lookup per run of same-kind items
+            kind, j = items[i][0], i
+            while j < len(items) and items[j][0] == kind:
+                j += 1
+            ids = [fixed.get(kind, t) for _, t in items[i:j]]
+            parts.append(tables[kind](torch.tensor(ids, dtype=torch.long, device=device)))
+            i = j
+        return torch.cat(parts, dim=0)
+
     # ---- generation ---------------------------------------------------------------------
 
     def sample_token(self, logits: torch.Tensor, decoded: Sequence[int], *, ignore_eos: bool,
@@ -182,3 +199,41 @@ class Qwen2LM(nn.Module):
             yield token
             decoded.append(token)
             lm_input = self.speech_embedding.weight[token].view(1, 1, -1)
+
+    @torch.inference_mode()
+    def inference_bistream(self, text_chunks: Iterable[TokenIds], prompt_text: Optional[TokenIds] = None,
+                           prompt_speech_token: Optional[TokenIds] = None, *, greedy: bool = False,
+                           seed: Optional[int] = None, max_final_tokens: Optional[int] = None) -> Iterator[int]:
+        """Yield speech tokens while text arrives as `text_chunks` (token ids per chunk): the
+        official `inference_bistream` (rules: light_tts.models.bistream). Text is pulled only
+        when the LM waits for it, as the official loop does. `max_final_tokens` caps the tokens
+        after the text ends (the official has no cap)."""
+        device = self.llm_embedding.weight.device
+        policy = BistreamPolicy(_as_ids(prompt_text, device).tolist(), _as_ids(prompt_speech_token, device).tolist(),
+                                self.speech_token_size, self.mix_ratio)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(seed))
+        cache = self.new_cache()
+        chunks = iter(text_chunks)
+        final_tokens = 0
+        while not policy.done:
+            items = policy.next_input()
+            if items is None:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    policy.finish()
+                else:
+                    policy.add_text(_as_ids(chunk, device).tolist())
+                continue
+            if policy.final and max_final_tokens is not None and final_tokens >= max_final_tokens:
+                return
+            logits = self.forward(self.embed_items(items).unsqueeze(0), cache, last_only=True)[0]
+            token = policy.forced_token()
+            if token is None:
+                token = self.sample_token(logits, policy.out, ignore_eos=policy.ignore_eos, greedy=greedy,
+                                          generator=generator)
+            final_tokens += policy.final
+            if policy.on_token(token) == "speech":
+                yield token

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_req_total_len", type=int, default=16384,
                    help="largest prompt + generated length of one text piece (2 special + prompt text + piece text + "
                         "prompt speech + max speech tokens); longer requests get 400")
+    g.add_argument("--bistream_max_len", type=int, default=3000,
+                   help="most tokens (prompt + text + speech) one streaming-text (WebSocket) request may hold; its KV "
+                        "reservation at admission, since its length is unknown up front (capped by --max_req_total_len)")
     g.add_argument("--batch_max_tokens", type=int, default=16384, help="most prompt tokens prefilled in one prefill step (new requests are admitted while their "
                         "prompts fit; must be >= --max_req_total_len)")
     g.add_argument("--running_max_req_size", type=int, default=1000, help="most requests admitted at once (decoding, waiting for their next piece's prefill, or paused)")

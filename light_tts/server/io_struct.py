@@ -6,7 +6,12 @@ Data flow (DESIGN §2):
     LLM --DecodeStartReq, then SpeechTokensOutput...--> decode (one PUSH socket: ordered)
     decode --AudioOutput...--> the HTTP worker named by `reply_to`
     any stage --ErrorOutput--> the HTTP worker named by `reply_to`
-    HTTP worker --AbortReq--> LLM and every decode process
+    HTTP worker --AbortReq--> LLM and every decode process (and the encode process of a bistream)
+
+Bistream (text streamed in, WebSocket): the TTSReq has bistream=True and no text; the HTTP worker
+then sends TextPieceReq to the same encode process (one PUSH socket: in order after the TTSReq),
+which normalises and tokenises incrementally and sends TextTokensReq to the LLM (again one socket,
+so after the LLMReq).
 
 Requests carry `rid` (unique for the life of the instance, across HTTP workers) and `reply_to`
 (the ipc address of the asking HTTP worker's PULL socket), so any number of HTTP workers share one
@@ -45,7 +50,15 @@ class TTSReq(BaseReq):
     seed: Optional[int] = None
     max_speech_tokens: Optional[int] = None   # cap per sentence
     fixed_speech_tokens: Optional[int] = None  # benchmark mode: exactly N per sentence, eos ignored
+    bistream: bool = False                    # text follows as TextPieceReq messages
     created: float = 0.0                      # time.time() at the HTTP worker
+
+
+@dataclass(kw_only=True)
+class TextPieceReq(BaseReq):
+    """The next piece of a bistream request's text, raw (split anywhere); `finish`: no more."""
+    text: str = ""
+    finish: bool = False
 
 
 @dataclass(kw_only=True)
@@ -100,7 +113,16 @@ class LLMReq(BaseReq):
     seed: Optional[int] = None
     max_speech_tokens: Optional[int] = None
     fixed_speech_tokens: Optional[int] = None
+    bistream: bool = False                    # text_pieces is empty; text comes as TextTokensReq
     created: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TextTokensReq:
+    """Token ids of a bistream request's text, as the encode stage releases them."""
+    rid: str
+    tokens: list
+    finish: bool = False
 
 
 @dataclass(kw_only=True)

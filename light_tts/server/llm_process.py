@@ -33,7 +33,7 @@ from typing import Optional
 import zmq
 
 from light_tts.server import io_struct
-from light_tts.server.io_struct import AbortReq, ErrorOutput, LLMReq, sock_send
+from light_tts.server.io_struct import AbortReq, ErrorOutput, LLMReq, TextTokensReq, sock_send
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
 
@@ -50,7 +50,7 @@ class LLMServer:
         self.endpoints = endpoints
         self.engine = LLMEngine.from_args(llm, args)
         self.init_sockets()
-        self.handlers = {LLMReq: self.handle_llm_req, AbortReq: self.handle_abort}
+        self.handlers = {LLMReq: self.handle_llm_req, TextTokensReq: self.handle_text, AbortReq: self.handle_abort}
         self.decode_load = [0] * endpoints.decode_num   # active requests per decoder (see module doc)
         self.decoder_of: dict[str, int] = {}
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
@@ -68,15 +68,20 @@ class LLMServer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        idle = True
         while True:
-            self.recv_requests()
-            if self.engine.running or self.engine.waiting:
-                self.process_result(self.engine.step())
+            self.recv_requests(block=idle)
+            res = self.engine.step() if (self.engine.running or self.engine.waiting) else None
+            if res is not None:
+                self.process_result(res)
+            # nothing ran (no requests, or only bistream ones waiting for text): only a message can
+            # change that, so block on the socket instead of spinning
+            idle = res is None or (res.kind == "idle" and not (res.outputs or res.admitted or res.errors))
             self.report_stats()
 
-    def recv_requests(self) -> None:
-        if not (self.engine.running or self.engine.waiting):
-            self.recv_from_peers.poll(IDLE_POLL_MS)  # idle: block instead of spinning
+    def recv_requests(self, block: bool = False) -> None:
+        if block:
+            self.recv_from_peers.poll(IDLE_POLL_MS)
         for msg in io_struct.drain(self.recv_from_peers):
             handler = self.handlers.get(type(msg))
             if handler is None:
@@ -104,6 +109,10 @@ class LLMServer:
             self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=400, message=reason, stage="llm"))
             return
         self.engine.add(req)
+
+    def handle_text(self, msg: TextTokensReq) -> None:
+        if not self.engine.add_text(msg.rid, msg.tokens, msg.finish):
+            log.debug("text for %s dropped: the request has ended", msg.rid)
 
     def handle_abort(self, msg: AbortReq) -> None:
         seq = self.engine.abort(msg.rid)
@@ -133,12 +142,12 @@ class LLMServer:
         for seq in res.finished:
             self.release_decoder(seq.rid)
         self.counters["finished"] += len(res.finished)
-        for seq, message in res.errors:
+        for seq, message, status in res.errors:
             log.error("request %s failed: %s", seq.rid, message)
             i = self.decoder_of.get(seq.rid)
             if i is not None:  # let its decoder free what it holds
                 sock_send(self.send_to_decode[i], AbortReq(rid=seq.rid))
-            self.fail(seq.rid, seq.req.reply_to, message)
+            self.fail(seq.rid, seq.req.reply_to, message, status)
         if res.kind == "idle":
             return
         self.counters["steps"] += 1
@@ -147,10 +156,10 @@ class LLMServer:
         self.counters["last_batch_size"] = res.batch_size
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], res.batch_size)
 
-    def fail(self, rid: str, reply_to: str, message: str) -> None:
+    def fail(self, rid: str, reply_to: str, message: str, status: int = 500) -> None:
         self.counters["errors"] += 1
         self.release_decoder(rid)
-        self.reply(reply_to, ErrorOutput(rid=rid, status=500, message=message, stage="llm"))
+        self.reply(reply_to, ErrorOutput(rid=rid, status=status, message=message, stage="llm"))
 
     def release_decoder(self, rid: str) -> None:
         i = self.decoder_of.pop(rid, None)

@@ -34,6 +34,13 @@ A step is a prefill step or a decode step (LightLLM's continuous batching):
   far) at the next prefill step with room. Nothing is lost or sent twice.
 A finished piece frees its slots at once; the next piece is prefilled at the next step. Abort and
 errors free everything the request holds at once.
+
+Bistream requests (LLMReq.bistream; text arrives later through add_text) follow
+light_tts.models.bistream.BistreamPolicy, the same rules as Qwen2LM.inference_bistream: each input
+the policy asks for (the prompt mix, 5 text tokens after a fill, the final text + task) is a
+prefill that extends the request's KV; its speech tokens are decode steps like any other; after a
+fill it waits for text holding its KV and row but out of every forward, so it never holds up the
+batch. Admission reserves --bistream_max_len tokens for it (its length is unknown up front).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from light_tts.models.bistream import SPEECH, BistreamPolicy
 from light_tts.server.io_struct import LLMReq, SpeechTokensOutput
 from light_tts.server.llm.mem_manager import KVPool
 from light_tts.server.llm.model_runner import ModelRunner
@@ -61,6 +69,10 @@ log = logging.getLogger("lighttts")
 # are the official CosyVoice2 inference values.
 MIN_TOKEN_TEXT_RATIO = 2.0
 MAX_TOKEN_TEXT_RATIO = 20.0
+
+
+class LengthExceeded(Exception):
+    """A bistream request outgrew its length bound (answered 413)."""
 
 
 @dataclass
@@ -89,6 +101,11 @@ class Sequence:
     paused: bool = False                         # KV dropped mid-piece; resume with decoded tokens
     prompt_text: list = field(default_factory=list)
     prompt_speech: list = field(default_factory=list)
+    policy: Optional[BistreamPolicy] = None      # bistream requests only
+    fed: list = field(default_factory=list)      # bistream: items in the KV (replayed after a pause)
+    replay: list = field(default_factory=list)   # bistream: items to prefill again after a pause
+    replay_ready: bool = False                   # ... ending in a token to draw after (paused mid-run)
+    final_tokens: int = 0                        # bistream: tokens drawn after finish
 
     @property
     def rid(self) -> str:
@@ -100,14 +117,26 @@ class Sequence:
 
     @property
     def decoding(self) -> bool:
-        return self.seq_len > 0
+        """In the next decode step (a bistream request waiting for text holds KV but is not)."""
+        return self.seq_len > 0 and (self.policy is None or self.next_token is not None)
+
+    @property
+    def needs_prefill(self) -> bool:
+        if self.policy is not None:   # a request paused while waiting for text replays once text comes
+            return (bool(self.replay) and self.replay_ready) or self.policy.has_input
+        return self.seq_len == 0
+
+    def prefill_len(self) -> int:
+        if self.policy is not None:
+            return len(self.replay) + (len(self.policy.lm_input) if self.policy.has_input else 0)
+        return self.plans[self.piece].input_len + len(self.decoded)
 
 
 @dataclass
 class StepResult:
     outputs: list = field(default_factory=list)    # SpeechTokensOutput, at most one per request
     finished: list = field(default_factory=list)   # Sequences whose last piece ended this step
-    errors: list = field(default_factory=list)     # (Sequence, message): dropped, answer 500
+    errors: list = field(default_factory=list)     # (Sequence, message, status): dropped, answered
     admitted: list = field(default_factory=list)   # Sequences admitted this step (route them first)
     kind: str = "idle"                              # "prefill", "decode" or "idle"
     batch_size: int = 0                            # requests in this step's forward
@@ -121,7 +150,8 @@ class LLMEngine:
                  batch_max_tokens: Optional[int] = None, router_max_wait_tokens: int = 8,
                  router_token_ratio: float = 0.0, router_max_new_token_len: int = 1024, greedy: bool = False,
                  int8_kv: bool = False, cuda_graph: bool = True, graph_max_batch_size: int = 64,
-                 graph_max_len_in_batch: int = 32768, prefix_cache_entries: int = 64, sampler: str = "auto"):
+                 graph_max_len_in_batch: int = 32768, prefix_cache_entries: int = 64, sampler: str = "auto",
+                 bistream_max_len: int = 3000):
         self.llm = llm                                  # light_tts.models.llm.Qwen2LM, eval mode
         self.device = llm.llm_embedding.weight.device
         cfg = llm.llm.model.model.config
@@ -132,6 +162,7 @@ class LLMEngine:
         self.router_max_wait_tokens = int(router_max_wait_tokens)
         self.router_token_ratio = float(router_token_ratio)
         self.router_max_new_token_len = int(router_max_new_token_len)
+        self.bistream_max_len = min(int(bistream_max_len), self.max_req_total_len)
         if self.max_req_total_len > self.max_total_token_num or self.batch_max_tokens < self.max_req_total_len:
             raise ValueError("need max_req_total_len <= max_total_token_num and batch_max_tokens >= max_req_total_len")
 
@@ -163,7 +194,7 @@ class LLMEngine:
                   router_max_new_token_len=args.router_max_new_token_len, greedy=args.sample_close,
                   int8_kv="triton_int8kv" in args.mode or "ppl_int8kv" in args.mode,
                   cuda_graph=not args.disable_cudagraph, graph_max_batch_size=args.graph_max_batch_size,
-                  graph_max_len_in_batch=args.graph_max_len_in_batch)
+                  graph_max_len_in_batch=args.graph_max_len_in_batch, bistream_max_len=args.bistream_max_len)
         kw.update(overrides)
         return cls(llm, **kw)
 
@@ -185,8 +216,26 @@ class LLMEngine:
 
     def check(self, req: LLMReq) -> Optional[str]:
         """Why `req` can never run (the caller answers 400), or None."""
+        if req.bistream:
+            return self._check_bistream(req)
         if not req.text_pieces:
             return "no text to speak"
+        return self._check_ids(req) or self._check_length(req)
+
+    def _check_bistream(self, req: LLMReq) -> Optional[str]:
+        if req.fixed_speech_tokens is not None:
+            return "fixed_speech_tokens is not available for bistream requests (use max_speech_tokens)"
+        bad = self._check_ids(req)
+        if bad:
+            return bad
+        prompt = 2 + len(req.prompt_text_ids) + len(req.prompt_speech_tokens)
+        if prompt + 16 > self.bistream_max_len:
+            return (f"prompt too long for bistream: {prompt} tokens (prompt text {len(req.prompt_text_ids)} + prompt "
+                    f"speech {len(req.prompt_speech_tokens)} + 2) leaves no room in --bistream_max_len "
+                    f"{self.bistream_max_len}")
+        return None
+
+    def _check_ids(self, req: LLMReq) -> Optional[str]:
         vocab = self.llm.llm.model.model.config.vocab_size
         for name, ids, limit in (("text", [t for p in req.text_pieces for t in p], vocab),
                                  ("prompt text", _ids(req.prompt_text_ids), vocab),
@@ -194,6 +243,9 @@ class LLMEngine:
             bad = [int(t) for t in ids if not 0 <= int(t) < limit]
             if bad:
                 return f"{name} token id {bad[0]} out of range [0, {limit})"
+        return None
+
+    def _check_length(self, req: LLMReq) -> Optional[str]:
         plans = self.plan(req)
         worst = max(plans, key=lambda p: p.input_len + p.max_len)
         need = worst.input_len + worst.max_len
@@ -205,11 +257,32 @@ class LLMEngine:
 
     def add(self, req: LLMReq) -> Sequence:
         seed = int(req.seed) if req.seed is not None else random.SystemRandom().randrange(2**63)
-        seq = Sequence(req=req, plans=self.plan(req), seed=seed, order=self._arrivals,
+        seq = Sequence(req=req, plans=[] if req.bistream else self.plan(req), seed=seed, order=self._arrivals,
                        prompt_text=_ids(req.prompt_text_ids), prompt_speech=_ids(req.prompt_speech_tokens))
+        if req.bistream:
+            seq.policy = BistreamPolicy(seq.prompt_text, seq.prompt_speech, self.llm.speech_token_size,
+                                        self.llm.mix_ratio)
+            seq.plans = [PiecePlan([], 0, 0, self.bistream_max_len)]
+            if self.sampler.mode == "exact" and not self.sampler.greedy:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(seq.seed)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
+
+    def add_text(self, rid: str, tokens: list, finish: bool) -> bool:
+        """More text (and/or its end) for bistream request `rid`; False if it is not here (ended)."""
+        seq = self.find(rid)
+        if seq is None or seq.policy is None:
+            return False
+        vocab = self.llm.llm.model.model.config.vocab_size
+        seq.policy.add_text([int(t) for t in tokens if 0 <= int(t) < vocab])
+        if finish:
+            seq.policy.finish()
+        return True
+
+    def find(self, rid: str) -> Optional[Sequence]:
+        return next((s for s in (*self.waiting, *self.running) if s.rid == rid), None)
 
     def abort(self, rid: str) -> Optional[Sequence]:
         """Drop `rid` at once (its KV slots and req_to_token row too); returns it, or None."""
@@ -233,6 +306,11 @@ class LLMEngine:
 
     def load(self, seq: Sequence, busy: bool) -> Load:
         """The request's KV load for the admission estimate (light_tts.server.llm.router)."""
+        if seq.policy is not None:   # its length is unknown: reserve the bistream bound
+            has = seq.seq_len + (seq.prefill_len() if seq.needs_prefill else 0)
+            est = expected_new_tokens(self.bistream_max_len - has, 0, fixed=False, busy=busy,
+                                      router_max_new_token_len=self.router_max_new_token_len)
+            return Load(has=has, left=max(0, est))
         plan = seq.plans[seq.piece]
         produced = len(seq.decoded)
         est = expected_new_tokens(plan.max_len, produced, fixed=seq.fixed, busy=busy,
@@ -254,24 +332,32 @@ class LLMEngine:
     def _schedule_prefill(self, res: StepResult, admit: bool) -> list[Sequence]:
         """Pieces to prefill now: waiting pieces of admitted requests, then (with `admit`) newly
         admitted requests."""
+        first = next((s for s in self.running if s.needs_prefill), None)
+        while first is not None and first.prefill_len() > self._available():
+            holders = [h for h in self._idle_holders() if h is not first]   # optimistic estimate only
+            if not holders:
+                break
+            self._pause(max(holders, key=lambda s: s.order))
+            res.paused += 1
         budget, room = self.batch_max_tokens, self._available()
         batch: list[Sequence] = []
-        for seq in [s for s in self.running if not s.decoding]:
-            if seq.plans[seq.piece].max_len <= 0:
+        for seq in [s for s in self.running if s.needs_prefill]:
+            if seq.policy is None and seq.plans[seq.piece].max_len <= 0:
                 continue                                   # ends without a forward (_skip_empty)
-            need = seq.plans[seq.piece].input_len + len(seq.decoded)
+            need = seq.prefill_len()
             if need > budget or need > room:
                 break                                      # keep the order: earlier requests first
             batch.append(seq)
             budget -= need
             room -= need
-        if not admit or len(batch) < sum(1 for s in self.running if not s.decoding and s.plans[s.piece].max_len > 0):
+        if not admit or len(batch) < sum(1 for s in self.running if s.needs_prefill and
+                                         (s.policy is not None or s.plans[s.piece].max_len > 0)):
             return batch                                   # admitted work is still waiting: admit nothing new
         busy = self.is_busy()
         loads = [self.load(s, busy) for s in self.running]
         while self.waiting and len(self.running) < self.running_max_req_size:
             seq = self.waiting[0]
-            need = seq.plans[0].input_len
+            need = seq.prefill_len() if seq.needs_prefill else 0
             if need > budget or need > room:
                 break
             loads.append(self.load(seq, busy))
@@ -282,7 +368,7 @@ class LLMEngine:
             seq.row = self.reqs.alloc()
             self.running.append(seq)
             res.admitted.append(seq)
-            if seq.plans[0].max_len > 0:
+            if need > 0 and seq.plans[0].max_len > 0:
                 batch.append(seq)
                 budget -= need
                 room -= need
@@ -294,7 +380,7 @@ class LLMEngine:
     def step(self) -> StepResult:
         res = StepResult()
         decoding = [s for s in self.running if s.decoding]
-        pending = any(not s.decoding for s in self.running)
+        pending = any(s.needs_prefill for s in self.running)
         may_admit = not decoding or (self.wait_steps >= self.router_max_wait_tokens and self.last_kind != "prefill")
         if pending or (may_admit and self.waiting):
             batch = self._schedule_prefill(res, admit=may_admit)
@@ -317,7 +403,8 @@ class LLMEngine:
     def _skip_empty(self, res: StepResult) -> None:
         """Pieces with nothing to generate (max length 0) end without a forward."""
         for seq in list(self.running):
-            while seq in self.running and not seq.decoding and seq.plans[seq.piece].max_len <= 0:
+            while (seq in self.running and seq.policy is None and not seq.decoding
+                   and seq.plans[seq.piece].max_len <= 0):
                 self._end_piece(seq, [], res)
 
     def _prefill(self, batch: list, res: StepResult) -> None:
@@ -326,6 +413,9 @@ class LLMEngine:
         for seq in batch:
             try:
                 x, n_new, total, insert = self._place(seq)
+            except LengthExceeded as e:
+                self._fail(seq, str(e), res, status=413)
+                continue
             except Exception as e:  # this request's input is unusable: fail it alone
                 log.exception("prefill input of %s failed", seq.rid)
                 self._fail(seq, f"LLM prefill failed: {type(e).__name__}: {e}", res)
@@ -340,7 +430,7 @@ class LLMEngine:
             return
         try:
             m = torch.tensor(meta, dtype=torch.int32).t().contiguous().to(self.device)
-            slots = torch.cat([self.reqs.slots(s.row, s.own_start, s.seq_len) for s in placed])
+            slots = torch.cat([self.reqs.slots(row, total - n, total) for row, _, n, total in meta])
             logits = self.runner.prefill(torch.cat(xs), torch.cat(positions).to(self.device), slots.to(self.device),
                                          m[0], m[1], m[2], m[3], max(n for _, _, n, _ in meta))
         except Exception as e:  # not attributable to one request: fail the batch, keep serving
@@ -361,6 +451,8 @@ class LLMEngine:
     def _place(self, seq: Sequence):
         """Slots (in req_to_token) and input rows of a piece's prefill. Returns (x [n_new, D], n_new,
         total, the prefix key to insert after the forward or None)."""
+        if seq.policy is not None:
+            return self._place_bistream(seq)
         plan = seq.plans[seq.piece]
         if seq.paused:
             seq.paused = False                     # resume: prompt + the tokens so far, same sampler state
@@ -387,6 +479,20 @@ class LLMEngine:
         insert = key if key and entry is None and self.prefix.enabled else None
         return lm_input[past:], n_new, total, insert
 
+    def _place_bistream(self, seq: Sequence):
+        """Extend the request's KV by the policy's next input (or, after a pause, everything again)."""
+        items = seq.replay + (seq.policy.next_input() if seq.policy.has_input else [])
+        seq.replay, seq.replay_ready, seq.paused = [], False, False
+        past, n_new = seq.seq_len, len(items)
+        if past + n_new > self.bistream_max_len:
+            raise LengthExceeded(f"the utterance outgrew --bistream_max_len {self.bistream_max_len} tokens of "
+                                 f"prompt, text and speech; send finish sooner or raise the limit")
+        own = self._alloc(n_new)
+        self.reqs.write(seq.row, past, own)
+        seq.own_start, seq.seq_len = 0, past + n_new
+        seq.fed += items
+        return self.llm.embed_items(items), n_new, seq.seq_len, None
+
     def _alloc(self, n: int) -> torch.Tensor:
         if not self.pool.can_alloc(n):
             self.prefix.evict(n)
@@ -396,15 +502,24 @@ class LLMEngine:
         need = len(decoding)
         if not self.pool.can_alloc(need):
             self.prefix.evict(need)
-        while not self.pool.can_alloc(len(decoding)) and len(decoding) > 1:
-            victim = max(decoding, key=lambda s: s.order)   # the most recently admitted
-            decoding.remove(victim)
+        while not self.pool.can_alloc(len(decoding)):
+            # bistream requests idling on text first (they make no progress), then the most recently
+            # admitted decoding request; the last decoding one always keeps going
+            idle = self._idle_holders()
+            victims = idle or (decoding if len(decoding) > 1 else [])
+            if not victims:
+                break
+            victim = max(victims, key=lambda s: s.order)
+            if victim in decoding:
+                decoding.remove(victim)
             self._pause(victim)
             res.paused += 1
         try:
             slots = self.pool.alloc(len(decoding))
             for seq in decoding:
                 seq.seq_len += 1
+                if seq.policy is not None:
+                    seq.fed.append((SPEECH, seq.next_token))
             tokens = [s.next_token for s in decoding]
             rows = [s.row for s in decoding]
             lens = [s.seq_len for s in decoding]
@@ -425,20 +540,36 @@ class LLMEngine:
         self._sample(decoding, logits, res)
 
     def _sample(self, batch: list, logits: torch.Tensor, res: StepResult) -> None:
-        rows = []
-        for seq in batch:
-            plan = seq.plans[seq.piece]
-            rows.append(SampleRow(decoded=seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
-                                  block_stops=seq.fixed, generator=seq.generator, seed=seq.seed,
-                                  counter=(seq.piece << 24) | len(seq.decoded)))
+        rows, drawn, tokens = [], [], []
+        for i, seq in enumerate(batch):
+            if seq.policy is not None:
+                forced = seq.policy.forced_token()
+                tokens.append(forced)
+                if forced is not None:          # a scheduled fill: no draw (the RNG does not advance)
+                    continue
+                rows.append(SampleRow(decoded=seq.policy.out, ignore_eos=seq.policy.ignore_eos, block_stops=False,
+                                      generator=seq.generator, seed=seq.seed, counter=len(seq.policy.out)))
+            else:
+                tokens.append(None)
+                plan = seq.plans[seq.piece]
+                rows.append(SampleRow(decoded=seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
+                                      block_stops=seq.fixed, generator=seq.generator, seed=seq.seed,
+                                      counter=(seq.piece << 24) | len(seq.decoded)))
+            drawn.append(i)
         try:
-            tokens = self.sampler.sample(logits, rows)
+            if rows:
+                sampled = self.sampler.sample(logits[drawn] if len(drawn) < len(batch) else logits, rows)
+                for i, token in zip(drawn, sampled):
+                    tokens[i] = token
         except Exception as e:
             log.exception("sampling failed")
             for seq in batch:
                 self._fail(seq, f"LLM sampling failed: {type(e).__name__}: {e}", res)
             return
         for seq, token in zip(batch, tokens):
+            if seq.policy is not None:
+                self._bistream_token(seq, token, res)
+                continue
             plan = seq.plans[seq.piece]
             if token >= self.llm.speech_token_size:  # a stop token: not emitted
                 self._end_piece(seq, [], res)
@@ -450,7 +581,41 @@ class LLMEngine:
                 seq.next_token = token
                 res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=[token], piece=seq.piece))
 
+    def _bistream_token(self, seq: Sequence, token: int, res: StepResult) -> None:
+        final = seq.policy.final
+        verdict = seq.policy.on_token(token)
+        if verdict == "end":
+            self._end_piece(seq, [], res)
+        elif verdict == "speech":
+            seq.policy.next_input()                          # this token is fed by the next decode step
+            seq.final_tokens += final
+            cap = self._final_cap(seq)
+            if final and seq.final_tokens >= cap:
+                self._end_piece(seq, [token], res)
+            elif seq.seq_len + 1 > self.bistream_max_len:
+                if final:
+                    self._end_piece(seq, [token], res)
+                else:
+                    self._fail(seq, f"the utterance outgrew --bistream_max_len {self.bistream_max_len} tokens "
+                                    f"before finish; send finish sooner or raise the limit", res, status=413)
+            else:
+                seq.next_token = token
+                res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=[token]))
+        else:  # "wait": a fill; the KV stays, the request leaves the decode batch until its next input
+            seq.next_token = None
+
+    def _final_cap(self, seq: Sequence) -> int:
+        """Tokens after finish: 20 x the utterance's text tokens (the unistream bound), max_speech_tokens."""
+        cap = max(1, int(MAX_TOKEN_TEXT_RATIO * seq.policy.new_text_tokens))
+        if seq.req.max_speech_tokens is not None:
+            cap = min(cap, int(seq.req.max_speech_tokens))
+        return cap
+
     # ---- bookkeeping --------------------------------------------------------------------------------
+
+    def _idle_holders(self) -> list:
+        """Bistream requests holding KV while out of every forward (waiting for text or a prefill)."""
+        return [s for s in self.running if s.policy is not None and s.seq_len > 0 and not s.decoding]
 
     def _free_piece(self, seq: Sequence) -> None:
         """Give back the piece's KV: own slots to the pool, the prefix reference to the cache."""
@@ -464,6 +629,10 @@ class LLMEngine:
         seq.next_token = None
 
     def _pause(self, seq: Sequence) -> None:
+        if seq.policy is not None:   # replay everything it had fed (and the token it was about to feed)
+            seq.replay_ready = seq.decoding
+            seq.replay = seq.fed + ([(SPEECH, seq.next_token)] if seq.decoding else [])
+            seq.fed = []
         self._free_piece(seq)
         seq.paused = True
         self.num_paused += 1
@@ -489,10 +658,10 @@ class LLMEngine:
             seq.decoded = []
             seq.paused = False
 
-    def _fail(self, seq: Sequence, message: str, res: StepResult) -> None:
+    def _fail(self, seq: Sequence, message: str, res: StepResult, status: int = 500) -> None:
         if seq in self.running:
             self._drop(seq)
-        res.errors.append((seq, message))
+        res.errors.append((seq, message, status))
         res.outputs = [o for o in res.outputs if o.rid != seq.rid]   # nothing more goes out for it
 
     # ---- stats ---------------------------------------------------------------------------------------
