@@ -267,7 +267,10 @@ def _wetext_normalize(text: str, lang: str) -> str:
     normalizer = _wetext_normalizer(lang)
     if normalizer is None:
         return text
-    out = normalizer.normalize(text)
+    try:
+        out = normalizer.normalize(text)
+    except AssertionError:  # its token parser asserts on some punctuation-only input ("! !"): keep the text
+        return text
     if out.count("\\") > text.count("\\"):
         out = _WETEXT_ESCAPE.sub(r"\1", out)
     return out
@@ -286,7 +289,8 @@ def _normalize_zh(text: str) -> str:
 
 
 def _normalize_en(text: str) -> str:
-    text = _wetext_normalize(text, "en")
+    # wetext's English grammar asserts on runs of whitespace ("a  b", "a\n\nb"): fold them first
+    text = _wetext_normalize(re.sub(r"\s+", " ", text), "en")
     return spell_out_number(text)
 
 

@@ -3,24 +3,33 @@
 TTSReq -> text normalised and split into sentences, each tokenised; the voice (prompt upload
 encoded through the frontend and its cache, or a registered voice_id) -> LLMReq whose DecodeStartReq
 carries the flow conditioning. Bad input becomes an ErrorOutput with a 4xx status and a reason.
+
+Bistream (TTSReq.bistream): the voice is encoded as usual and the LLMReq goes out with no text;
+the request's TextPieceReq messages then go through a TextStream (incremental normalisation that
+never cuts a word or number) and out as TextTokensReq. The per-request text state is dropped at
+finish, on AbortReq, and (oldest first) beyond MAX_STREAMS, so a vanished client leaks nothing.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import zmq
 
 from light_tts.frontend.audio import AudioError
 from light_tts.frontend.frontend import Frontend, PromptLimits
+from light_tts.frontend.text_stream import TextStream
 from light_tts.frontend.voice_cache import Voice
-from light_tts.server.io_struct import (DecodeStartReq, ErrorOutput, LLMReq, TTSReq, VoiceData, VoiceDeleteReq,
-                                        VoiceOutput, VoiceRegisterReq, VoiceStoreReq, sock_recv, sock_send)
+from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, LLMReq, TextPieceReq, TextTokensReq,
+                                        TTSReq, VoiceData, VoiceDeleteReq, VoiceOutput, VoiceRegisterReq, VoiceStoreReq,
+                                        sock_recv, sock_send)
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
 from light_tts.server.stage import stage_device, start_stage
 
 log = logging.getLogger("lighttts")
 EMPTY = np.zeros(0, dtype=np.int32)
+MAX_STREAMS = 4096          # bistream text states kept (far above any sane number of open sockets)
 
 
 class RequestError(Exception):
@@ -50,7 +59,9 @@ class EncodeWorker:
         self.send_to_llm = connect_push(self.ctx, endpoints.llm)
         self.send_to_http = ReplySockets(self.ctx)
         self.handlers = {TTSReq: self.handle_tts, VoiceRegisterReq: self.handle_register,
-                         VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete}
+                         VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete,
+                         TextPieceReq: self.handle_text, AbortReq: self.handle_abort}
+        self.streams: OrderedDict[str, TextStream] = OrderedDict()
 
     def reply(self, addr: str, msg) -> None:
         self.send_to_http.send(addr, msg)
@@ -61,12 +72,17 @@ class EncodeWorker:
             try:
                 self.handlers[type(req)](req)
             except RequestError as e:
+                self.streams.pop(req.rid, None)
                 self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=e.status, message=str(e), stage=self.stage))
             except AudioError as e:
+                self.streams.pop(req.rid, None)
                 self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=400, message=f"prompt audio: {e}",
                                                      stage=self.stage))
             except Exception as e:  # a bug must cost one request, never the stage
                 log.exception("request %s failed", req.rid)
+                self.streams.pop(req.rid, None)
+                if isinstance(req, TextPieceReq):  # the LLM holds it: drop it there too
+                    sock_send(self.send_to_llm, AbortReq(rid=req.rid))
                 self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=500, message=f"encode failed: {e}",
                                                      stage=self.stage))
 
@@ -84,10 +100,15 @@ class EncodeWorker:
 
     def handle_tts(self, req: TTSReq) -> None:
         voice = self.voice_for(req)
+        if req.bistream:
+            return self.start_bistream(req, voice)
         pieces = [self.frontend.tokenize(p) for p in self.frontend.normalize(req.tts_text, split=True)]
         pieces = [p for p in pieces if p]
         if not pieces:
             raise RequestError(400, "tts_text has nothing to speak after text normalisation")
+        self.send_llm_req(req, voice, pieces)
+
+    def send_llm_req(self, req: TTSReq, voice: Voice, pieces: list) -> None:
         prompt_text, prompt_speech = voice.prompt_text_ids, voice.speech_tokens
         if req.mode == "cross_lingual":
             prompt_text, prompt_speech = EMPTY, EMPTY
@@ -96,11 +117,34 @@ class EncodeWorker:
             prompt_speech = EMPTY
         decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
                                 prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
-                                speed=req.speed, seed=req.seed, num_pieces=len(pieces), created=req.created)
+                                speed=req.speed, seed=req.seed, num_pieces=max(1, len(pieces)), created=req.created)
         sock_send(self.send_to_llm, LLMReq(
             rid=req.rid, reply_to=req.reply_to, text_pieces=pieces, prompt_text_ids=prompt_text,
             prompt_speech_tokens=prompt_speech, decode=decode, seed=req.seed, max_speech_tokens=req.max_speech_tokens,
-            fixed_speech_tokens=req.fixed_speech_tokens, created=req.created))
+            fixed_speech_tokens=req.fixed_speech_tokens, bistream=req.bistream, created=req.created))
+
+    # ---- bistream -------------------------------------------------------------------------------
+
+    def start_bistream(self, req: TTSReq, voice: Voice) -> None:
+        self.send_llm_req(req, voice, [])
+        fe = self.frontend
+        self.streams[req.rid] = TextStream(lambda t: fe.normalize(t, split=False), fe.tokenize)
+        while len(self.streams) > MAX_STREAMS:
+            self.streams.popitem(last=False)
+
+    def handle_text(self, req: TextPieceReq) -> None:
+        stream = self.streams.get(req.rid)
+        if stream is None:   # ended (error, abort, or its voice failed): nothing to do
+            return
+        tokens = stream.push(req.text) if req.text else []
+        if req.finish:
+            tokens += stream.flush()
+            del self.streams[req.rid]
+        if tokens or req.finish:
+            sock_send(self.send_to_llm, TextTokensReq(rid=req.rid, tokens=tokens, finish=req.finish))
+
+    def handle_abort(self, req: AbortReq) -> None:
+        self.streams.pop(req.rid, None)
 
     def handle_register(self, req: VoiceRegisterReq) -> None:
         cache = self.frontend.cache

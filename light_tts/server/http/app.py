@@ -11,19 +11,19 @@ import asyncio
 import base64
 import binascii
 import hmac
-import json
 import logging
 import re
 import struct
 import time
 from typing import Optional
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from light_tts.server.http.manager import BackendClient, Overloaded
 from light_tts.server.http.metrics import Metrics
+from light_tts.server.http.ws import TTSSocket, lighttts_bistream
 from light_tts.server.io_struct import AudioOutput, ErrorOutput, VoiceOutput
 from light_tts.server.ipc import Endpoints
 
@@ -415,42 +415,10 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
 
     @app.websocket("/inference_zero_shot_bistream")
     async def bistream(ws: WebSocket):
-        """LightTTS's protocol: {prompt_text, tts_model_name}, the prompt wav (binary), {"tts_text": ...}
-        pieces, {"finish": true}; int16 PCM frames back. Text pieces are gathered until finish."""
-        await ws.accept()
-        try:
-            start = json.loads(await ws.receive_text())
-            if not isinstance(start, dict):
-                raise BadRequest("the first message must be a JSON object {prompt_text, tts_model_name}")
-            audio = await ws.receive_bytes()
-            if len(audio) > args.max_upload_bytes:
-                raise BadRequest(f"prompt audio is over the limit of {args.max_upload_bytes} bytes", 413)
-            pieces, size = [], 0
-            while True:
-                msg = json.loads(await ws.receive_text())
-                if not isinstance(msg, dict):
-                    raise BadRequest('text messages must be JSON objects: {"tts_text": ...} or {"finish": true}')
-                if msg.get("finish"):
-                    break
-                pieces.append(str(msg.get("tts_text", "")))
-                size += len(pieces[-1])
-                if size > args.max_req_total_len:
-                    raise BadRequest(f"tts_text is over {args.max_req_total_len} characters (--max_req_total_len)")
-            params = {"prompt_text": str(start.get("prompt_text", "")), "tts_text": "".join(pieces),
-                      "prompt_wav": audio, "stream": "true"}
-            fields = api.tts_fields(params, "zero_shot", "pcm")
-            fields.pop("_format")
-            async for out in api.client.synthesize(args.request_timeout, **fields):
-                if isinstance(out, ErrorOutput):
-                    await ws.send_text(json.dumps({"error": out.message, "status": out.status}))
-                    break
-                if out.pcm:
-                    await ws.send_bytes(out.pcm)
-            await ws.close()
-        except (BadRequest, ValueError, KeyError, TypeError) as e:
-            await ws.send_text(json.dumps({"error": str(e), "status": getattr(e, "status", 400)}))
-            await ws.close(code=1003)
-        except (WebSocketDisconnect, Overloaded):
-            pass
+        await lighttts_bistream(api, ws)
+
+    @app.websocket("/ws/tts")
+    async def ws_tts(ws: WebSocket):
+        await TTSSocket(api, ws).run()
 
     return app

@@ -20,8 +20,8 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, TTSReq, VoiceDeleteReq, VoiceOutput,
-                                        VoiceRegisterReq, VoiceStoreReq, async_recv, async_send)
+from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, TextPieceReq, TTSReq, VoiceDeleteReq,
+                                        VoiceOutput, VoiceRegisterReq, VoiceStoreReq, async_recv, async_send)
 from light_tts.server.ipc import Endpoints, StatusTable, stage_health
 
 log = logging.getLogger("lighttts")
@@ -158,11 +158,26 @@ class BackendClient:
             if not state.finished:  # client went away, timed out, or a stage failed: free it everywhere
                 await self.abort(rid)
 
-    async def abort(self, rid: str) -> None:
+    async def abort(self, rid: str, encode=None) -> None:
         msg = AbortReq(rid=rid)
+        if encode is not None:        # a bistream request: its encode process holds its text state
+            await self._send(encode, msg)
         await self._send(self.send_to_llm, msg)
         for s in self.send_to_decode:
             await self._send(s, msg)
+
+    async def open_bistream(self, **fields) -> "BistreamRequest":
+        """Start a request whose text follows (BistreamRequest.send_text); raises Overloaded."""
+        rid, state = self._open()
+        encode = self.send_to_encode[next(self._encode_rr) % len(self.send_to_encode)]
+        req = TTSReq(rid=rid, reply_to=self.reply_addr, created=state.created, tts_text="", stream=True,
+                     bistream=True, **fields)
+        try:
+            await self._send(encode, req)
+        except BaseException:
+            self.states.pop(rid, None)
+            raise
+        return BistreamRequest(self, rid, state, encode)
 
     async def _single(self, sock, make, timeout: float):
         rid, state = self._open()
@@ -186,3 +201,32 @@ class BackendClient:
             await self._send(sock, VoiceDeleteReq(rid=self.new_rid(), reply_to=self.reply_addr, voice_id=voice_id))
         return await self._single(self.send_to_encode[0], lambda rid: VoiceDeleteReq(
             rid=rid, reply_to=self.reply_addr, voice_id=voice_id), timeout)
+
+
+class BistreamRequest:
+    """One request whose text arrives in pieces. Its text goes to the encode process that got its
+    TTSReq (the same PUSH socket keeps the order); its outputs come through the client's queue."""
+
+    def __init__(self, client: BackendClient, rid: str, state: ReqState, encode):
+        self.client, self.rid, self.state, self.encode = client, rid, state, encode
+        self.closed = False
+
+    async def send_text(self, text: str, finish: bool = False) -> None:
+        await self.client._send(self.encode, TextPieceReq(rid=self.rid, reply_to=self.client.reply_addr, text=text,
+                                                          finish=finish))
+
+    async def next_output(self, timeout: float):
+        """The next AudioOutput or ErrorOutput; asyncio.TimeoutError after `timeout` s of nothing."""
+        out = await asyncio.wait_for(self.state.queue.get(), timeout=timeout)
+        if isinstance(out, ErrorOutput) or (isinstance(out, AudioOutput) and out.finished):
+            self.state.finished = True
+        return out
+
+    async def close(self) -> None:
+        """Forget the request; unless it ended, drop it in every stage (interrupt, error, disconnect)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client.states.pop(self.rid, None)
+        if not self.state.finished:
+            await self.client.abort(self.rid, self.encode)

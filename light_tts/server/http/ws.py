@@ -1,0 +1,312 @@
+"""WebSocket synthesis with text streamed in: `/ws/tts` (our protocol) and LightTTS's
+`/inference_zero_shot_bistream`. Protocols: docs/websocket.md.
+
+A socket runs one utterance at a time (an Utterance: a BistreamRequest plus its audio pump). The
+socket's reader loop forwards text as it comes; the pump task sends audio as the decode stage
+makes it. Every send goes through one lock, and an interrupt cancels the pump while holding it,
+so no audio frame can follow the `interrupted` event.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from typing import Optional
+
+from fastapi import WebSocket, WebSocketDisconnect
+
+from light_tts.server.http.manager import Overloaded
+from light_tts.server.io_struct import ErrorOutput
+
+log = logging.getLogger("lighttts")
+SAMPLE_RATE = 24000
+
+
+class ProtocolError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class Utterance:
+    """One bistream request on a socket: text in, audio out, with an idle deadline (--request_timeout
+    since the last text or audio) so an abandoned utterance never holds KV for long."""
+
+    def __init__(self, api, request, index: int, request_id=None):
+        self.api, self.request, self.index, self.request_id = api, request, index, request_id
+        self.t_start = self.last_activity = time.time()
+        self.t_first_text: Optional[float] = None
+        self.chars = 0
+        self.finished_text = False
+        self.chunks = 0
+        self.samples = 0
+        self.pump: Optional[asyncio.Task] = None
+
+    async def text(self, text: str) -> None:
+        self.chars += len(text)
+        limit = self.api.args.max_req_total_len
+        if self.chars > limit:
+            raise ProtocolError(f"the utterance's text is over {limit} characters (--max_req_total_len)", 413)
+        if self.t_first_text is None:
+            self.t_first_text = time.time()
+        self.last_activity = time.time()
+        await self.request.send_text(text)
+
+    async def finish(self) -> None:
+        self.finished_text = True
+        self.last_activity = time.time()
+        await self.request.send_text("", finish=True)
+
+    async def outputs(self):
+        """AudioOutput / ErrorOutput until the request ends; a 504 ErrorOutput when idle too long."""
+        timeout = self.api.args.request_timeout
+        while True:
+            left = self.last_activity + timeout - time.time()
+            if left <= 0:
+                yield ErrorOutput(rid=self.request.rid, status=504,
+                                  message=f"no text or audio for {timeout:g} s (--request_timeout)")
+                return
+            try:
+                out = await self.request.next_output(timeout=min(left, 1.0))
+            except asyncio.TimeoutError:
+                continue
+            self.last_activity = time.time()
+            yield out
+            if self.request.state.finished:
+                return
+
+
+class Sender:
+    """Serialises sends on one socket (the reader loop and the pump both send)."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self.lock = asyncio.Lock()
+
+    async def json(self, obj: dict) -> None:
+        async with self.lock:
+            await self.ws.send_text(json.dumps(obj))
+
+    async def audio(self, pcm: bytes, event: Optional[dict] = None) -> None:
+        async with self.lock:
+            await self.ws.send_bytes(pcm)
+            if event is not None:
+                await self.ws.send_text(json.dumps(event))
+
+
+def _ms(t: Optional[float]) -> Optional[float]:
+    return None if t is None else round((time.time() - t) * 1000, 1)
+
+
+class TTSSocket:
+    """WS /ws/tts."""
+
+    def __init__(self, api, ws: WebSocket):
+        self.api, self.ws = api, ws
+        self.send = Sender(ws)
+        self.utt: Optional[Utterance] = None
+        self.count = 0
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                raw = await self.ws.receive()
+                if raw["type"] == "websocket.disconnect":
+                    return
+                try:
+                    await self.handle(raw)
+                except ProtocolError as e:
+                    await self.error(e.status, str(e), final=False)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
+            await self.end_utterance(cancel=True)
+
+    async def error(self, status: int, message: str, *, final: bool, utterance: Optional[int] = None) -> None:
+        await self.send.json({"type": "error", "status": status, "message": message, "final": final,
+                              "utterance": utterance if utterance is not None else
+                              (self.utt.index if self.utt is not None else None)})
+
+    async def handle(self, raw: dict) -> None:
+        if raw.get("text") is None:
+            raise ProtocolError("binary frames are not accepted here: send JSON text frames (docs/websocket.md)")
+        try:
+            msg = json.loads(raw["text"])
+        except ValueError:
+            raise ProtocolError("not JSON: every message is a JSON object with a \"type\"")
+        if not isinstance(msg, dict):
+            raise ProtocolError("a message must be a JSON object with a \"type\"")
+        kind = msg.get("type")
+        if kind == "start":
+            await self.start(msg)
+        elif kind in ("text", "finish", "interrupt"):
+            if self.utt is None:
+                raise ProtocolError(f"{kind}: no utterance is active (send start first)", 409)
+            if kind == "interrupt":
+                await self.interrupt()
+            elif self.utt.finished_text:
+                raise ProtocolError(f"{kind}: the utterance already got finish", 409)
+            elif kind == "finish":
+                await self.utt.finish()
+            else:
+                text = msg.get("text")
+                if not isinstance(text, str):
+                    raise ProtocolError("text: \"text\" must be a string")
+                try:
+                    await self.utt.text(text)
+                except ProtocolError as e:  # the utterance cannot go on
+                    index = self.utt.index
+                    await self.end_utterance(cancel=True)
+                    await self.error(e.status, str(e), final=True, utterance=index)
+        else:
+            raise ProtocolError(f"unknown type {kind!r}: expected start, text, finish or interrupt")
+
+    async def start(self, msg: dict) -> None:
+        if self.utt is not None:
+            raise ProtocolError("start: an utterance is active; finish or interrupt it first", 409)
+        fields = start_fields(self.api, msg)
+        try:
+            request = await self.api.client.open_bistream(**fields)
+        except Overloaded as e:
+            raise ProtocolError(f"server busy: {e}; retry shortly", 503)
+        self.utt = utt = Utterance(self.api, request, self.count, msg.get("request_id"))
+        self.count += 1
+        await self.send.json({"type": "started", "utterance": utt.index, "request_id": utt.request_id})
+        utt.pump = asyncio.create_task(self.pump(utt))
+
+    async def pump(self, utt: Utterance) -> None:
+        endpoint = "/ws/tts"
+        status = 200
+        try:
+            async for out in utt.outputs():
+                if isinstance(out, ErrorOutput):
+                    status = out.status
+                    await self.error(out.status, out.message, final=True, utterance=utt.index)
+                    break
+                if out.pcm:
+                    if utt.chunks == 0:
+                        self.api.metrics.first_chunk(time.time() - utt.t_start)
+                    event = {"type": "chunk", "utterance": utt.index, "index": utt.chunks, "samples": len(out.pcm) // 2,
+                             "ms_since_start": _ms(utt.t_start), "ms_since_first_text": _ms(utt.t_first_text)}
+                    await self.send.audio(out.pcm, event)
+                    utt.chunks += 1
+                    utt.samples += len(out.pcm) // 2
+                if out.finished:
+                    await self.send.json({"type": "done", "utterance": utt.index, "chunks": utt.chunks,
+                                          "audio_seconds": round(utt.samples / SAMPLE_RATE, 3)})
+                    break
+        except (WebSocketDisconnect, RuntimeError):
+            status = 499
+        finally:
+            self.api.metrics.done(endpoint, status, audio_seconds=utt.samples / SAMPLE_RATE,
+                                  wall=time.time() - utt.t_start)
+            await utt.request.close()
+            if self.utt is utt:
+                self.utt = None
+
+    async def interrupt(self) -> None:
+        utt = self.utt
+        async with self.send.lock:        # the pump is not mid-send while we hold this
+            await self.end_utterance(cancel=True)
+            await self.ws.send_text(json.dumps({"type": "interrupted", "utterance": utt.index}))
+
+    async def end_utterance(self, cancel: bool) -> None:
+        utt, self.utt = self.utt, None
+        if utt is None:
+            return
+        if cancel and utt.pump is not None and not utt.pump.done():
+            utt.pump.cancel()
+            await asyncio.gather(utt.pump, return_exceptions=True)
+        await utt.request.close()       # aborts in every stage unless it had ended
+
+
+def start_fields(api, msg: dict) -> dict:
+    """The request fields of a start message (voice_id, or prompt_wav base64 + prompt_text)."""
+    from light_tts.server.http.app import VOICE_ID
+    voice_id = msg.get("voice_id")
+    prompt_text = msg.get("prompt_text", "")
+    if not isinstance(prompt_text, str):
+        raise ProtocolError("start: prompt_text must be a string")
+    audio = None
+    if voice_id is not None:
+        if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
+            raise ProtocolError("start: voice_id must be 1-64 letters, digits, '_', '-', '.'")
+    else:
+        b64 = msg.get("prompt_wav")
+        if not isinstance(b64, str) or not b64:
+            raise ProtocolError("start: give voice_id (a registered voice) or prompt_wav (base64 audio) + prompt_text")
+        if len(b64) > api.args.max_upload_bytes * 4 // 3 + 4:
+            raise ProtocolError(f"start: prompt_wav is over the limit of {api.args.max_upload_bytes} bytes", 413)
+        try:
+            audio = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("start: prompt_wav is not valid base64")
+    fields = dict(voice_id=voice_id, prompt_audio=audio, prompt_text=prompt_text,
+                  mode="zero_shot" if (voice_id or prompt_text.strip()) else "cross_lingual")
+    for name, hi in (("seed", 2**63 - 1), ("max_speech_tokens", api.args.max_req_total_len)):
+        v = msg.get(name)
+        if v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or not (0 if name == "seed" else 1) <= v <= hi:
+                raise ProtocolError(f"start: {name} must be a whole number in range")
+        fields[name] = v
+    return fields
+
+
+async def lighttts_bistream(api, ws: WebSocket) -> None:
+    """WS /inference_zero_shot_bistream (LightTTS's protocol): {prompt_text, tts_model_name}, the prompt
+    audio as one binary frame, {"tts_text": ...} frames, {"finish": true}; PCM frames back as they
+    are made; the server closes after the last one. Errors: {"error": ..., "status": ...}, then close."""
+    await ws.accept()
+    send = Sender(ws)
+    request = None
+    pump = None
+
+    async def forward(utt: Utterance):
+        async for out in utt.outputs():
+            if isinstance(out, ErrorOutput):
+                await send.json({"error": out.message, "status": out.status})
+                return
+            if out.pcm:
+                await send.audio(out.pcm)
+            if out.finished:
+                return
+    try:
+        start = json.loads(await ws.receive_text())
+        if not isinstance(start, dict):
+            raise ProtocolError("the first message must be a JSON object {prompt_text, tts_model_name}")
+        audio = await ws.receive_bytes()
+        if len(audio) > api.args.max_upload_bytes:
+            raise ProtocolError(f"prompt audio is over the limit of {api.args.max_upload_bytes} bytes", 413)
+        prompt_text = str(start.get("prompt_text", ""))
+        request = await api.client.open_bistream(prompt_text=prompt_text, prompt_audio=audio, voice_id=None,
+                                                 mode="zero_shot" if prompt_text.strip() else "cross_lingual")
+        utt = Utterance(api, request, 0)
+        pump = asyncio.create_task(forward(utt))
+        while True:
+            msg = json.loads(await ws.receive_text())
+            if not isinstance(msg, dict):
+                raise ProtocolError('text messages must be JSON objects: {"tts_text": ...} or {"finish": true}')
+            if msg.get("finish"):
+                await utt.finish()
+                break
+            await utt.text(str(msg.get("tts_text", "")))
+        await pump
+        await ws.close()
+    except (ProtocolError, ValueError, KeyError, TypeError) as e:
+        await send.json({"error": str(e), "status": getattr(e, "status", 400)})
+        await ws.close(code=1003)
+    except Overloaded as e:
+        await send.json({"error": f"server busy: {e}", "status": 503})
+        await ws.close(code=1013)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        if request is not None:
+            await request.close()
