@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, fields
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from benchmark import percentile  # scripts/benchmark.py: the same percentile for both load tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_WAV = os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav")
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -562,15 +564,6 @@ async def bench_session(args, index: int) -> list[Result]:
         if ws is not None:
             await ws.close()
     return results
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def spread(values: list[float]) -> dict:
