@@ -207,6 +207,12 @@ def test_multi_behind_nginx(tiny_model_dir, tmp):
         for check in ("zero_shot", "stream", "concurrency"):
             assert len(re.findall(rf"\s{check}\s+PASS", v.stdout)) == 3, v.stdout
 
+        # WebSocket bistream through nginx's upgrade (location /ws): audio streams back, then done
+        w = subprocess.run([sys.executable, os.path.join(SCRIPTS, "ws_client.py"), "--url", f"ws://127.0.0.1:{front}/ws/tts",
+                            "--simulate-stream", "--max-speech-tokens", "10", "--piece-interval-ms", "5"],
+                           capture_output=True, text=True, timeout=180)
+        assert w.returncode == 0 and re.search(r"result\s+ok", w.stdout), w.stdout + w.stderr
+
         # one instance dies (SIGKILL to all its processes) while requests flow: no client sees an error
         done_before, second_before = [], served(p2)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:

@@ -207,3 +207,44 @@ def test_ws_client_interrupt_check(server):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout
     wait_pool_free(server)
+
+
+def test_fuzzed_messages_never_break_the_socket(server):
+    """Random frames (JSON of every shape, known types with wrong fields, bytes, text) on one socket:
+    each gets a well-formed event with a 4xx status or is accepted; the socket and server go on.
+    A sentinel after each frame (an unknown type naming its index) marks where its replies end."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                        st.text(max_size=40))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=3), max_leaves=6)
+    fields = st.sampled_from(["type", "text", "voice_id", "prompt_text", "prompt_wav", "seed", "max_speech_tokens",
+                              "request_id", "finish", "tts_text"])
+    typed = st.builds(lambda t, extra: json.dumps({"type": t, **extra}),
+                      st.sampled_from(["start", "text", "finish", "interrupt", "Start", "", "pause"]),
+                      st.dictionaries(fields, values, max_size=4))
+    frames = st.one_of(typed, values.map(json.dumps), st.text(max_size=60), st.binary(max_size=60))
+    counter = iter(range(10**6))
+    with connect(ws_url(server), open_timeout=30, max_size=None) as ws:
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(frames)
+        def check(frame):
+            n = next(counter)
+            ws.send(frame)
+            ws.send(json.dumps({"type": f"sentinel-{n}"}))
+            deadline = time.time() + 60
+            while True:
+                msg = ws.recv(timeout=max(0.1, deadline - time.time()))
+                if isinstance(msg, bytes):
+                    continue
+                ev = json.loads(msg)
+                assert ev["type"] in ("started", "chunk", "done", "interrupted", "error"), ev
+                if ev["type"] == "error":
+                    assert 400 <= ev["status"] < 500 and isinstance(ev["message"], str) and ev["message"], ev
+                    if f"sentinel-{n}" in ev["message"]:
+                        return
+        check()
+        ws.send(json.dumps({"type": "interrupt"}))   # end whatever the fuzz left running
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    wait_pool_free(server)
