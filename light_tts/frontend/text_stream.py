@@ -28,18 +28,12 @@ change and releases the rest, as ids, at once:
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Callable, Optional
 
 from light_tts.frontend.text import is_only_punctuation
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["TextStream"]
-
 _SEGMENT = re.compile(r"\s*\S+")          # a token with the whitespace in front of it
-_BLANKS = re.compile(r"\s+")
 _SENTENCE_END = tuple(".!?;。！？；…")
 _CLOSERS = "\"')]}”’）】」』"
 
@@ -119,15 +113,10 @@ class TextStream:
     def _speak(self, part: str) -> list[int]:
         if not part or part.isspace():
             return []
-        raw = _BLANKS.sub(" ", part)  # wetext's English grammar asserts on runs of blanks
-        try:
-            text = self._normalize(raw)
-        except Exception as exc:  # wetext asserts on some inputs ("! !"): speak the text as written
-            logger.warning("normalisation failed for %r (%r); using the text as written", raw, exc)
-            text = raw.strip()
+        text = self._normalize(part)   # normalize_text folds blank runs and survives wetext's asserts
         if not text or text.isspace() or (self._last is None and is_only_punctuation(text.replace(" ", ""))):
             return []
-        if raw[0] == " " and self._last is not None and not text[0].isspace() \
+        if part[0].isspace() and self._last is not None and not text[0].isspace() \
                 and not _is_wide(self._last) and not _is_wide(text[0]):
             text = " " + text
         self._last = text[-1]

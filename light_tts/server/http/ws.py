@@ -201,6 +201,9 @@ class TTSSocket:
                     break
         except (WebSocketDisconnect, RuntimeError):
             status = 499
+        except asyncio.CancelledError:   # interrupted, or the socket went away
+            status = 499
+            raise
         finally:
             self.api.metrics.done(endpoint, status, audio_seconds=utt.samples / SAMPLE_RATE,
                                   wall=time.time() - utt.t_start)
@@ -266,14 +269,17 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
     pump = None
 
     async def forward(utt: Utterance):
-        async for out in utt.outputs():
-            if isinstance(out, ErrorOutput):
-                await send.json({"error": out.message, "status": out.status})
-                return
-            if out.pcm:
-                await send.audio(out.pcm)
-            if out.finished:
-                return
+        try:
+            async for out in utt.outputs():
+                if isinstance(out, ErrorOutput):
+                    await send.json({"error": out.message, "status": out.status})
+                    return
+                if out.pcm:
+                    await send.audio(out.pcm)
+                if out.finished:
+                    return
+        finally:  # ended, failed or timed out: free it in every stage now, not when the client leaves
+            await utt.request.close()
     try:
         start = json.loads(await ws.receive_text())
         if not isinstance(start, dict):

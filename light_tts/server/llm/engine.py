@@ -229,7 +229,7 @@ class LLMEngine:
         if bad:
             return bad
         prompt = 2 + len(req.prompt_text_ids) + len(req.prompt_speech_tokens)
-        if prompt + 16 > self.bistream_max_len:
+        if prompt + 16 > self.bistream_max_len:   # room for at least one 15-token run and its fill
             return (f"prompt too long for bistream: {prompt} tokens (prompt text {len(req.prompt_text_ids)} + prompt "
                     f"speech {len(req.prompt_speech_tokens)} + 2) leaves no room in --bistream_max_len "
                     f"{self.bistream_max_len}")
@@ -257,15 +257,14 @@ class LLMEngine:
 
     def add(self, req: LLMReq) -> Sequence:
         seed = int(req.seed) if req.seed is not None else random.SystemRandom().randrange(2**63)
-        seq = Sequence(req=req, plans=[] if req.bistream else self.plan(req), seed=seed, order=self._arrivals,
+        # a bistream request is one open-ended piece; its length bound is --bistream_max_len
+        plans = [PiecePlan([], 0, 0, self.bistream_max_len)] if req.bistream else self.plan(req)
+        seq = Sequence(req=req, plans=plans, seed=seed, order=self._arrivals,
                        prompt_text=_ids(req.prompt_text_ids), prompt_speech=_ids(req.prompt_speech_tokens))
         if req.bistream:
             seq.policy = BistreamPolicy(seq.prompt_text, seq.prompt_speech, self.llm.speech_token_size,
                                         self.llm.mix_ratio)
-            seq.plans = [PiecePlan([], 0, 0, self.bistream_max_len)]
-            if self.sampler.mode == "exact" and not self.sampler.greedy:
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(seq.seed)
+            seq.generator = self._new_generator(seq.seed)   # one RNG for the whole utterance
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -297,7 +296,7 @@ class LLMEngine:
         return None
 
     def has(self, rid: str) -> bool:
-        return any(s.rid == rid for s in self.waiting) or any(s.rid == rid for s in self.running)
+        return self.find(rid) is not None
 
     # ---- router ---------------------------------------------------------------------------------
 
@@ -458,9 +457,7 @@ class LLMEngine:
             seq.paused = False                     # resume: prompt + the tokens so far, same sampler state
         else:
             seq.decoded = []
-            if self.sampler.mode == "exact" and not self.sampler.greedy:
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(seq.seed)
+            seq.generator = self._new_generator(seq.seed)   # the seed re-applied per piece
         lm_input = self.llm.build_lm_input(plan.text_ids, seq.prompt_text, seq.prompt_speech)[0]
         if seq.decoded:
             fed = torch.tensor(seq.decoded, dtype=torch.long, device=self.device)
@@ -492,6 +489,14 @@ class LLMEngine:
         seq.own_start, seq.seq_len = 0, past + n_new
         seq.fed += items
         return self.llm.embed_items(items), n_new, seq.seq_len, None
+
+    def _new_generator(self, seed: int) -> Optional[torch.Generator]:
+        """The exact sampler's per-request RNG (None for the batched sampler and greedy)."""
+        if self.sampler.mode != "exact" or self.sampler.greedy:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
 
     def _alloc(self, n: int) -> torch.Tensor:
         if not self.pool.can_alloc(n):
