@@ -26,11 +26,13 @@ from light_tts.kernels import reference as ref  # noqa: E402
 from light_tts.kernels.context_attention import context_attention, context_attention_int8  # noqa: E402
 from light_tts.kernels.decode_attention import BLOCK_SEQS, decode_attention, decode_attention_int8, pick_block_seq  # noqa: E402
 from light_tts.kernels.int8_kv import store_kv_int8  # noqa: E402
-from light_tts.kernels.rms_norm import rms_norm  # noqa: E402
+from light_tts.kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from light_tts.kernels.silu_mul import silu_mul  # noqa: E402
 from light_tts.kernels.rotary import rotary  # noqa: E402
 from light_tts.kernels.store_kv import store_kv  # noqa: E402
 
 HQ, HKV, D, HIDDEN = 14, 2, 64, 896
+INTERMEDIATE = 4864   # Qwen2-0.5B MLP
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Max abs error allowed on O(1) outputs (attention: weighted means of unit-normal values).
 ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
@@ -99,7 +101,7 @@ class Pool:
 
 
 def bench_elementwise(dtype, dev, g, quick):
-    print("store_kv / store_kv_int8 / rms_norm / rotary", flush=True)
+    print("store_kv / store_kv_int8 / rms_norm / add_rms_norm / silu_mul / rotary", flush=True)
     for n in ends(ELEM_TOKENS, quick):
         qkv = torch.randn(n, (HQ + 2 * HKV) * D, generator=g, device=dev).to(dtype)
         k = qkv[:, HQ * D:(HQ + HKV) * D].view(n, HKV, D)
@@ -131,6 +133,20 @@ def bench_elementwise(dtype, dev, g, quick):
         y_ref = ref.rms_norm(x, w, 1e-6)
         record("rms_norm", f"N={n} H={HIDDEN}", max_err(rms_norm(x, w, 1e-6), y_ref),
                elem_tol(dtype, y_ref), ms(lambda: rms_norm(x, w, 1e-6, out=out)), ms(lambda: ref.rms_norm(x, w, 1e-6)))
+
+        delta = (torch.randn(n, HIDDEN, generator=g, device=dev) * 3).to(dtype)
+        xa, xr = x.clone(), x.clone()
+        y_ref = ref.add_rms_norm(xr, delta, w, 1e-6)
+        y = add_rms_norm(xa, delta, w, 1e-6)
+        # timed on fresh copies each call would time the copy too: repeated in-place adds are fine for timing
+        record("add_rms_norm", f"N={n} H={HIDDEN}", max(max_err(y, y_ref), max_err(xa, xr)),
+               elem_tol(dtype, y_ref), ms(lambda: add_rms_norm(xa, delta, w, 1e-6)),
+               ms(lambda: ref.add_rms_norm(xr, delta, w, 1e-6)))
+
+        gate_up = torch.randn(n, 2 * INTERMEDIATE, generator=g, device=dev).to(dtype)
+        y_ref = ref.silu_mul(gate_up)
+        record("silu_mul", f"N={n} I={INTERMEDIATE}", max_err(silu_mul(gate_up), y_ref), elem_tol(dtype, y_ref),
+               ms(lambda: silu_mul(gate_up)), ms(lambda: ref.silu_mul(gate_up)))
 
         pos = torch.randint(0, 2000, (n,), generator=g, device=dev)
         inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32, device=dev) / D))

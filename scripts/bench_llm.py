@@ -11,7 +11,8 @@ Rows:
 - engine decode, batch 1 / 8 / 32 / 64 / 128, for CUDA graphs on/off x int8 KV off/on: median
   ms per decode step (the whole engine step: forward, batched sampling, bookkeeping) and decode
   tokens/s (batch x steps / wall time of the decode steps, after the prefill).
-- engine forward only: one decode forward (graph replay or eager) timed with CUDA events.
+- engine GPU work only: one decode graph replay (the forward and, with the batched sampler, the
+  draw) or one eager forward, timed with CUDA events; "ms / step" minus this is the host's share.
 - engine prefill: one request of 200 / 500 / 1000 prompt tokens (prefill step, incl. sampling).
 - transformers: Qwen2ForCausalLM built from <model_dir>/CosyVoice-BlankEN/config.json with our
   body weights and the speech head (llm_decoder, with its bias) as lm_head, generate(250 new
@@ -82,29 +83,60 @@ class Timer:
         return (time.perf_counter() - self.t) * 1e3
 
 
-def decode_run(eng: LLMEngine, batch: int, rng, vocab, speech) -> dict:
+def gpu_work(eng: LLMEngine, check: bool) -> tuple:
+    """Median ms of the current batch's GPU work alone: its decode graph replayed (the forward and,
+    with the batched sampler, the draw) or one eager forward; each rewrites the slots the next real
+    step writes, which is harmless. With `check`, also compare the replay with the eager path:
+    logits within bf16 noise, and the in-graph draw equal to an eager draw on the graph's logits.
+    Returns (ms, check failures)."""
+    seqs = list(eng.running)
+    sample_rows = eng._sample_rows(seqs)[0]
+    # position seq_len is the one the next real step writes: pointing it at the padding slot is harmless
+    args = ([s.next_token or 0 for s in seqs], [s.row for s in seqs], [s.seq_len + 1 for s in seqs],
+            [eng.pool.pad_slot] * len(seqs))
+    graph = eng.graphs is not None and eng.graphs.can_run(len(seqs), max(args[2]))
+
+    def eager():
+        t = torch.tensor(args, dtype=torch.int64, device=eng.device)
+        return eng.runner.decode(t[0], t[1].int(), t[2].int(), t[3], max(args[2]))
+    fwd = []
+    for _ in range(10):
+        timer = Timer()
+        timer.start()
+        eng.graphs.run(*args, sample_rows) if graph else eager()
+        fwd.append(timer.stop())
+    bad = []
+    if check and graph:
+        logits, drawn = (t.clone() if t is not None else None for t in eng.graphs.run(*args, sample_rows))
+        ref = eager().float()
+        # the graph's attention launches for --graph_max_len_in_batch, the eager one for this batch: a
+        # different split of the sequence, so bf16 rounding differs a little through 24 layers
+        rel = ((logits.float() - ref).norm() / ref.norm()).item()
+        print(f"    graph vs eager logits: relative L2 error {rel:.2e}, max abs {(logits.float() - ref).abs().max().item():.3f}"
+              f" (max |logit| {ref.abs().max().item():.1f})", flush=True)
+        if rel > 2e-2:
+            bad.append(f"graph logits differ from eager: relative L2 error {rel:.2e}")
+        if drawn is not None:
+            inputs = torch.from_numpy(eng.sampler.inputs(sample_rows)).to(eng.device)
+            again = eng.sampler.draw(logits, inputs)
+            if not torch.equal(drawn, again):
+                bad.append(f"in-graph draw differs from an eager draw on the same logits in "
+                           f"{int((drawn != again).sum())} of {len(seqs)} rows")
+    return statistics.median(fwd[2:]), bad
+
+
+def decode_run(eng: LLMEngine, batch: int, rng, vocab, speech, check: bool = False) -> dict:
     for i in range(batch):
         eng.add(make_req(f"b{batch}-{i}", 200, rng, vocab, speech))
     while eng.waiting or any(not s.decoding for s in eng.running):
         assert eng.step().kind == "prefill"
     sync()
-    # forward only: replay the current batch's decode (rewrites the same slots; harmless)
-    seqs = list(eng.running)
-    fwd = []
-    for _ in range(10):
-        # position seq_len is the one the next real step writes: pointing it at the padding slot is harmless
-        args = ([s.next_token or 0 for s in seqs], [s.row for s in seqs], [s.seq_len + 1 for s in seqs],
-                [eng.pool.pad_slot] * len(seqs))
-        timer = Timer()
-        timer.start()
-        if eng.graphs is not None and eng.graphs.can_run(len(seqs), max(args[2])):
-            eng.graphs.run(*args)
-        else:
-            t = torch.tensor(args, dtype=torch.int64, device=eng.device)
-            eng.runner.decode(t[0], t[1].int(), t[2].int(), t[3], max(args[2]))
-        fwd.append(timer.stop())
-    step_ms, steps, t0 = [], 0, time.perf_counter()
+    step_ms, steps, t0, fwd_ms, bad = [], 0, time.perf_counter(), None, []
     while eng.running:
+        if steps == min(20, NEW_TOKENS // 2):   # mid-run, so the RAS windows and counters are not trivial
+            pause = time.perf_counter()
+            fwd_ms, bad = gpu_work(eng, check)
+            t0 += time.perf_counter() - pause
         t = time.perf_counter()
         res = eng.step()
         step_ms.append((time.perf_counter() - t) * 1e3)
@@ -113,8 +145,7 @@ def decode_run(eng: LLMEngine, batch: int, rng, vocab, speech) -> dict:
     sync()
     wall = time.perf_counter() - t0
     assert eng.kv_used() == 0
-    return dict(step_ms=statistics.median(step_ms), tok_s=batch * steps / wall, fwd_ms=statistics.median(fwd[2:]),
-                steps=steps)
+    return dict(step_ms=statistics.median(step_ms), tok_s=batch * steps / wall, fwd_ms=fwd_ms, steps=steps, bad=bad)
 
 
 def prefill_run(eng: LLMEngine, n: int, rng, vocab, speech) -> float:
@@ -162,7 +193,7 @@ def hf_run(hf, batch: int, cache: str, rng, vocab: int) -> dict:
         sync()
         assert out.shape[1] == 200 + n
         return time.perf_counter() - t
-    gen(4)                                        # warm-up (static cache allocation)
+    gen(NEW_TOKENS)        # warm-up at the measured length: static-cache shapes (and their compile) settle
     pre = min(gen(1) for _ in range(2))
     total = gen(NEW_TOKENS)
     return dict(step_ms=(total - pre) / (NEW_TOKENS - 1) * 1e3, tok_s=batch * NEW_TOKENS / total)
@@ -207,6 +238,7 @@ def main(argv=None) -> int:
     print(f"kernels: {kernels}\n", flush=True)
 
     rows = []   # (what, batch, step ms, tok/s, fwd ms)
+    failures = []
     for graphs in (True, False):
         for int8 in (False, True):
             t = time.perf_counter()
@@ -215,9 +247,10 @@ def main(argv=None) -> int:
             name = f"engine graphs={'on' if eng.graphs is not None else 'off'} int8kv={'on' if int8 else 'off'}"
             print(f"{name}: setup {setup:.1f} s ({eng.stats()['cuda_graphs']} graphs)", flush=True)
             for b in batches:
-                r = decode_run(eng, b, rng, vocab, speech)
+                r = decode_run(eng, b, rng, vocab, speech, check=True)
+                failures += [f"{name} batch {b}: {m}" for m in r["bad"]]
                 rows.append((name, b, r["step_ms"], r["tok_s"], r["fwd_ms"]))
-                print(f"  batch {b}: {r['step_ms']:.2f} ms/step, {r['tok_s']:.0f} tok/s, forward {r['fwd_ms']:.2f} ms",
+                print(f"  batch {b}: {r['step_ms']:.2f} ms/step, {r['tok_s']:.0f} tok/s, GPU work {r['fwd_ms']:.2f} ms",
                       flush=True)
             if graphs and not int8:
                 pre = [(n, prefill_run(eng, n, rng, vocab, speech)) for n in (int(x) for x in args.prefill.split(","))]
@@ -239,7 +272,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - report and keep the engine numbers
             print(f"transformers run failed: {type(e).__name__}: {e}", flush=True)
 
-    print("\n| what | batch | ms / decode step | decode tok/s | forward only ms |")
+    print("\n| what | batch | ms / decode step | decode tok/s | GPU work only ms |")
     print("|---|---:|---:|---:|---:|")
     for name, b, ms, tps, fwd in rows:
         print(f"| {name} | {b} | {ms:.2f} | {tps:,.0f} | {fwd:.2f} |")
@@ -250,7 +283,9 @@ def main(argv=None) -> int:
     for n, ms in pre:
         print(f"| {n} prompt tokens | {ms:.2f} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    return 0
+    print("graph checks: " + ("; ".join(failures) if failures else "ok (graph logits = eager within bf16 noise, "
+                                                                       "in-graph draws = eager draws)"))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

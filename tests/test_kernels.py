@@ -20,11 +20,13 @@ import triton  # noqa: E402,F401  (a hard dependency of these tests: see pyproje
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 _MODULES = {name: importlib.import_module(f"light_tts.kernels.{name}")
-            for name in ("store_kv", "rotary", "rms_norm", "context_attention", "decode_attention", "int8_kv")}
+            for name in ("store_kv", "rotary", "rms_norm", "silu_mul", "context_attention", "decode_attention",
+                         "int8_kv")}
 from light_tts.kernels import reference as ref  # noqa: E402
 
 K = {name: getattr(_MODULES[mod], name) for mod, names in (
-    ("store_kv", ["store_kv"]), ("rotary", ["rotary"]), ("rms_norm", ["rms_norm"]),
+    ("store_kv", ["store_kv"]), ("rotary", ["rotary"]), ("rms_norm", ["rms_norm", "add_rms_norm"]),
+    ("silu_mul", ["silu_mul"]),
     ("context_attention", ["context_attention", "context_attention_int8"]),
     ("decode_attention", ["decode_attention", "decode_attention_int8"]),
     ("int8_kv", ["store_kv_int8"])) for name in names}
@@ -47,7 +49,8 @@ def test_kernels_are_interpreted():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
     mods = _MODULES
     for kernel in (mods["store_kv"]._store_kv_kernel, mods["rotary"]._rotary_kernel,
-                   mods["rms_norm"]._rms_norm_kernel, mods["context_attention"]._context_attention_kernel,
+                   mods["rms_norm"]._rms_norm_kernel, mods["rms_norm"]._add_rms_norm_kernel,
+                   mods["silu_mul"]._silu_mul_kernel, mods["context_attention"]._context_attention_kernel,
                    mods["decode_attention"]._decode_stage1_kernel, mods["decode_attention"]._decode_stage2_kernel,
                    mods["int8_kv"]._store_kv_int8_kernel):
         assert isinstance(kernel, InterpretedFunction), kernel
@@ -130,6 +133,38 @@ def test_rms_norm(dtype):
     y2 = K["rms_norm"](x, weight, 1e-6)  # allocating path
     assert y2.dtype == dtype and y2.shape == (n, h)
     torch.testing.assert_close(y2, expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype):
+    g = torch.Generator().manual_seed(4)
+    n, h = 5, 96
+    wide = (torch.randn(n, h + 32, generator=g) * 3).to(dtype)
+    delta = (torch.randn(n, h, generator=g) * 3).to(dtype)
+    weight = (torch.rand(h, generator=g) + 0.5).to(dtype)
+    x, x_ref = wide[:, 16:16 + h], wide.clone()[:, 16:16 + h]   # strided rows, updated in place
+    x0 = x.clone()
+    y = K["add_rms_norm"](x, delta, weight, 1e-6)
+    expected = ref.add_rms_norm(x_ref, delta, weight, 1e-6)
+    _assert_same(x, x0 + delta)                    # the residual: one rounding of x + delta
+    _assert_same(x_ref, x0 + delta)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(y, expected, **tol)
+    untouched = wide.clone()
+    K["add_rms_norm"](wide[:, 16:16 + h], delta, weight, 1e-6)
+    _assert_same(wide[:, :16], untouched[:, :16])  # columns outside the view are not written
+    _assert_same(wide[:, 16 + h:], untouched[:, 16 + h:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    g = torch.Generator().manual_seed(5)
+    n, i = 3, 1500                                 # two column blocks, the second one masked
+    gate_up = (torch.randn(n, 2 * i + 8, generator=g) * 4).to(dtype)[:, :2 * i]   # strided rows
+    y = K["silu_mul"](gate_up)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(y, ref.silu_mul(gate_up), **tol)
+    assert y.shape == (n, i) and y.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

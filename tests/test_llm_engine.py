@@ -224,3 +224,53 @@ def test_estimated_peak_matches_lightllm_formula():
     # sorted by remaining length: 30, 12, 5 -> max(20 + 30, 25 + 2 * 12, 35 + 3 * 5)
     assert estimated_peak(loads) == max(20 + 30, 25 + 2 * 12, 35 + 3 * 5)
     assert estimated_peak([Load(10, 5, later=50, steps=20)]) == 50  # a later, larger piece
+
+
+def test_fused_projections_equal_separate(lm):
+    """The CUDA layout (one q/k/v GEMM, one gate/up GEMM + silu_mul), forced on here on the CPU,
+    computes the same logits as the separate projections, prefill and decode."""
+    cfg = lm.llm.model.model.config
+    outs = {}
+    for fuse in (False, True):
+        pool = KVPool(64, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+        reqs = ReqManager(2, 32, pool.pad_slot, "cpu")
+        runner = ModelRunner(lm, pool, reqs, fuse=fuse)
+        assert (runner.fused_qkv is not None, runner.fused_gate_up is not None) == (fuse, fuse)
+        x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+        rows, slots = [reqs.alloc(), reqs.alloc()], pool.alloc(9)
+        reqs.write(rows[0], 0, slots[:4])
+        reqs.write(rows[1], 0, slots[4:])
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+        with torch.inference_mode():
+            pre = runner.prefill(x, torch.cat((torch.arange(4), torch.arange(5))), slots, i32(rows), i32([0, 4]),
+                                 i32([4, 5]), i32([4, 5]), 5)
+            dec = runner.decode(torch.tensor([3, 9]), i32(rows), i32([5, 6]), pool.alloc(2), 6)
+        outs[fuse] = torch.cat((pre, dec))
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_draw_masks_and_ras():
+    """Sampler.draw (the batched / in-graph sampler): the length flags mask eos / every stop token,
+    RAS redraws a token already in the window, greedy takes the argmax of what is left."""
+    from light_tts.server.llm.sampler import Sampler, SampleRow
+    S = 20
+    logits = torch.full((4, S + 3), -5.0)
+    logits[:, S] = 10.0                       # eos by far the likeliest
+    logits[:, S + 1] = 7.0                    # then another stop token
+    logits[:, 7] = 4.0                        # then speech token 7
+    rows = [SampleRow(decoded=[], ignore_eos=False, block_stops=False, seed=1),
+            SampleRow(decoded=[], ignore_eos=True, block_stops=False, seed=2),
+            SampleRow(decoded=[], ignore_eos=False, block_stops=True, seed=3),
+            SampleRow(decoded=[1, 7], ignore_eos=False, block_stops=True, seed=4)]   # 7 in the window
+    greedy = Sampler(S, top_p=0.8, top_k=25, win_size=10, tau_r=0.1, mode="batched", greedy=True)
+    assert greedy.sample(logits, rows) == [S, S + 1, 7, 7]
+    sampler = Sampler(S, top_p=0.8, top_k=25, win_size=10, tau_r=0.1, mode="batched")
+    inputs = torch.from_numpy(sampler.inputs(rows))
+    assert inputs.shape == (3 + 10, 4) and inputs[2].tolist() == [0, 1, 2, 2]
+    assert inputs[3:, 3].tolist() == [-1] * 8 + [1, 7]
+    for counter in range(20):
+        for r in rows:
+            r.counter = counter
+        tokens = sampler.draw(logits, torch.from_numpy(sampler.inputs(rows))).tolist()
+        assert tokens[0] == S and tokens[1] == S + 1 and tokens[2] == 7    # top-p keeps only the top token
+        assert tokens[3] < S and tokens[3] != 7                             # 7 repeats: drawn again without it

@@ -20,7 +20,7 @@ from light_tts.kernels import reference
 
 log = logging.getLogger("lighttts")
 
-NAMES = ("store_kv", "context_attention", "decode_attention", "rms_norm", "rotary",
+NAMES = ("store_kv", "context_attention", "decode_attention", "rms_norm", "add_rms_norm", "silu_mul", "rotary",
          "store_kv_int8", "decode_attention_int8", "context_attention_int8")
 BACKENDS = ("auto", "reference", "triton")
 
@@ -104,6 +104,8 @@ store_kv = _make("store_kv")
 context_attention = _make("context_attention")
 decode_attention = _make("decode_attention")
 rms_norm = _make("rms_norm")
+add_rms_norm = _make("add_rms_norm")
+silu_mul = _make("silu_mul")
 rotary = _make("rotary")
 store_kv_int8 = _make("store_kv_int8")
 decode_attention_int8 = _make("decode_attention_int8")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["store_kv", "context_attention", "decode_attention", "rms_norm", "rotary",
+__all__ = ["store_kv", "context_attention", "decode_attention", "rms_norm", "add_rms_norm", "silu_mul", "rotary",
            "store_kv_int8", "decode_attention_int8", "context_attention_int8", "quantize_int8",
            "dequantize_int8"]
 
@@ -166,6 +166,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The residual update and the next norm in one: x += delta in place (one rounding to x's
+    dtype, as `x = x + delta`), then rms_norm(x). x, delta [N, H]; returns [N, H]."""
+    x.add_(delta)
+    return rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation on a fused gate/up projection: gate_up [N, 2I] -> silu(gate) * up [N, I],
+    each op rounded to the input dtype (as `act(gate) * up` on separate tensors)."""
+    i = gate_up.shape[1] // 2
+    return F.silu(gate_up[:, :i]) * gate_up[:, i:]
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

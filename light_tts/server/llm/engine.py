@@ -177,7 +177,8 @@ class LLMEngine:
         self.graphs = None
         if cuda_graph and self.device.type == "cuda":
             from light_tts.server.llm.cuda_graph import try_capture
-            self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len))
+            self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len),
+                                      self.sampler if self.sampler.mode == "batched" or greedy else None)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []             # admitted, in admission order
@@ -531,8 +532,9 @@ class LLMEngine:
             slot_list = slots.tolist()
             self.reqs.cpu[rows, np.asarray(lens) - 1] = slot_list   # the device table is written by the forward
             max_len = max(lens)
+            rows_forced, drawn = self._sample_rows(decoding), None
             if self.graphs is not None and self.graphs.can_run(len(decoding), max_len):
-                logits = self.graphs.run(tokens, rows, lens, slot_list)
+                logits, drawn = self.graphs.run(tokens, rows, lens, slot_list, rows_forced[0])
             else:
                 t = torch.tensor([tokens, rows, lens, slot_list], dtype=torch.int64).to(self.device)
                 logits = self.runner.decode(t[0], t[1].to(torch.int32), t[2].to(torch.int32), t[3], max_len)
@@ -542,30 +544,42 @@ class LLMEngine:
                 self._fail(seq, f"LLM decode step failed: {type(e).__name__}: {e}", res)
             return
         res.batch_size = len(decoding)
-        self._sample(decoding, logits, res)
+        self._sample(decoding, logits, res, rows_forced, drawn)
 
-    def _sample(self, batch: list, logits: torch.Tensor, res: StepResult) -> None:
-        rows, drawn, tokens = [], [], []
-        for i, seq in enumerate(batch):
+    def _sample_rows(self, batch: list) -> tuple[list, list]:
+        """The sampler's row of every entry, and the token a bistream policy forces at it (a scheduled
+        fill: nothing is drawn for it, so the exact sampler's RNG does not advance) or None."""
+        rows, forced = [], []
+        for seq in batch:
             if seq.policy is not None:
-                forced = seq.policy.forced_token()
-                tokens.append(forced)
-                if forced is not None:          # a scheduled fill: no draw (the RNG does not advance)
-                    continue
+                forced.append(seq.policy.forced_token())
                 rows.append(SampleRow(decoded=seq.policy.out, ignore_eos=seq.policy.ignore_eos, block_stops=False,
                                       generator=seq.generator, seed=seq.seed, counter=len(seq.policy.out)))
             else:
-                tokens.append(None)
+                forced.append(None)
                 plan = seq.plans[seq.piece]
                 rows.append(SampleRow(decoded=seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
                                       block_stops=seq.fixed, generator=seq.generator, seed=seq.seed,
                                       counter=(seq.piece << 24) | len(seq.decoded)))
-            drawn.append(i)
+        return rows, forced
+
+    def _sample(self, batch: list, logits: torch.Tensor, res: StepResult, rows_forced: Optional[tuple] = None,
+                drawn: Optional[torch.Tensor] = None) -> None:
+        """Draw (or take from `drawn`, the tokens the decode graph drew for every entry) and apply one
+        token per entry."""
+        rows, forced = rows_forced if rows_forced is not None else self._sample_rows(batch)
         try:
-            if rows:
-                sampled = self.sampler.sample(logits[drawn] if len(drawn) < len(batch) else logits, rows)
-                for i, token in zip(drawn, sampled):
-                    tokens[i] = token
+            if drawn is not None:
+                tokens = drawn.tolist()
+            else:
+                tokens = [None] * len(batch)
+                pick = [i for i, f in enumerate(forced) if f is None]
+                if pick:
+                    sampled = self.sampler.sample(logits[pick] if len(pick) < len(batch) else logits,
+                                                  [rows[i] for i in pick])
+                    for i, token in zip(pick, sampled):
+                        tokens[i] = token
+            tokens = [t if f is None else f for t, f in zip(tokens, forced)]
         except Exception as e:
             log.exception("sampling failed")
             for seq in batch:

@@ -8,12 +8,16 @@ Two kinds of batch, both packed (no padding):
              request has history before them)
     decode   one token per request, x [B, hidden]; request b's token sits at b_seq_len[b] - 1
 
-Per layer: rms_norm -> q/k/v projections -> rotary (in place) -> store_kv into the pool slots of
-the new tokens -> context_attention / decode_attention through req_to_token -> o_proj + residual
--> rms_norm -> SwiGLU MLP + residual. Kernels come from light_tts.kernels.dispatch (Triton on
-CUDA, the plain-PyTorch reference elsewhere). The math is qwen2.py's; on a CPU in fp32 the
-logits equal the plain path's (tests check token equality). On CUDA the gate/up projections are
-fused into one GEMM (weights concatenated once at start).
+Per layer: norm (adding the previous layer's MLP output to the residual first: add_rms_norm) ->
+q/k/v projections -> rotary (in place) -> store_kv into the pool slots of the new tokens ->
+context_attention / decode_attention through req_to_token -> o_proj -> add_rms_norm (the
+attention residual) -> SwiGLU MLP, whose output the next layer's norm (or the final norm) adds.
+Kernels come from light_tts.kernels.dispatch (Triton on CUDA, the plain-PyTorch reference
+elsewhere). The math is qwen2.py's; on a CPU in fp32 the logits equal the plain path's (tests
+check token equality). On CUDA the q/k/v projections and the gate/up projections are each fused
+into one GEMM (weights concatenated once at start) and silu * up is one kernel: a decode step is
+kernel-launch bound at small batches, so every kernel saved per layer counts 24 times.
+RoPE cos/sin come from a table of every position (computed once, the same values as per call).
 
 The speech head (llm_decoder) runs on the last new token of each request only.
 """
@@ -31,7 +35,8 @@ from light_tts.server.llm.req_manager import ReqManager
 
 
 class ModelRunner:
-    def __init__(self, llm, pool: KVPool, reqs: ReqManager):
+    def __init__(self, llm, pool: KVPool, reqs: ReqManager, fuse: Optional[bool] = None):
+        """fuse: the fused q/k/v and gate/up GEMMs (default: on CUDA; tests turn them on on a CPU)."""
         self.llm = llm
         self.body = llm.llm.model.model
         cfg = self.body.config
@@ -43,36 +48,56 @@ class ModelRunner:
         self.eps = float(cfg.rms_norm_eps)
         self.sm_scale = 1.0 / math.sqrt(self.d)
         self.layers = list(self.body.layers)
-        self.fused_gate_up: Optional[list] = None
-        if self.device.type == "cuda":
-            self.fused_gate_up = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight), dim=0).contiguous()
-                                  for l in self.layers]
         self.intermediate = cfg.intermediate_size
+        self.fused_qkv: Optional[list] = None
+        self.fused_gate_up: Optional[list] = None
+        if fuse if fuse is not None else self.device.type == "cuda":
+            self.fused_qkv = [_fused_qkv(l.self_attn) for l in self.layers]
+            if all(l.mlp.act is F.silu for l in self.layers):   # silu_mul is SwiGLU's activation
+                self.fused_gate_up = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight), dim=0).contiguous()
+                                      for l in self.layers]
+        self.cos, self.sin = self._rope(torch.arange(reqs.max_req_len, device=self.device))
 
     # ---- pieces ---------------------------------------------------------------------------------
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, D / 2] in the activation dtype (angles in fp32, as qwen2.RotaryEmbedding)."""
         cos, sin = self.body.rotary(positions, self.dtype)
         half = self.d // 2
         return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+    def _qkv(self, i: int, attn, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = h.shape[0]
+        if self.fused_qkv is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            w, b = self.fused_qkv[i]
+            q, k, v = F.linear(h, w, b).split((self.hq * self.d, self.hkv * self.d, self.hkv * self.d), dim=-1)
+        return q.view(n, self.hq, self.d), k.view(n, self.hkv, self.d), v.view(n, self.hkv, self.d)
+
     def _mlp(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is None:
             return layer.mlp(h)
-        gu = F.linear(h, self.fused_gate_up[i])
-        gate, up = gu[:, :self.intermediate], gu[:, self.intermediate:]
-        return layer.mlp.down_proj(layer.mlp.act(gate) * up)
+        return layer.mlp.down_proj(K.silu_mul(F.linear(h, self.fused_gate_up[i])))
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        """rms_norm(x), adding the pending residual `delta` to x (in place) first when there is one."""
+        if delta is None:
+            return K.rms_norm(x, weight, self.eps)
+        return K.add_rms_norm(x, delta, weight, self.eps)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend):
+        """-> (x, delta): the residual stream and the last MLP's output, not yet added (head adds it)."""
         n = x.shape[0]
         cos, sin = self.rope(positions)
+        delta = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = K.rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(h).view(n, self.hq, self.d)
-            k = attn.k_proj(h).view(n, self.hkv, self.d)
-            v = attn.v_proj(h).view(n, self.hkv, self.d)
+            h = self._norm(x, delta, layer.input_layernorm.weight)
+            q, k, v = self._qkv(i, attn, h)
             K.rotary(q, k, cos, sin)
             cache = self.pool.layer(i)
             if self.pool.int8:
@@ -80,14 +105,13 @@ class ModelRunner:
             else:
                 K.store_kv(k, v, cache[0], cache[1], slots)
             o = attend(q, cache)
-            x = x + attn.o_proj(o.reshape(n, self.hq * self.d))
-            h = K.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            x = x + self._mlp(i, layer, h)
-        return x
+            h = self._norm(x, attn.o_proj(o.reshape(n, self.hq * self.d)), layer.post_attention_layernorm.weight)
+            delta = self._mlp(i, layer, h)
+        return x, delta
 
-    def head(self, x_last: torch.Tensor) -> torch.Tensor:
-        """Final norm + speech head on the rows given -> logits [B, S + 3]."""
-        return self.llm.llm_decoder(K.rms_norm(x_last, self.body.norm.weight, self.eps))
+    def head(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Last residual add + final norm + speech head on the rows given -> logits [B, S + 3]."""
+        return self.llm.llm_decoder(self._norm(x, delta, self.body.norm.weight))
 
     # ---- prefill ----------------------------------------------------------------------------------
 
@@ -105,9 +129,9 @@ class ModelRunner:
                                                 b_new_len, b_total_len, max_new_len, self.sm_scale)
             return K.context_attention(q, cache[0], cache[1], r2t, b_req_idx, b_start, b_new_len, b_total_len,
                                        max_new_len, self.sm_scale)
-        x = self._layers(x, positions, slots, attend)
+        x, delta = self._layers(x, positions, slots, attend)
         last = (b_start + b_new_len - 1).long()
-        return self.head(x[last])
+        return self.head(x[last], delta[last])
 
     # ---- decode -------------------------------------------------------------------------------------
 
@@ -126,4 +150,11 @@ class ModelRunner:
                 return K.decode_attention_int8(q, cache[0], cache[1], cache[2], cache[3], r2t, b_req_idx, b_seq_len,
                                                max_len, self.sm_scale)
             return K.decode_attention(q, cache[0], cache[1], r2t, b_req_idx, b_seq_len, max_len, self.sm_scale)
-        return self.head(self._layers(x, positions, slots, attend))
+        return self.head(*self._layers(x, positions, slots, attend))
+
+
+def _fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [(Hq + 2 Hkv) D, hidden] weight and its bias for q, k and v (Qwen2's projections have biases)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return (torch.cat([p.weight for p in projs], dim=0).contiguous(),
+            torch.cat([p.bias for p in projs], dim=0).contiguous())

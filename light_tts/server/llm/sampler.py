@@ -13,19 +13,29 @@ Two ways to draw, same distribution:
   tensors light_tts.models.sampling builds. Tokens therefore equal Qwen2LM.inference with the
   same seed, token for token. Cost: a small Python loop over the batch with one multinomial (and
   one host sync) per row; fine on a CPU, too slow for large GPU batches.
-- "batched" (default on CUDA): everything for the whole batch in one pass on the device, with one
-  host sync at the end. Uniform numbers come from a counter-based hash of (request seed, piece,
-  step, draw), so a request's tokens depend on its seed alone, not on the batch it ran in; they
-  are not the numbers torch.Generator would give, so tokens differ from the plain path.
+- "batched" (default on CUDA): everything for the whole batch in one pass on the device
+  (`draw`: no host sync, no data-dependent shapes, so the engine captures it in the decode step's
+  CUDA graph), with one host sync when the tokens are read. Uniform numbers come from a
+  counter-based hash of (request seed, piece, step, draw), so a request's tokens depend on its
+  seed alone, not on the batch it ran in; they are not the numbers torch.Generator would give,
+  so tokens differ from the plain path.
+
+Greedy (either mode) is `draw` too: argmax of the masked scores.
+
+A batch's per-row inputs for `draw` are one int64 tensor [3 + W, B] (`inputs`): seed, counter,
+flags (1 = eos masked, 2 = every stop token masked) and the RAS window (W last tokens, -1 where
+the piece is shorter).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
+SEED_MASK = (1 << 63) - 1   # seeds travel as int64
 
 
 @dataclass
@@ -66,6 +76,26 @@ class Sampler:
         self.mode = mode
         self.greedy = greedy
 
+    @property
+    def window(self) -> int:
+        return max(self.win_size, 1)
+
+    def inputs(self, rows: Sequence[SampleRow], out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The rows' per-row inputs of `draw`, int64 [3 + W, B] (written into `out` when given)."""
+        w = self.window
+        if out is None:
+            out = np.empty((3 + w, len(rows)), dtype=np.int64)
+        out[0] = [r.seed & SEED_MASK for r in rows]
+        out[1] = [r.counter for r in rows]
+        out[2] = [int(r.ignore_eos) | (int(r.block_stops) << 1) for r in rows]
+        out[3:] = -1
+        if self.win_size > 0:
+            for b, r in enumerate(rows):
+                tail = r.decoded[-w:]
+                if len(tail):
+                    out[3 + w - len(tail):, b] = tail
+        return out
+
     def scores(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         scores = logits.float().log_softmax(dim=-1)
         ignore = [i for i, r in enumerate(rows) if r.ignore_eos and not r.block_stops]
@@ -79,12 +109,10 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
         """logits [B, S + 3] -> one token per row."""
-        scores = self.scores(logits, rows)
-        if self.greedy:
-            return scores.argmax(dim=-1).tolist()
-        if self.mode == "exact":
-            return self._exact(scores, rows)
-        return self._batched(scores, rows)
+        if self.mode == "exact" and not self.greedy:
+            return self._exact(self.scores(logits, rows), rows)
+        inputs = torch.from_numpy(self.inputs(rows)).to(logits.device, non_blocking=True)
+        return self.draw(logits, inputs).tolist()
 
     def _exact(self, scores: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
         probs = scores.softmax(dim=-1)
@@ -105,34 +133,33 @@ class Sampler:
             out.append(token)
         return out
 
-    def _batched(self, scores: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
-        dev = scores.device
-        B = scores.shape[0]
-        meta = torch.tensor([[r.seed & ((1 << 63) - 1) for r in rows], [r.counter for r in rows]], dtype=torch.int64)
-        win = self.win_size
-        hist = torch.full((B, max(win, 1)), -1, dtype=torch.int64)
-        if win > 0:
-            for b, r in enumerate(rows):
-                tail = list(r.decoded)[-win:]
-                if tail:
-                    hist[b, win - len(tail):] = torch.tensor(tail, dtype=torch.int64)
-        meta, hist = meta.to(dev, non_blocking=True), hist.to(dev, non_blocking=True)
-        seed, counter = meta[0], meta[1]
+    def draw(self, logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """logits [B, S + 3], inputs int64 [3 + W, B] on the same device -> tokens int64 [B], on the
+        device. Graph-capturable: fixed shapes, no host sync."""
+        seed, counter, flags, hist = inputs[0], inputs[1], inputs[2], inputs[3:].t()
+        scores = logits.float().log_softmax(dim=-1)
+        col = torch.arange(scores.shape[1], device=scores.device)
+        masked = ((flags & 1).bool()[:, None] & (col == self.S)) | ((flags & 2).bool()[:, None] & (col >= self.S))
+        scores = scores.masked_fill(masked, -float("inf"))
+        if self.greedy:
+            return scores.argmax(dim=-1)
 
         probs = scores.softmax(dim=-1)
-        head, idx = probs.topk(self.top_k, dim=-1)                    # sorted, largest first
+        k = min(self.top_k, probs.shape[1])
+        head, idx = probs.topk(k, dim=-1)                              # sorted, largest first
         mass_before = torch.cumsum(head, dim=-1) - head
-        w = torch.where(mass_before < self.top_p, head, torch.zeros_like(head))
-        w[:, 0] = head[:, 0]                                           # the top token is always kept
-        cdf = torch.cumsum(w, dim=-1)
+        keep = mass_before < self.top_p
+        keep[:, 0] = True                                              # the top token is always kept
+        cdf = torch.cumsum(torch.where(keep, head, torch.zeros_like(head)), dim=-1)
         u = counter_uniform(seed, counter, 0) * cdf[:, -1]
-        choice = (cdf <= u[:, None]).sum(dim=-1).clamp_(max=self.top_k - 1)
+        choice = (cdf <= u[:, None]).sum(dim=-1).clamp_(max=k - 1)
         tok1 = idx.gather(1, choice[:, None])                          # [B, 1]
+        if self.win_size <= 0:
+            return tok1[:, 0]
 
-        repeats = (hist == tok1).sum(dim=-1)
-        redraw = repeats >= win * self.tau_r if win > 0 else torch.zeros(B, dtype=torch.bool, device=dev)
+        redraw = (hist == tok1).sum(dim=-1) >= self.win_size * self.tau_r
         p2 = probs.scatter(1, tok1, 0.0)
         cdf2 = torch.cumsum(p2, dim=-1)
         u2 = counter_uniform(seed, counter, 1) * cdf2[:, -1]
         tok2 = (cdf2 <= u2[:, None]).sum(dim=-1).clamp_(max=p2.shape[1] - 1)
-        return torch.where(redraw, tok2, tok1[:, 0]).tolist()
+        return torch.where(redraw, tok2, tok1[:, 0])
