@@ -6,9 +6,10 @@ come from req_to_token; so a cached prefix (history already in the pool) needs n
 The caller stores the new tokens' K/V before calling. GQA: q head h reads kv head h // (Hq / Hkv).
 
 One program per (request, q head, block of BLOCK_M new tokens), online softmax over key blocks
-(exp2 with the scale folded in), fp32 accumulation. `context_attention_int8` runs the same kernel
-on an int8 pool with per-slot-and-head scales: the K scale multiplies the q.k row, the V scale the
-probabilities, so the int8 codes enter tl.dot unchanged (they are exact in fp16/bf16).
+(light_tts.kernels._online_softmax: exp2 with the scale folded in), fp32 accumulation.
+`context_attention_int8` runs the same kernel on an int8 pool with per-slot-and-head scales: the K
+scale multiplies the q.k row, the V scale the probabilities, so the int8 codes enter tl.dot
+unchanged (they are exact in fp16/bf16).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton.language as tl
 from light_tts.kernels._checks import (FLOAT_DTYPES, check, check_head_dim, check_index, check_kv_cache,
                                        check_last_contiguous, check_rank, check_req_to_token,
                                        check_same_device, check_scale, dot_precision)
+from light_tts.kernels._online_softmax import _attend_block
 
 LOG2E = 1.4426950408889634
 
@@ -62,29 +64,10 @@ def _context_attention_kernel(Q, KCache, VCache, KScale, VScale, ReqToToken, BRe
     for n0 in range(0, end, BLOCK_N):
         n = n0 + offs_n
         n_valid = n < end
-        slots = tl.load(ReqToToken + req * stride_rr + n, mask=n_valid, other=0).to(tl.int64)
-        k = tl.load(KCache + slots[None, :] * stride_cs + kvh * stride_ch + offs_d[:, None],
-                    mask=n_valid[None, :], other=0.0)                     # [D, BLOCK_N]
-        if KV_INT8:
-            qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
-            ks = tl.load(KScale + slots * stride_ss + kvh * stride_sh, mask=n_valid, other=0.0).to(tl.float32)
-            qk = qk * (ks * qk_scale)[None, :]
-        else:
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where((n[None, :] <= pos[:, None]) & n_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(VCache + slots[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)                     # [BLOCK_N, D]
-        if KV_INT8:
-            vs = tl.load(VScale + slots * stride_ss + kvh * stride_sh, mask=n_valid, other=0.0).to(tl.float32)
-            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        visible = (n[None, :] <= pos[:, None]) & n_valid[None, :]
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, n, n_valid, visible, req, ReqToToken, KCache, VCache, KScale,
+                                      VScale, kvh, qk_scale, stride_rr, stride_cs, stride_ch, stride_ss, stride_sh,
+                                      D=D, KV_INT8=KV_INT8, DOT_PRECISION=DOT_PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_valid[:, None])

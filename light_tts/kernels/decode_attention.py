@@ -2,9 +2,10 @@
 
 Stage 1: one program per (request, kv head, block of BLOCK_SEQ positions) handles every q head of
 that kv head's GQA group at once (the group is the M dim of tl.dot, padded to 16), so each K/V
-block is read once per group. It writes the block's normalised partial output and its log-sum-exp
-(base 2) into a scratch buffer; blocks at or past a request's length exit at once and are never
-read. Stage 2: one program per (request, q head) merges that request's blocks.
+block is read once per group; the online softmax is light_tts.kernels._online_softmax. It writes
+the block's normalised partial output and its log-sum-exp (base 2) into a scratch buffer; blocks
+at or past a request's length exit at once and are never read. Stage 2: one program per
+(request, q head) merges that request's blocks.
 
 `max_len` (>= every b_seq_len) sizes the grid only, so a CUDA graph captured for one max_len
 serves every batch with shorter requests. `decode_attention_int8` is the same over an int8 pool
@@ -21,6 +22,7 @@ import triton.language as tl
 from light_tts.kernels._checks import (FLOAT_DTYPES, check, check_head_dim, check_index, check_kv_cache,
                                        check_last_contiguous, check_rank, check_req_to_token,
                                        check_same_device, check_scale, dot_precision)
+from light_tts.kernels._online_softmax import _attend_block
 
 LOG2E = 1.4426950408889634
 BLOCK_SEQS = (32, 64, 128, 256)
@@ -57,29 +59,9 @@ def _decode_stage1_kernel(Q, KCache, VCache, KScale, VScale, ReqToToken, BReqIdx
     for n0 in range(blk_start, blk_end, BLOCK_N):
         n = n0 + offs_n
         n_valid = n < blk_end
-        slots = tl.load(ReqToToken + req * stride_rr + n, mask=n_valid, other=0).to(tl.int64)
-        k = tl.load(KCache + slots[None, :] * stride_cs + kvh * stride_ch + offs_d[:, None],
-                    mask=n_valid[None, :], other=0.0)                     # [D, BLOCK_N]
-        if KV_INT8:
-            qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
-            ks = tl.load(KScale + slots * stride_ss + kvh * stride_sh, mask=n_valid, other=0.0).to(tl.float32)
-            qk = qk * (ks * qk_scale)[None, :]
-        else:
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(n_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(VCache + slots[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)                     # [BLOCK_N, D]
-        if KV_INT8:
-            vs = tl.load(VScale + slots * stride_ss + kvh * stride_sh, mask=n_valid, other=0.0).to(tl.float32)
-            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, n, n_valid, n_valid[None, :], req, ReqToToken, KCache, VCache,
+                                      KScale, VScale, kvh, qk_scale, stride_rr, stride_cs, stride_ch, stride_ss,
+                                      stride_sh, D=D, KV_INT8=KV_INT8, DOT_PRECISION=DOT_PRECISION)
     tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + blk * stride_mos + offs_d[None, :],
              acc / l_i[:, None], mask=g_valid[:, None])
     tl.store(MidLse + b * stride_mlb + heads * stride_mlh + blk, m_i + tl.log2(l_i), mask=g_valid)
