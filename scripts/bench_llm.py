@@ -85,15 +85,17 @@ class Timer:
 
 def gpu_work(eng: LLMEngine, check: bool) -> tuple:
     """Median ms of the current batch's GPU work alone: its decode graph replayed (the forward and,
-    with the batched sampler, the draw) or one eager forward; each rewrites the slots the next real
-    step writes, which is harmless. With `check`, also compare the replay with the eager path:
-    logits within bf16 noise, and the in-graph draw equal to an eager draw on the graph's logits.
+    with the batched sampler, the draw) or one eager forward, for the token the next real step
+    feeds, written into slots borrowed for the measurement (each row its own: rows sharing a slot
+    would read each other's K/V) and given back after; the next real step rewrites the same
+    req_to_token position. With `check`, also compare the replay with the eager path: logits
+    within bf16 noise, and the in-graph draw equal to an eager draw on the graph's logits.
     Returns (ms, check failures)."""
     seqs = list(eng.running)
     sample_rows = eng._sample_rows(seqs)[0]
-    # position seq_len is the one the next real step writes: pointing it at the padding slot is harmless
+    borrowed = eng.pool.alloc(len(seqs))
     args = ([s.next_token or 0 for s in seqs], [s.row for s in seqs], [s.seq_len + 1 for s in seqs],
-            [eng.pool.pad_slot] * len(seqs))
+            borrowed.tolist())
     graph = eng.graphs is not None and eng.graphs.can_run(len(seqs), max(args[2]))
 
     def eager():
@@ -114,7 +116,7 @@ def gpu_work(eng: LLMEngine, check: bool) -> tuple:
         rel = ((logits.float() - ref).norm() / ref.norm()).item()
         print(f"    graph vs eager logits: relative L2 error {rel:.2e}, max abs {(logits.float() - ref).abs().max().item():.3f}"
               f" (max |logit| {ref.abs().max().item():.1f})", flush=True)
-        if rel > 2e-2:
+        if rel > 1e-2:
             bad.append(f"graph logits differ from eager: relative L2 error {rel:.2e}")
         if drawn is not None:
             inputs = torch.from_numpy(eng.sampler.inputs(sample_rows)).to(eng.device)
@@ -122,6 +124,7 @@ def gpu_work(eng: LLMEngine, check: bool) -> tuple:
             if not torch.equal(drawn, again):
                 bad.append(f"in-graph draw differs from an eager draw on the same logits in "
                            f"{int((drawn != again).sum())} of {len(seqs)} rows")
+    eng.pool.free(borrowed)
     return statistics.median(fwd[2:]), bad
 
 

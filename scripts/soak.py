@@ -136,11 +136,14 @@ def rss_mb(pid: int) -> float | None:
 
 
 def gpu_used_mb() -> float | None:
+    """Memory used on the GPUs the server sees (CUDA_VISIBLE_DEVICES, else all), summed."""
     if not shutil.which("nvidia-smi"):
         return None
+    cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        cmd.append("--id=" + os.environ["CUDA_VISIBLE_DEVICES"])
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
         return float(sum(float(x) for x in out.split()))
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
