@@ -7,6 +7,11 @@ Per request: time to the first audio byte, total time, audio seconds, RTF. Per (
 p50/p90/p99 of first audio and total, audio-seconds per wall-second, errors. A fixed prompt (the
 fixture, ~3.3 s) and fixed texts; `--fixed_speech_tokens N` asks the server for exactly N speech
 tokens per request so random-weight runs compare (real weights: leave it 0).
+
+First-chunk breakdown: around each level the script reads the server's
+lighttts_first_chunk_stage_seconds histogram (/metrics) and prints the mean time per stage of that
+level's requests (encode_wait ... to_http: the stages between the marks each stage process stamps on
+a request, light_tts.server.io_struct); it needs a server to itself during the run.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import json
 import os
 import sys
 import time
+
+import re
+from collections import defaultdict
 
 import httpx
 
@@ -79,9 +87,11 @@ async def run_level(args, prompt: bytes, concurrency: int, stream: bool) -> dict
         async def bounded(i):
             async with sem:
                 return await one(client, args, prompt, i, stream)
+        before = await stage_totals(client, args.url)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(args.requests)))
         wall = time.perf_counter() - t0
+        after = await stage_totals(client, args.url)
     good = [r for r in results if r["ok"]]
     firsts = [r["first"] for r in good if r["first"] is not None]
     totals = [r["total"] for r in good]
@@ -93,7 +103,46 @@ async def run_level(args, prompt: bytes, concurrency: int, stream: bool) -> dict
             "rtf_p50": percentile([r["rtf"] for r in good if r["rtf"]], .5),
             "audio_per_s": sum(r["audio"] for r in good) / wall,
             "error_samples": sorted({f"{r['status']} {r['error']}" for r in results if not r["ok"]})[:3],
-            "results": results}
+            "stages_ms": stage_means(before, after), "results": results}
+
+
+async def stage_totals(client: httpx.AsyncClient, url: str) -> dict:
+    """{stage: [sum seconds, count]} of the server's first-chunk breakdown histogram ({} if unreadable)."""
+    try:
+        text = (await client.get(url + "/metrics", timeout=10)).text
+    except httpx.HTTPError:
+        return {}
+    out: dict = defaultdict(lambda: [0.0, 0.0])
+    for kind, stage, value in re.findall(
+            r'^lighttts_first_chunk_stage_seconds_(sum|count)\{stage="([a-z_]+)"\} (\S+)$', text, re.M):
+        out[stage][0 if kind == "sum" else 1] += float(value)
+    return dict(out)
+
+
+def stage_means(before: dict, after: dict) -> dict:
+    """Mean milliseconds per stage over the requests between the two readings."""
+    means = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = (total - t0) / (count - c0) * 1e3
+    return means
+
+
+def breakdown(rows: list[dict]) -> str:
+    """Mean first-chunk time per stage (ms) for every level that has the server's breakdown."""
+    stages = [s for s in ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode",
+                          "to_http") if any(s in r["stages_ms"] for r in rows)]
+    if not stages:
+        return ""
+    out = ["| mode | conc | " + " | ".join(stages) + " | sum of means | first p50 (client) |",
+           "| --- | --- | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |"]
+    for r in rows:
+        if r["stages_ms"]:
+            vals = [r["stages_ms"].get(s, float("nan")) for s in stages]
+            out.append(f"| {r['mode']} | {r['concurrency']} | " + " | ".join(f"{v:.1f}" for v in vals) +
+                       f" | {sum(v for v in vals if v == v):.1f} | {r['first_p50'] * 1e3:.1f} |")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -136,6 +185,10 @@ def main() -> int:
                 print(f"  error: {e}", flush=True)
     print()
     print(table(rows))
+    parts = breakdown(rows)
+    if parts:
+        print("\nfirst-chunk breakdown, mean ms per stage (server marks; the client's first byte adds HTTP):\n")
+        print(parts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -3,9 +3,13 @@ modes, aliases, JSON+base64, voices, bad input, concurrency across 2 HTTP worker
 import base64
 import concurrent.futures
 import re
+import time
 
 import httpx
 import pytest
+
+from light_tts.server.http.metrics import FIRST_CHUNK_STAGES, first_chunk_stages
+from light_tts.server.io_struct import FIRST_CHUNK_MARKS
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server, wav_info
 
@@ -173,6 +177,39 @@ def test_concurrent_requests_are_batched(server):
     assert batch > 1, "the LLM process never decoded more than one request per step"
     assert 'lighttts_requests_total{endpoint="/inference_zero_shot",status="200"}' in metrics
     assert re.search(r'^lighttts_stage_up\{stage="decode:1"\} 1\.0$', metrics, re.M)
+
+
+def test_first_chunk_breakdown_in_metrics(server):
+    """Every stage stamps its mark on a request; /metrics gets the time per stage of the first chunk,
+    and the stages add up to no more than the whole first-chunk time."""
+    def totals():
+        text = httpx.get(server.url + "/metrics").text
+        sums, counts = (dict(re.findall(rf'^lighttts_first_chunk_stage_seconds_{k}\{{stage="(\w+)"\}} (\S+)$', text,
+                                        re.M)) for k in ("sum", "count"))
+        stages = {st: (float(sums[st]), float(counts[st])) for st in sums}
+        whole = [float(re.search(rf"^lighttts_first_chunk_seconds_{k} (\S+)$", text, re.M).group(1))
+                 for k in ("sum", "count")]
+        return stages, whole
+    before, whole0 = totals()
+    t0 = time.time()
+    assert zero_shot(server.url, stream=True, seed="5").status_code == 200
+    elapsed = time.time() - t0
+    after, whole1 = totals()
+    assert whole1[1] == whole0[1] + 1
+    spent = {st: after[st][0] - before.get(st, (0.0, 0.0))[0] for st in after
+             if after[st][1] == before.get(st, (0.0, 0.0))[1] + 1}
+    assert set(spent) == set(FIRST_CHUNK_STAGES), spent
+    assert all(v >= 0 for v in spent.values())
+    assert 0 < sum(spent.values()) <= (whole1[0] - whole0[0]) + 0.01 <= elapsed + 0.01
+    assert spent["decode"] > 0 and spent["prefill"] > 0 and spent["encode"] > 0
+
+
+def test_first_chunk_stages_skip_missing_marks():
+    marks = dict(zip(FIRST_CHUNK_MARKS, range(len(FIRST_CHUNK_MARKS))))
+    assert first_chunk_stages(marks, 10.0) == [(s, 1.0) for s in FIRST_CHUNK_STAGES[:-1]] + [("to_http", 3.0)]
+    del marks["prefill_start"]
+    got = dict(first_chunk_stages(marks, 10.0))
+    assert "llm_wait" not in got and "prefill" not in got and got["first_tokens"] == 1.0
 
 
 def _metric(text, name):

@@ -12,6 +12,7 @@ finish, on AbortReq, and (oldest first) beyond MAX_STREAMS, so a vanished client
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -99,16 +100,17 @@ class EncodeWorker:
         return self.frontend.encode_voice(req.prompt_audio, req.prompt_text if req.mode == "zero_shot" else "")
 
     def handle_tts(self, req: TTSReq) -> None:
+        started = time.time()
         voice = self.voice_for(req)
         if req.bistream:
-            return self.start_bistream(req, voice)
+            return self.start_bistream(req, voice, started)
         pieces = [self.frontend.tokenize(p) for p in self.frontend.normalize(req.tts_text, split=True)]
         pieces = [p for p in pieces if p]
         if not pieces:
             raise RequestError(400, "tts_text has nothing to speak after text normalisation")
-        self.send_llm_req(req, voice, pieces)
+        self.send_llm_req(req, voice, pieces, started)
 
-    def send_llm_req(self, req: TTSReq, voice: Voice, pieces: list) -> None:
+    def send_llm_req(self, req: TTSReq, voice: Voice, pieces: list, started: float) -> None:
         prompt_text, prompt_speech = voice.prompt_text_ids, voice.speech_tokens
         if req.mode == "cross_lingual":
             prompt_text, prompt_speech = EMPTY, EMPTY
@@ -117,7 +119,8 @@ class EncodeWorker:
             prompt_speech = EMPTY
         decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
                                 prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
-                                speed=req.speed, seed=req.seed, num_pieces=max(1, len(pieces)), created=req.created)
+                                speed=req.speed, seed=req.seed, num_pieces=max(1, len(pieces)), created=req.created,
+                                marks=dict(http=req.created, encode_start=started, encode_done=time.time()))
         sock_send(self.send_to_llm, LLMReq(
             rid=req.rid, reply_to=req.reply_to, text_pieces=pieces, prompt_text_ids=prompt_text,
             prompt_speech_tokens=prompt_speech, decode=decode, seed=req.seed, max_speech_tokens=req.max_speech_tokens,
@@ -125,8 +128,8 @@ class EncodeWorker:
 
     # ---- bistream -------------------------------------------------------------------------------
 
-    def start_bistream(self, req: TTSReq, voice: Voice) -> None:
-        self.send_llm_req(req, voice, [])
+    def start_bistream(self, req: TTSReq, voice: Voice, started: float) -> None:
+        self.send_llm_req(req, voice, [], started)
         fe = self.frontend
         self.streams[req.rid] = TextStream(lambda t: fe.normalize(t, split=False), fe.tokenize)
         while len(self.streams) > MAX_STREAMS:

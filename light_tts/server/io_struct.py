@@ -17,15 +17,26 @@ Requests carry `rid` (unique for the life of the instance, across HTTP workers) 
 (the ipc address of the asking HTTP worker's PULL socket), so any number of HTTP workers share one
 backend and every reply reaches the worker that asked. Names end in Req (asks for work) or Output
 (a result); `_check_names` enforces it at import. Payloads are pickled; arrays travel as numpy.
+
+First-chunk marks: DecodeStartReq.marks collects when the request passed each point on its way to
+its first audio (FIRST_CHUNK_MARKS, time.time() on the one host all stages share): encode stamps the
+HTTP arrival and its own start and end, the LLM its prefill, the decode process when the first
+chunk's tokens were there and its flow + HiFT call; the first AudioOutput brings them back, and the
+HTTP worker turns them into the per-stage histogram of /metrics (first-chunk breakdown).
 """
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import zmq
+
+
+# The points of a request's way to its first audio, in order (see "First-chunk marks" above).
+FIRST_CHUNK_MARKS = ("http", "encode_start", "encode_done", "prefill_start", "prefill_done", "tokens_ready",
+                     "decode_start", "decode_done")
 
 
 @dataclass(kw_only=True)
@@ -102,6 +113,7 @@ class DecodeStartReq(BaseReq):
     seed: Optional[int] = None
     num_pieces: int = 1                       # sentences; each is decoded and finalised in turn
     created: float = 0.0
+    marks: dict = field(default_factory=dict)  # FIRST_CHUNK_MARKS reached so far
 
 
 @dataclass(kw_only=True)
@@ -141,6 +153,7 @@ class AudioOutput:
     rid: str
     pcm: bytes                                # little-endian int16, 24 kHz mono
     finished: bool = False
+    marks: Optional[dict] = None              # on a request's first audio: DecodeStartReq.marks
 
 
 @dataclass(kw_only=True)

@@ -71,9 +71,10 @@ class LLMServer:
         idle = True
         while True:
             self.recv_requests(block=idle)
+            started = time.time()
             res = self.engine.step() if (self.engine.running or self.engine.waiting) else None
             if res is not None:
-                self.process_result(res)
+                self.process_result(res, started)
             # nothing ran (no requests, or only bistream ones waiting for text): only a message can
             # change that, so block on the socket instead of spinning
             idle = res is None or (res.kind == "idle" and not (res.outputs or res.admitted or res.errors))
@@ -133,8 +134,11 @@ class LLMServer:
         self.decoder_of[seq.rid] = i
         sock_send(self.send_to_decode[i], seq.req.decode)
 
-    def process_result(self, res: StepResult) -> None:
+    def process_result(self, res: StepResult, started: float = 0.0) -> None:
+        now = time.time()
         for seq in res.admitted:  # its DecodeStartReq goes before any of its tokens
+            if res.kind == "prefill":   # admitted and prefilled (first token drawn) in this step
+                seq.req.decode.marks.update(prefill_start=started, prefill_done=now)
             self.route(seq)
         for out in res.outputs:
             sock_send(self.send_to_decode[self.decoder_of[out.rid]], out)

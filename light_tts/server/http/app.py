@@ -237,7 +237,8 @@ class Api:
         if isinstance(first, ErrorOutput):
             self.metrics.done(endpoint, first.status)
             return error(first.status, first.message)
-        self.metrics.first_chunk(time.time() - t0)
+        received = time.time()
+        self.metrics.first_chunk(received - t0, first.marks, received)
         if fields["stream"]:
             return StreamingResponse(self._stream(first, outputs, fmt, endpoint, t0),
                                      media_type="audio/wav" if fmt == "wav" else "audio/pcm",

@@ -8,13 +8,28 @@ stage up/down) are read at scrape time from the stats files the stages publish.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from light_tts.server.io_struct import FIRST_CHUNK_MARKS
 from light_tts.server.ipc import Endpoints, read_stats, stage_health
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# First-chunk breakdown: stage i is the time from FIRST_CHUNK_MARKS[i] to the next mark (the last one
+# to the HTTP worker's receipt of the first audio). "wait" stages are the hand-over (socket, pickling)
+# plus queueing in the next stage.
+FIRST_CHUNK_STAGES = ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode",
+                      "to_http")
+
+
+def first_chunk_stages(marks: dict, received: float) -> list[tuple[str, float]]:
+    """(stage, seconds) for each stage whose two marks are known."""
+    points = [marks.get(m) for m in FIRST_CHUNK_MARKS] + [received]
+    return [(stage, max(0.0, b - a)) for stage, a, b in zip(FIRST_CHUNK_STAGES, points, points[1:])
+            if a is not None and b is not None]
 RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
 
@@ -63,6 +78,9 @@ class Metrics:
                                 registry=own)
         self.first_chunk_seconds = Histogram("lighttts_first_chunk_seconds", "request arrival to first audio",
                                              buckets=LATENCY_BUCKETS, registry=own)
+        self.first_chunk_stage_seconds = Histogram(
+            "lighttts_first_chunk_stage_seconds", "first-chunk breakdown: seconds per stage on the way to the first audio",
+            ["stage"], buckets=STAGE_BUCKETS, registry=own)
         self.rtf = Histogram("lighttts_rtf", "wall time / audio time per request", buckets=RTF_BUCKETS, registry=own)
         self.audio_seconds = Counter("lighttts_audio_seconds_total", "audio produced", registry=own)
         self.registry.register(StageCollector(endpoints))
@@ -73,8 +91,10 @@ class Metrics:
             self.audio_seconds.inc(audio_seconds)
             self.rtf.observe(wall / audio_seconds)
 
-    def first_chunk(self, seconds: float) -> None:
+    def first_chunk(self, seconds: float, marks: Optional[dict] = None, received: float = 0.0) -> None:
         self.first_chunk_seconds.observe(seconds)
+        for stage, secs in first_chunk_stages(marks or {}, received):
+            self.first_chunk_stage_seconds.labels(stage).observe(secs)
 
     def render(self, in_flight: int, rejected: int) -> tuple[bytes, str]:
         extra = (f"# HELP lighttts_http_in_flight requests in flight in this HTTP worker\n"
