@@ -55,6 +55,7 @@ class DecodeState:
     pieces: deque = field(default_factory=deque)   # StreamingDecoder per sentence, oldest first
     piece: int = 0                                 # index of the sentence tokens now arrive for
     input_done: bool = False                       # the LLM sent finished=True
+    audio_sent: bool = False                       # its first audio went out (with req.marks)
 
     @property
     def ready(self) -> bool:
@@ -150,10 +151,15 @@ class DecodeServer:
                 owners.append(state)
         if rows:
             self.batch_sizes[len(rows)] = self.batch_sizes.get(len(rows), 0) + 1
+            started = time.time()
             try:
                 outs = self.engine.run(rows)
             except Exception as e:  # the batch failed as a whole: fail its requests, keep serving
                 outs = [e] * len(rows)
+            done = time.time()
+            for state in owners:
+                if not state.audio_sent:
+                    state.req.marks.update(decode_start=started, decode_done=done)
             results.extend(zip(owners, outs))
         return results
 
@@ -172,7 +178,9 @@ class DecodeServer:
             if out is not None and len(out):
                 self.chunks += 1
                 self.audio_seconds += len(out) / SAMPLE_RATE
-                self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out)))
+                marks = None if state.audio_sent else state.req.marks
+                state.audio_sent = True
+                self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out), marks=marks))
 
     def finish_completed(self) -> None:
         for rid in [rid for rid, s in self.states.items() if s.complete]:
@@ -210,6 +218,8 @@ class DecodeServer:
                 state.input_done = True
             else:
                 state.pieces.append(self.new_piece(state.req))
+        if not state.audio_sent and "tokens_ready" not in state.req.marks and state.ready:
+            state.req.marks["tokens_ready"] = time.time()   # the first chunk can run
 
     def on_abort(self, msg: AbortReq) -> None:
         if self.states.pop(msg.rid, None) is not None:
