@@ -98,9 +98,9 @@ def gpu_work(eng: LLMEngine, check: bool) -> tuple:
             borrowed.tolist())
     graph = eng.graphs is not None and eng.graphs.can_run(len(seqs), max(args[2]))
 
-    def eager():
+    def eager(max_len=max(args[2])):
         t = torch.tensor(args, dtype=torch.int64, device=eng.device)
-        return eng.runner.decode(t[0], t[1].int(), t[2].int(), t[3], max(args[2]))
+        return eng.runner.decode(t[0], t[1].int(), t[2].int(), t[3], max_len)
     fwd = []
     for _ in range(10):
         timer = Timer()
@@ -110,14 +110,16 @@ def gpu_work(eng: LLMEngine, check: bool) -> tuple:
     bad = []
     if check and graph:
         logits, drawn = (t.clone() if t is not None else None for t in eng.graphs.run(*args, sample_rows))
-        ref = eager().float()
-        # the graph's attention launches for --graph_max_len_in_batch, the eager one for this batch: a
-        # different split of the sequence, so bf16 rounding differs a little through 24 layers
-        rel = ((logits.float() - ref).norm() / ref.norm()).item()
-        print(f"    graph vs eager logits: relative L2 error {rel:.2e}, max abs {(logits.float() - ref).abs().max().item():.3f}"
-              f" (max |logit| {ref.abs().max().item():.1f})", flush=True)
-        if rel > 1e-2:
-            bad.append(f"graph logits differ from eager: relative L2 error {rel:.2e}")
+        # the graph's attention launches for --graph_max_len_in_batch: the eager forward with that
+        # launch shape must give the same logits; with the batch's own (the eager engine's), flash
+        # decoding may split the sequence differently, and bf16 rounding differs a little
+        same = eager(eng.graphs.max_len).float()
+        own = eager().float()
+        rel = lambda a: ((logits.float() - a).norm() / a.norm()).item()
+        print(f"    graph vs eager logits (relative L2): same launch shape {rel(same):.2e}, the batch's own "
+              f"max_len {rel(own):.2e} (max |logit| {own.abs().max().item():.1f})", flush=True)
+        if rel(same) > 1e-3:
+            bad.append(f"graph logits differ from the eager forward: relative L2 error {rel(same):.2e}")
         if drawn is not None:
             inputs = torch.from_numpy(eng.sampler.inputs(sample_rows)).to(eng.device)
             again = eng.sampler.draw(logits, inputs)
