@@ -174,29 +174,32 @@ def test_router_max_wait_tokens(lm):
     assert len(eng.running) == 2
 
 
+def prefill_then_decode(lm, int8=False, fuse=None):
+    """Logits of a packed prefill of two requests (4 and 7 tokens) and one decode step of both, on
+    a ModelRunner of its own (its pool full afterwards: a further alloc must fail)."""
+    cfg = lm.llm.model.model.config
+    pool = KVPool(13, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu", int8=int8)
+    reqs = ReqManager(2, 32, pool.pad_slot, "cpu")
+    runner = ModelRunner(lm, pool, reqs, fuse=fuse)
+    if fuse is not None:
+        assert (runner.fused_qkv is not None, runner.fused_gate_up is not None) == (fuse, fuse)
+    x = torch.randn(11, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows, slots = [reqs.alloc(), reqs.alloc()], pool.alloc(11)
+    reqs.write(rows[0], 0, slots[:4])
+    reqs.write(rows[1], 0, slots[4:])
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+    with torch.inference_mode():
+        pre = runner.prefill(x, torch.cat((torch.arange(4), torch.arange(7))), slots, i32(rows), i32([0, 4]),
+                             i32([4, 7]), i32([4, 7]), 7)
+        dec = runner.decode(torch.tensor([3, 9]), i32(rows), i32([5, 8]), pool.alloc(2), 8)
+    with pytest.raises(KVPoolFull):
+        pool.alloc(1)
+    return torch.cat((pre, dec))
+
+
 def test_int8_kv_close_to_fp(lm):
     """Packed prefill + decode over the int8 pool stays close to the fp32 pool (not identical)."""
-    cfg = lm.llm.model.model.config
-    outs = {}
-    for int8 in (False, True):
-        pool = KVPool(64, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu", int8=int8)
-        reqs = ReqManager(2, 32, pool.pad_slot, "cpu")
-        runner = ModelRunner(lm, pool, reqs)
-        torch.manual_seed(0)
-        x = torch.randn(11, cfg.hidden_size)
-        rows = [reqs.alloc(), reqs.alloc()]
-        slots = pool.alloc(11)
-        reqs.write(rows[0], 0, slots[:4])
-        reqs.write(rows[1], 0, slots[4:])
-        i32 = lambda v: torch.tensor(v, dtype=torch.int32)
-        with torch.inference_mode():
-            pre = runner.prefill(x, torch.cat((torch.arange(4), torch.arange(7))), slots, i32(rows), i32([0, 4]),
-                                 i32([4, 7]), i32([4, 7]), 7)
-            new = pool.alloc(2)
-            dec = runner.decode(torch.tensor([3, 9]), i32(rows), i32([5, 8]), new, 8)
-        outs[int8] = torch.cat((pre, dec))
-    with pytest.raises(KVPoolFull):
-        pool.alloc(100)
+    outs = {int8: prefill_then_decode(lm, int8=int8) for int8 in (False, True)}
     torch.testing.assert_close(outs[True], outs[False], rtol=0.05, atol=0.05)
     assert not torch.equal(outs[True], outs[False])
 
@@ -229,23 +232,7 @@ def test_estimated_peak_matches_lightllm_formula():
 def test_fused_projections_equal_separate(lm):
     """The CUDA layout (one q/k/v GEMM, one gate/up GEMM + silu_mul), forced on here on the CPU,
     computes the same logits as the separate projections, prefill and decode."""
-    cfg = lm.llm.model.model.config
-    outs = {}
-    for fuse in (False, True):
-        pool = KVPool(64, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
-        reqs = ReqManager(2, 32, pool.pad_slot, "cpu")
-        runner = ModelRunner(lm, pool, reqs, fuse=fuse)
-        assert (runner.fused_qkv is not None, runner.fused_gate_up is not None) == (fuse, fuse)
-        x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-        rows, slots = [reqs.alloc(), reqs.alloc()], pool.alloc(9)
-        reqs.write(rows[0], 0, slots[:4])
-        reqs.write(rows[1], 0, slots[4:])
-        i32 = lambda v: torch.tensor(v, dtype=torch.int32)
-        with torch.inference_mode():
-            pre = runner.prefill(x, torch.cat((torch.arange(4), torch.arange(5))), slots, i32(rows), i32([0, 4]),
-                                 i32([4, 5]), i32([4, 5]), 5)
-            dec = runner.decode(torch.tensor([3, 9]), i32(rows), i32([5, 6]), pool.alloc(2), 6)
-        outs[fuse] = torch.cat((pre, dec))
+    outs = {fuse: prefill_then_decode(lm, fuse=fuse) for fuse in (False, True)}
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
 
 

@@ -59,6 +59,18 @@ def check_scale(name: str, scale: torch.Tensor, cache: torch.Tensor) -> None:
     check(cache.dtype == torch.int8, f"int8 KV cache must be int8, got {cache.dtype}")
 
 
+def attention_out(q: torch.Tensor, hkv: int, out) -> torch.Tensor:
+    """The attention kernels' output: `out` checked against q (or a new one), after checking that
+    q's heads group evenly over the kv heads (GQA)."""
+    hq = q.shape[1]
+    check(hq % hkv == 0, f"q heads {hq} must be a multiple of kv heads {hkv}")
+    if out is None:
+        out = torch.empty_like(q)
+    check(out.shape == q.shape and out.dtype == q.dtype, f"out must be {q.dtype} {tuple(q.shape)}")
+    check_last_contiguous("out", out)
+    return out
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 products (the default would be tf32 on tensor cores)."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from light_tts.kernels._checks import (FLOAT_DTYPES, check, check_head_dim, check_index, check_kv_cache,
+from light_tts.kernels._checks import (FLOAT_DTYPES, attention_out, check, check_head_dim, check_index, check_kv_cache,
                                        check_last_contiguous, check_rank, check_req_to_token,
                                        check_same_device, check_scale, dot_precision)
 from light_tts.kernels._online_softmax import _attend_block
@@ -116,11 +116,7 @@ def _launch(q, k_cache, v_cache, k_scale, v_scale, req_to_token, b_req_idx, b_se
     hkv = k_cache.shape[1] if k_cache.dim() == 3 else -1
     check_kv_cache("k_cache", k_cache, hkv, d)
     check_kv_cache("v_cache", v_cache, hkv, d)
-    check(hq % hkv == 0, f"q heads {hq} must be a multiple of kv heads {hkv}")
-    if out is None:
-        out = torch.empty_like(q)
-    check(out.shape == q.shape and out.dtype == q.dtype, f"out must be {q.dtype} {tuple(q.shape)}")
-    check_last_contiguous("out", out)
+    out = attention_out(q, hkv, out)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, req_to_token=req_to_token, b_req_idx=b_req_idx,
                       b_seq_len=b_seq_len, out=out)
     if bsz == 0:
