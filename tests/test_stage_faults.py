@@ -1,7 +1,7 @@
 """kill -9 each stage in turn (encode:0, llm, decode:0) under light load on one server started with
 --health_monitor: /healthz names the stage within 2 s, requests in flight fail within 2 s with an
 error naming it, new requests get 503 while it is down, then the launcher restarts the stage in place
-and the server serves again with its KV pool and decode slots free.
+and the server serves again with its KV pool and decode slots free and its registered voices.
 (Without --health_monitor the server keeps answering 503: tests/test_server_lifecycle.py.)"""
 import concurrent.futures
 import os
@@ -60,6 +60,9 @@ def server(tiny_model_dir, tmp_path_factory):
     try:
         srv.wait_healthy()
         assert post(srv.url, 20).status_code == 200  # warm-up
+        r = httpx.post(srv.url + "/voices", data={"voice_id": "survivor", "prompt_text": PROMPT_TEXT},
+                       files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}, timeout=60)
+        assert r.status_code == 200, r.text
         yield srv
     finally:
         srv.stop()
@@ -109,6 +112,10 @@ def test_kill_stage_under_load(server, stage):
     assert new_pid and new_pid != pid
     r = post(url, 25)
     assert r.status_code == 200 and len(r.content) == 44 + 25 * 1920, r.text[:300]
+    # a voice registered before the kill still works (the encode stage restores it from the instance dir)
+    r = httpx.post(url + "/inference_zero_shot", timeout=120,
+                   data={"tts_text": "Registered before the kill.", "voice_id": "survivor", "fixed_speech_tokens": "10"})
+    assert r.status_code == 200 and len(r.content) == 44 + 10 * 1920, r.text[:300]
     deadline = time.time() + 10
     while True:
         text = httpx.get(url + "/metrics", timeout=5).text

@@ -27,6 +27,7 @@ from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, L
                                         sock_recv, sock_send)
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
 from light_tts.server.stage import stage_device, start_stage
+from light_tts.server.voice_store import VoiceStore
 
 log = logging.getLogger("lighttts")
 EMPTY = np.zeros(0, dtype=np.int32)
@@ -63,6 +64,12 @@ class EncodeWorker:
                          VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete,
                          TextPieceReq: self.handle_text, AbortReq: self.handle_abort}
         self.streams: OrderedDict[str, TextStream] = OrderedDict()
+        self.voices = VoiceStore(endpoints.root)   # registered voices survive a restart of this stage
+        restored = self.voices.load_all(max(1, args.cache_capacity))
+        for voice_id, voice in restored:
+            self.frontend.cache.register(voice_id, voice)
+        if restored:
+            log.info("%s: %d registered voice(s) restored", self.stage, len(restored))
 
     def reply(self, addr: str, msg) -> None:
         self.send_to_http.send(addr, msg)
@@ -156,6 +163,7 @@ class EncodeWorker:
                                     f"delete one with DELETE /voices/{{id}} first")
         voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
         self.frontend.cache.register(req.voice_id, voice)
+        self.voices.save(req.voice_id, voice)   # the other encode processes get it as a VoiceStoreReq
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))
 
     def handle_store(self, req: VoiceStoreReq) -> None:
@@ -163,6 +171,7 @@ class EncodeWorker:
 
     def handle_delete(self, req: VoiceDeleteReq) -> None:
         existed = self.frontend.cache.unregister(req.voice_id)
+        self.voices.delete(req.voice_id)
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, existed=existed))
 
 
