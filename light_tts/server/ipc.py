@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,15 +188,38 @@ def read_stats(endpoints: Endpoints) -> dict[str, dict]:
 
 
 class ReplySockets:
-    """PUSH sockets to the HTTP workers named by requests' `reply_to`, opened on first use."""
+    """PUSH sockets to the HTTP workers named by requests' `reply_to`, opened on first use.
+
+    HTTP workers come and go (gunicorn recycles them, a crashed one is replaced), so whenever a new
+    address shows up the sockets of workers whose ipc file is gone are closed (LINGER 0: what was
+    queued for a dead worker is dropped, not kept forever), and at most MAX_OPEN stay open, the
+    least recently used closed first (a worker that is still there is reconnected on its next
+    reply)."""
+    MAX_OPEN = 64
 
     def __init__(self, ctx: zmq.Context):
         self.ctx = ctx
-        self._socks: dict[str, zmq.Socket] = {}
+        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._socks)
 
     def send(self, addr: str, msg) -> None:
         from light_tts.server.io_struct import sock_send
         sock = self._socks.get(addr)
         if sock is None:
+            self._prune()
             sock = self._socks[addr] = connect_push(self.ctx, addr)
+        else:
+            self._socks.move_to_end(addr)
         sock_send(sock, msg)
+
+    def close(self) -> None:
+        while self._socks:
+            self._socks.popitem()[1].close()
+
+    def _prune(self) -> None:
+        for addr in [a for a in self._socks if a.startswith("ipc://") and not os.path.exists(a[len("ipc://"):])]:
+            self._socks.pop(addr).close()
+        while len(self._socks) >= self.MAX_OPEN:
+            self._socks.popitem(last=False)[1].close()
