@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.decode.batched_flow import EagerSolver  # noqa: E402
 from light_tts.decode.engine import DecodeEngine  # noqa: E402
 from light_tts.server.decode_process import load_decode_model  # noqa: E402
@@ -93,10 +94,7 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--make", choices=("tiny", "full"), help="write a random model there first if missing")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--batch_sizes", default="1,4,16,64")
     p.add_argument("--modes", default="eager,graphs,compile,compile+graphs")
     p.add_argument("--prompt_tokens", type=int, default=125)
@@ -104,9 +102,7 @@ def main() -> int:
     p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")
     args = p.parse_args()
     t_start = time.perf_counter()
-    if args.make and not os.path.exists(os.path.join(args.model_dir, "flow.pt")):
-        from light_tts.tools.make_random_model import make_random_model
-        make_random_model(args.model_dir, args.make, seed=0)
+    ensure_model(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         if device.index is None:

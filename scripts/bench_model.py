@@ -18,6 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 
 
@@ -43,18 +44,13 @@ def timed(fn, repeat: int, device: torch.device) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--make", choices=("tiny", "full"), help="write a random model there first if missing")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--prompt_tokens", type=int, default=125)
     p.add_argument("--prefill_tokens", type=int, default=200)
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
     device = torch.device(args.device)
-    if args.make and not os.path.isfile(os.path.join(args.model_dir, "llm.pt")):
-        from light_tts.tools.make_random_model import make_random_model
-        make_random_model(args.model_dir, args.make)
+    ensure_model(args)
 
     rows = []
     model = CosyVoice2Model.from_pretrained(args.model_dir, device="cpu", dtype=args.dtype, components=())
