@@ -1,6 +1,7 @@
 """Access control and limits of the real server: API key, upload cap while reading, request
 timeout (504), bounded admission (503 with Retry-After)."""
 import concurrent.futures
+import json
 import time
 
 import httpx
@@ -89,6 +90,39 @@ def test_websocket_needs_the_key_too(server):
         with connect(url, open_timeout=30) as ws:
             ws.send('{"prompt_text": "x"}')
             ws.recv(timeout=30)
+
+
+def test_lighttts_socket_idle_client_is_closed(server):
+    """LightTTS's bistream socket: a client that sends nothing gets 408 and a closed socket; one that
+    stops sending text mid-utterance gets 504 after --request_timeout (6 s here) and a closed socket,
+    and the request is freed in every stage."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    url = server.url.replace("http", "ws") + "/inference_zero_shot_bistream"
+
+    def error_then_close(ws, within):
+        t0, error = time.time(), None
+        with pytest.raises(ConnectionClosed):
+            while True:
+                frame = ws.recv(timeout=within)
+                if isinstance(frame, str):
+                    error = json.loads(frame)
+        return error, time.time() - t0
+
+    with connect(url, additional_headers=KEY, open_timeout=30) as ws:
+        error, waited = error_then_close(ws, 20)
+    assert error["status"] == 408 and "request_timeout" in error["error"] and 5 < waited < 12, (error, waited)
+
+    with connect(url, additional_headers=KEY, open_timeout=30) as ws:
+        ws.send(json.dumps({"prompt_text": PROMPT_TEXT, "tts_model_name": "tiny"}))
+        ws.send(PROMPT)
+        ws.send(json.dumps({"tts_text": "A sentence that never gets its finish."}))
+        error, waited = error_then_close(ws, 30)
+    assert error["status"] == 504 and "request_timeout" in error["error"] and 5 < waited < 15, (error, waited)
+    deadline = time.time() + 10
+    while "lighttts_llm_kv_used 0.0" not in httpx.get(server.url + "/metrics", headers=KEY).text:
+        assert time.time() < deadline, "KV not freed after the idle socket was closed"
+        time.sleep(0.3)
 
 
 def test_second_instance_on_the_same_port_is_refused(server, tiny_model_dir):

@@ -267,12 +267,21 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
     send = Sender(ws)
     request = None
     pump = None
+    timeout = api.args.request_timeout
+
+    async def receive(frame: str):
+        """The next text or binary frame; a silent client gets 408 after --request_timeout."""
+        try:
+            return await asyncio.wait_for(ws.receive_text() if frame == "text" else ws.receive_bytes(), timeout)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"nothing received for {timeout:g} s (--request_timeout)", 408) from None
 
     async def forward(utt: Utterance):
         try:
             async for out in utt.outputs():
-                if isinstance(out, ErrorOutput):
+                if isinstance(out, ErrorOutput):   # a stage failed, or no text or audio for too long (504)
                     await send.json({"error": out.message, "status": out.status})
+                    await ws.close(code=1011)      # the client's pending receive ends the handler
                     return
                 if out.pcm:
                     await send.audio(out.pcm)
@@ -281,10 +290,10 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         finally:  # ended, failed or timed out: free it in every stage now, not when the client leaves
             await utt.request.close()
     try:
-        start = json.loads(await ws.receive_text())
+        start = json.loads(await receive("text"))
         if not isinstance(start, dict):
             raise ProtocolError("the first message must be a JSON object {prompt_text, tts_model_name}")
-        audio = await ws.receive_bytes()
+        audio = await receive("bytes")
         if len(audio) > api.args.max_upload_bytes:
             raise ProtocolError(f"prompt audio is over the limit of {api.args.max_upload_bytes} bytes", 413)
         prompt_text = str(start.get("prompt_text", ""))
