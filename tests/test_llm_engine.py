@@ -261,3 +261,17 @@ def test_sampler_draw_masks_and_ras():
         tokens = sampler.draw(logits, torch.from_numpy(sampler.inputs(rows))).tolist()
         assert tokens[0] == S and tokens[1] == S + 1 and tokens[2] == 7    # top-p keeps only the top token
         assert tokens[3] < S and tokens[3] != 7                             # 7 repeats: drawn again without it
+
+
+def test_prefill_warm_up_leaves_nothing_behind(lm):
+    """The start-up prefill warm-up (CUDA only by default) gives back every slot and row, skips
+    shapes that do not fit, and the engine's tokens stay those of the reference afterwards."""
+    eng = engine(lm)
+    eng.warm_up_prefill(((1, 20), (3, 17), (100, 9), (1, 5000)))   # 100: as many as there are rows; 5000: skipped
+    assert eng.pool.num_free == eng.pool.size and eng.reqs.num_free == eng.reqs.max_reqs
+    reqs = mixed_requests()[:2]
+    got, _, errors = run(eng, {0: reqs})
+    assert not errors
+    for r in reqs:
+        assert got[r.rid] == plain_reference(lm, r)
+    assert_pool_free(eng)

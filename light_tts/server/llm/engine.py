@@ -69,6 +69,9 @@ log = logging.getLogger("lighttts")
 # are the official CosyVoice2 inference values.
 MIN_TOKEN_TEXT_RATIO = 2.0
 MAX_TOKEN_TEXT_RATIO = 20.0
+# (requests, tokens each) of the start-up prefill warm-up: single and packed batches, token counts
+# on and off multiples of 16 (Triton specialises integer arguments on that).
+WARM_PREFILL = ((1, 200), (2, 37), (4, 201), (16, 150))
 
 
 class LengthExceeded(Exception):
@@ -179,6 +182,8 @@ class LLMEngine:
             from light_tts.server.llm.cuda_graph import try_capture
             self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len),
                                       self.sampler if self.sampler.mode == "batched" or greedy else None)
+        if self.device.type == "cuda":
+            self.warm_up_prefill()
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []             # admitted, in admission order
@@ -186,6 +191,34 @@ class LLMEngine:
         self.last_kind = "idle"
         self.num_paused = 0
         self._arrivals = 0
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, shapes: tuple = WARM_PREFILL) -> None:
+        """Packed prefills of a few batch shapes on dummy inputs, once at start, so that the first
+        batched prefills of real requests do not pay for compiling new kernel specialisations
+        (the first-chunk breakdown showed a 316 ms mean prefill at the first 16-request level against
+        33 ms later). Slots and rows are given back; nothing is sampled."""
+        hidden = self.llm.llm_embedding.weight.shape[1]
+        dtype = self.llm.llm_embedding.weight.dtype
+        for b, n in shapes:
+            b, total = min(b, self.reqs.num_free), min(b, self.reqs.num_free) * n
+            if b == 0 or total > min(self.pool.num_free, self.batch_max_tokens) or n > self.reqs.max_req_len:
+                continue
+            rows, slots = [self.reqs.alloc() for _ in range(b)], self.pool.alloc(total)
+            try:
+                for i, row in enumerate(rows):
+                    self.reqs.write(row, 0, slots[i * n:(i + 1) * n])
+                meta = torch.tensor([[row, i * n, n, n] for i, row in enumerate(rows)], dtype=torch.int32)
+                meta = meta.t().contiguous().to(self.device)
+                self.runner.prefill(torch.zeros(total, hidden, device=self.device, dtype=dtype),
+                                    torch.arange(n).repeat(b).to(self.device), slots.to(self.device),
+                                    meta[0], meta[1], meta[2], meta[3], n)
+            finally:
+                self.pool.free(slots)
+                for row in rows:
+                    self.reqs.free(row)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @classmethod
     def from_args(cls, llm, args, **overrides) -> "LLMEngine":
