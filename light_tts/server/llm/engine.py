@@ -183,7 +183,10 @@ class LLMEngine:
             self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len),
                                       self.sampler if self.sampler.mode == "batched" or greedy else None)
         if self.device.type == "cuda":
-            self.warm_up_prefill()
+            try:
+                self.warm_up_prefill()
+            except Exception as e:  # noqa: BLE001 - a speed-up only: serve without it
+                log.warning("prefill warm-up failed, serving without it: %s: %s", type(e).__name__, e)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []             # admitted, in admission order
