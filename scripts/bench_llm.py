@@ -150,6 +150,8 @@ def decode_run(eng: LLMEngine, batch: int, rng, vocab, speech, check: bool = Fal
     sync()
     wall = time.perf_counter() - t0
     assert eng.kv_used() == 0
+    if fwd_ms is None:
+        bad.append(f"the mid-run check never ran ({steps} steps)")
     return dict(step_ms=statistics.median(step_ms), tok_s=batch * steps / wall, fwd_ms=fwd_ms, steps=steps, bad=bad)
 
 

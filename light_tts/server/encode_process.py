@@ -162,8 +162,8 @@ class EncodeWorker:
             raise RequestError(507, f"{len(cache.voice_ids())} voices are registered (--cache_capacity); "
                                     f"delete one with DELETE /voices/{{id}} first")
         voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
-        self.frontend.cache.register(req.voice_id, voice)
-        self.voices.save(req.voice_id, voice)   # the other encode processes get it as a VoiceStoreReq
+        self.voices.save(req.voice_id, voice)   # first: if it fails, no process has the voice
+        self.frontend.cache.register(req.voice_id, voice)   # the others get it as a VoiceStoreReq
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))
 
     def handle_store(self, req: VoiceStoreReq) -> None:

@@ -134,7 +134,8 @@ class LLMServer:
         self.decoder_of[seq.rid] = i
         sock_send(self.send_to_decode[i], seq.req.decode)
 
-    def process_result(self, res: StepResult, started: float = 0.0) -> None:
+    def process_result(self, res: StepResult, started: float) -> None:
+        """Route the step's outputs; `started`: time.time() when the step began (prefill marks)."""
         now = time.time()
         for seq in res.admitted:  # its DecodeStartReq goes before any of its tokens
             if res.kind == "prefill":   # admitted and prefilled (first token drawn) in this step

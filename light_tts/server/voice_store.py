@@ -45,10 +45,15 @@ class VoiceStore:
 
     def load_all(self, limit: int) -> list[tuple[str, Voice]]:
         """Up to `limit` stored voices, oldest first; an unreadable file is logged and skipped."""
-        names = [n for n in os.listdir(self.dir) if n.endswith(".npz")]
-        names.sort(key=lambda n: os.path.getmtime(os.path.join(self.dir, n)))
+        dated = []
+        for name in os.listdir(self.dir):
+            if name.endswith(".npz"):
+                try:
+                    dated.append((os.path.getmtime(os.path.join(self.dir, name)), name))
+                except OSError:   # deleted meanwhile (another encode process handled a DELETE)
+                    pass
         out = []
-        for name in names[:max(0, limit)]:
+        for _, name in sorted(dated)[:max(0, limit)]:
             try:
                 with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
                     out.append((str(z["voice_id"]), Voice(*(z[k] for k in FIELDS))))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -276,6 +277,12 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         except asyncio.TimeoutError:
             raise ProtocolError(f"nothing received for {timeout:g} s (--request_timeout)", 408) from None
 
+    async def error_and_close(event: dict, code: int) -> None:
+        """Tell the client and close; the pump may have closed the socket already (its own error)."""
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            await send.json(event)
+            await ws.close(code=code)
+
     async def forward(utt: Utterance):
         try:
             async for out in utt.outputs():
@@ -312,11 +319,9 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         await pump
         await ws.close()
     except (ProtocolError, ValueError, KeyError, TypeError) as e:
-        await send.json({"error": str(e), "status": getattr(e, "status", 400)})
-        await ws.close(code=1003)
+        await error_and_close({"error": str(e), "status": getattr(e, "status", 400)}, 1003)
     except Overloaded as e:
-        await send.json({"error": f"server busy: {e}", "status": 503})
-        await ws.close(code=1013)
+        await error_and_close({"error": f"server busy: {e}", "status": 503}, 1013)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:

@@ -120,7 +120,8 @@ class ModelRunner:
                 max_new_len: int) -> torch.Tensor:
         """x [N, hidden] (embeddings of the new tokens), positions [N] long, slots [N] int64 (pool
         slots of the new tokens, already written into req_to_token) and the b_* int32 [B] tensors
-        (device) -> logits [B, S + 3] of each request's last new token."""
+        (device) -> logits [B, S + 3] of each request's last new token. x becomes the residual stream:
+        it is overwritten (pass a copy to keep it)."""
         r2t = self.reqs.req_to_token
 
         def attend(q, cache):

@@ -16,9 +16,10 @@ Two ways to draw, same distribution:
 - "batched" (default on CUDA): everything for the whole batch in one pass on the device
   (`draw`: no host sync, no data-dependent shapes, so the engine captures it in the decode step's
   CUDA graph), with one host sync when the tokens are read. Uniform numbers come from a
-  counter-based hash of (request seed, piece, step, draw), so a request's tokens depend on its
-  seed alone, not on the batch it ran in; they are not the numbers torch.Generator would give,
-  so tokens differ from the plain path.
+  counter-based hash of (request seed, piece, step, draw), so a request's random numbers depend on
+  its seed alone, not on the batch it ran in (its logits can still differ by bf16 rounding between
+  batch shapes); they are not the numbers torch.Generator would give, so tokens differ from the
+  plain path.
 
 Greedy (either mode) is `draw` too: argmax of the masked scores.
 
