@@ -131,6 +131,7 @@ def stage_means(before: dict, after: dict) -> dict:
 
 def breakdown(rows: list[dict]) -> str:
     """Mean first-chunk time per stage (ms) for every level that has the server's breakdown."""
+    # light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out: this client runs without the package
     stages = [s for s in ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode",
                           "to_http") if any(s in r["stages_ms"] for r in rows)]
     if not stages:

@@ -88,7 +88,7 @@ class Sampler:
             out = np.empty((3 + w, len(rows)), dtype=np.int64)
         out[0] = [r.seed & SEED_MASK for r in rows]
         out[1] = [r.counter for r in rows]
-        out[2] = [int(r.ignore_eos) | (int(r.block_stops) << 1) for r in rows]
+        out[2] = _flags(rows)
         out[3:] = -1
         if self.win_size > 0:
             for b, r in enumerate(rows):
@@ -97,21 +97,19 @@ class Sampler:
                     out[3 + w - len(tail):, b] = tail
         return out
 
-    def scores(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    def masked_scores(self, logits: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """fp32 log-probabilities with eos (flag 1) or every stop token (flag 2) at -inf, per row."""
         scores = logits.float().log_softmax(dim=-1)
-        ignore = [i for i, r in enumerate(rows) if r.ignore_eos and not r.block_stops]
-        block = [i for i, r in enumerate(rows) if r.block_stops]
-        if ignore:
-            scores[ignore, self.S] = -float("inf")
-        if block:
-            scores[block, self.S:] = -float("inf")
-        return scores
+        col = torch.arange(scores.shape[1], device=scores.device)
+        masked = ((flags & 1).bool()[:, None] & (col == self.S)) | ((flags & 2).bool()[:, None] & (col >= self.S))
+        return scores.masked_fill(masked, -float("inf"))
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
         """logits [B, S + 3] -> one token per row."""
         if self.mode == "exact" and not self.greedy:
-            return self._exact(self.scores(logits, rows), rows)
+            flags = torch.tensor(_flags(rows), dtype=torch.int64, device=logits.device)
+            return self._exact(self.masked_scores(logits, flags), rows)
         inputs = torch.from_numpy(self.inputs(rows)).to(logits.device, non_blocking=True)
         return self.draw(logits, inputs).tolist()
 
@@ -138,10 +136,7 @@ class Sampler:
         """logits [B, S + 3], inputs int64 [3 + W, B] on the same device -> tokens int64 [B], on the
         device. Graph-capturable: fixed shapes, no host sync."""
         seed, counter, flags, hist = inputs[0], inputs[1], inputs[2], inputs[3:].t()
-        scores = logits.float().log_softmax(dim=-1)
-        col = torch.arange(scores.shape[1], device=scores.device)
-        masked = ((flags & 1).bool()[:, None] & (col == self.S)) | ((flags & 2).bool()[:, None] & (col >= self.S))
-        scores = scores.masked_fill(masked, -float("inf"))
+        scores = self.masked_scores(logits, flags)
         if self.greedy:
             return scores.argmax(dim=-1)
 
@@ -164,3 +159,8 @@ class Sampler:
         u2 = counter_uniform(seed, counter, 1) * cdf2[:, -1]
         tok2 = (cdf2 <= u2[:, None]).sum(dim=-1).clamp_(max=p2.shape[1] - 1)
         return torch.where(redraw, tok2, tok1[:, 0])
+
+
+def _flags(rows: Sequence[SampleRow]) -> list[int]:
+    """Per row: 1 = eos masked (shorter than its min length), 2 = every stop token masked (fixed length)."""
+    return [int(r.ignore_eos) | (int(r.block_stops) << 1) for r in rows]
