@@ -29,6 +29,9 @@ from collections import defaultdict
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out (this client runs without the package;
+# tests/test_server.py checks they agree)
+STAGES = ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode", "to_http")
 TEXTS = [
     "LightTTS turns text into speech in the voice of a short recording.",
     "The weather today is clear, with a light breeze from the west.",
@@ -131,9 +134,7 @@ def stage_means(before: dict, after: dict) -> dict:
 
 def breakdown(rows: list[dict]) -> str:
     """Mean first-chunk time per stage (ms) for every level that has the server's breakdown."""
-    # light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out: this client runs without the package
-    stages = [s for s in ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode",
-                          "to_http") if any(s in r["stages_ms"] for r in rows)]
+    stages = [s for s in STAGES if any(s in r["stages_ms"] for r in rows)]
     if not stages:
         return ""
     out = ["| mode | conc | " + " | ".join(stages) + " | sum of means | first p50 (client) |",

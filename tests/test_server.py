@@ -2,6 +2,7 @@
 modes, aliases, JSON+base64, voices, bad input, concurrency across 2 HTTP workers."""
 import base64
 import concurrent.futures
+import os
 import re
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from light_tts.server.http.metrics import FIRST_CHUNK_STAGES, first_chunk_stages
 from light_tts.server.io_struct import FIRST_CHUNK_MARKS
 
-from server_util import PROMPT_TEXT, PROMPT_WAV, Server, wav_info
+from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, Server, wav_info
 
 PROMPT = open(PROMPT_WAV, "rb").read()
 N = 30                        # speech tokens per request: 30 tokens = 60 mel frames = 1.2 s
@@ -202,6 +203,14 @@ def test_first_chunk_breakdown_in_metrics(server):
     assert all(v >= 0 for v in spent.values())
     assert 0 < sum(spent.values()) <= (whole1[0] - whole0[0]) + 0.01 <= elapsed + 0.01
     assert spent["decode"] > 0 and spent["prefill"] > 0 and spent["encode"] > 0
+
+
+def test_benchmark_client_knows_the_stages():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.STAGES == FIRST_CHUNK_STAGES
 
 
 def test_first_chunk_stages_skip_missing_marks():
