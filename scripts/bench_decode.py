@@ -6,10 +6,12 @@ one-request-at-a-time path (token2wav.Token2Wav), in one run.
 Workload: a 125-token prompt (5 s) and its first streaming chunk (25 tokens + 3 look-ahead, so the
 estimator runs over 300 frames: 250 prompt + 50 new; 1.0 s of audio per request). HiFT gets the
 steady-state chunk: 50 new mel frames + 8 cached, with a cached excitation.
-Per batch size (default 1/4/16/64) and mode (eager, CUDA graphs, torch.compile, both) it prints
-flow and HiFT milliseconds per batched call and audio seconds per second; then the first-chunk
-latency at batch 1 (flow + HiFT + the per-row work, audio on the host) per mode, and the plain
-path's numbers. Times are medians over --repeat runs after warm-up. Modes that would run past
+Per batch size (default 1/4/16/64) and mode (eager, CUDA graphs, torch.compile, both; `fused`
+swaps in the fused estimator: fused_estimator.py) it prints flow and HiFT milliseconds per batched
+call and audio seconds per second; then the first-chunk latency at batch 1 (flow + HiFT + the
+per-row work, audio on the host) per mode, and the plain path's numbers. Each mode's mels at the
+largest batch are checked against the first mode's (relative L2 error; exit 1 past the dtype's
+tolerance). Times are medians over --repeat runs after warm-up. Modes that would run past
 --budget_s are skipped (said in the output), so the whole run stays within a device call.
 """
 from __future__ import annotations
@@ -74,8 +76,24 @@ class Workload:
         return [(self.t2w(i), self.chunk) for i in range(b)]
 
 
+# Relative L2 error allowed between two modes' mels: the fused estimator rounds once per fused op
+# instead of once per op, and 10 Euler steps through 30 blocks compound it.
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}
+
+
+def rel_error(got: list, want: list) -> float:
+    a = torch.cat([m.float().flatten() for m in got])
+    b = torch.cat([m.float().flatten() for m in want])
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: dict) -> None:
     step = engine.flow.estimator
+    if "fused" in mode:
+        if "fused" not in compiled:
+            from light_tts.decode.fused_estimator import FusedEstimator
+            compiled["fused"] = FusedEstimator(flow.decoder.estimator)
+        step = compiled["fused"]
     engine.hift.decode_equal = engine.hift.hift.decode
     engine.hift.decode_masked = engine.hift._decode_masked
     if "compile" in mode:
@@ -96,7 +114,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--batch_sizes", default="1,4,16,64")
-    p.add_argument("--modes", default="eager,graphs,compile,compile+graphs")
+    p.add_argument("--modes", default="eager,graphs,fused,fused+graphs,compile+graphs",
+                   help="comma list of eager | graphs | fused | fused+graphs | compile | compile+graphs")
     p.add_argument("--prompt_tokens", type=int, default=125)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")
@@ -116,12 +135,14 @@ def main() -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     if device.type != "cuda":
-        modes = [m for m in modes if m == "eager"]
+        modes = [m for m in modes if m in ("eager", "fused")]
     frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)
     print(f"workload: prompt {args.prompt_tokens} tokens, chunk {work.chunk.tokens.numel()} tokens "
           f"(estimator over {frames} frames), HiFT 58 frames; repeat {args.repeat}\n")
 
-    rows_out, first_chunk, skipped = [], {}, []
+    rows_out, first_chunk, skipped, errors = [], {}, [], {}
+    check_rows = work.rows(max(sizes))
+    reference_mels = None
     with torch.inference_mode():
         # the plain path: one request at a time through Token2Wav (flow.inference + hift.inference)
         def plain_chunk():
@@ -149,6 +170,11 @@ def main() -> int:
                 hift_ms = timed(lambda: engine.hift(mels, caches, gens), args.repeat, device)
                 total = flow_ms + hift_ms
                 rows_out.append((mode, b, flow_ms, hift_ms, total, b * AUDIO_S_PER_CHUNK / (total / 1e3)))
+            mels = engine.flow(check_rows)
+            if reference_mels is None:
+                reference_mels, reference_mode = mels, mode
+            else:
+                errors[mode] = rel_error(mels, reference_mels)
 
             def first():  # a fresh request's first chunk, end to end through the engine
                 engine.run([(work.t2w(0), work.chunk)])
@@ -164,11 +190,19 @@ def main() -> int:
     print("| --- | ---: |")
     for mode, ms in first_chunk.items():
         print(f"| {mode} | {ms:.1f} |")
+    tol = TOLERANCE[args.dtype if device.type == "cuda" else "fp32"]
+    bad = {m: e for m, e in errors.items() if e > tol}
+    if errors:
+        print(f"\nmels at batch {max(sizes)} against {reference_mode} (relative L2 error, tolerance "
+              f"{tol:g}): " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
     if skipped:
         print(f"\nskipped (past --budget_s {args.budget_s:.0f} s): {', '.join(skipped)}")
     if device.type == "cuda":
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB; "
               f"total {time.perf_counter() - t_start:.0f} s")
+    if bad:
+        print(f"FAILED: mels differ past the tolerance: {bad}")
+        return 1
     return 0
 
 

@@ -19,9 +19,10 @@ WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt +
 WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
 
 
-def compile_engine(engine):
-    """Swap the engine's estimator step and HiFT network for compiled versions; returns the step."""
-    step = torch.compile(engine.flow.estimator, dynamic=True)
+def compile_engine(engine, estimator: bool = True):
+    """Swap the engine's HiFT network for compiled versions; returns the compiled estimator step
+    (or None with estimator=False)."""
+    step = torch.compile(engine.flow.estimator, dynamic=True) if estimator else None
     engine.hift.decode_equal = torch.compile(engine.hift.hift.decode, dynamic=True)
     engine.hift.decode_masked = torch.compile(engine.hift._decode_masked, dynamic=True)
     return step

@@ -6,8 +6,9 @@ reference and the server): the caller takes each decoder's `next_chunk()` and ha
 cache, NSF generator) and does the per-row work around the vocoder (`hift_input`,
 `hift_output`); the engine batches the two model calls in between.
 
-Speed paths (build_engine): CUDA graphs of the Euler loop on CUDA (unless disabled), torch.compile
-of the estimator and HiFT (--load_jit), a TensorRT estimator (--load_trt).
+Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py)
+and CUDA graphs of the Euler loop (unless disabled); torch.compile of HiFT, and of the estimator
+when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt).
 """
 from __future__ import annotations
 
@@ -54,13 +55,18 @@ class DecodeEngine:
 
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
-                 max_batch_size: int = 16, warmup: bool = True) -> DecodeEngine:
-    """The engine with the speed paths the flags ask for (CPU: always eager, said in the log)."""
+                 max_batch_size: int = 16, warmup: bool = True, fused: bool = True) -> DecodeEngine:
+    """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
+    `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it)."""
     on_cuda = device.startswith("cuda")
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
     engine = DecodeEngine(flow, hift)
     step = engine.flow.estimator
+    fused = fused and on_cuda and not load_trt
+    if fused:
+        from light_tts.decode.fused_estimator import FusedEstimator
+        step = FusedEstimator(flow.decoder.estimator)
     if load_trt:
         from light_tts.decode.trt import TrtEstimator
         step = TrtEstimator.load_or_build(engine.flow.estimator, model_dir, data_type, device,
@@ -68,7 +74,10 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     elif load_jit:
         if on_cuda:
             from light_tts.decode.compile import compile_engine
-            step = compile_engine(engine)
+            # Inductor did not speed up the estimator inside a CUDA graph (docs/benchmarks.md);
+            # the fused one is already the faster graph, so only HiFT is compiled with it.
+            compiled = compile_engine(engine, estimator=not fused)
+            step = step if fused else compiled
         else:
             log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
     if on_cuda and cuda_graph and not load_trt:

@@ -1,1 +1,1 @@
-"""LLM kernels: Triton implementations (one module each) and their plain-PyTorch references (reference.py); dispatch.py picks one."""
+"""Engine kernels (LLM attention, KV store, norms; the flow estimator's frame_norm): Triton implementations (one module each) and their plain-PyTorch references (reference.py); dispatch.py picks one."""

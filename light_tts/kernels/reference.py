@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of the LLM engine's kernels (the CPU path and the tests' ground truth).
+"""Plain-PyTorch references of the engines' kernels (the CPU path and the tests' ground truth).
 
 Every Triton kernel in light_tts/kernels/<name>.py has a function of the same name and signature
 here; light_tts.kernels.dispatch picks one of the two. Layout, shared by all of them:
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 __all__ = ["store_kv", "context_attention", "decode_attention", "rms_norm", "add_rms_norm", "silu_mul", "rotary",
            "store_kv_int8", "decode_attention_int8", "context_attention_int8", "quantize_int8",
-           "dequantize_int8"]
+           "dequantize_int8", "frame_norm"]
 
 
 # ---- KV store -----------------------------------------------------------------------------------
@@ -192,3 +192,42 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         x.copy_(x * c + rot * s)
+
+
+# ---- flow estimator ------------------------------------------------------------------------------
+
+def frame_norm(a: torch.Tensor, out: torch.Tensor, *, delta=None, pre_bias=None, sum_out=None, weight=None,
+               bias=None, eps: float = 1e-5, mish: bool = False, mask=None, post_add=None,
+               mask_end: bool = False) -> torch.Tensor:
+    """The flow estimator's per-frame channel ops, fused (decode/fused_estimator.py). Tensors are
+    [B, T, C] views (any strides), mask [B, T] of 0/1; computed in fp32, rounded once per output:
+
+        s = a + delta + pre_bias             (the residual add and its pending bias)
+        sum_out <- s                          (optional: the updated residual stream)
+        y = LayerNorm(s; weight, bias, eps)   (if weight is given; over C)
+        y = mish(y)                           (if mish)
+        y = y * mask + post_add               (mask_end=False)  or  (y + post_add) * mask  (mask_end=True)
+        out <- y;  returns out
+
+    Absent optional terms drop out. The masks are 0/1, so masking in the middle and again at the
+    end (the estimator's `block(x) * mask + t_emb`, then `* mask` in the next block) is mask_end."""
+    s = a.float()
+    if delta is not None:
+        s = s + delta.float()
+    if pre_bias is not None:
+        s = s + pre_bias.float()
+    if sum_out is not None:
+        sum_out.copy_(s)
+    y = s
+    if weight is not None:
+        y = F.layer_norm(y, (y.size(-1),), weight.float(), bias.float(), eps)
+    if mish:
+        y = F.mish(y)
+    keep = mask.float().unsqueeze(-1) if mask is not None else None
+    if keep is not None and not mask_end:
+        y = y * keep
+    if post_add is not None:
+        y = y + post_add.float()
+    if keep is not None and mask_end:
+        y = y * keep
+    return out.copy_(y)

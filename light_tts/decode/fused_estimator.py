@@ -1,0 +1,127 @@
+"""FusedEstimator: BiasEstimator's forward (same weights, same inputs, same math) in about half
+the kernels, because at small batches the estimator is launch bound: ~1200 kernels of a few
+microseconds per Euler step (docs/benchmarks.md, profile_flow.py).
+
+What changes against the module-by-module forward:
+- the transformer blocks keep their rows as (B, T, C) for the whole stage (no transposes around
+  each stage), q/k/v are one GEMM, and the output/FFN projections run without their bias: the
+  bias, the residual add and the next LayerNorm are one `frame_norm` kernel;
+- a resnet block is two convolutions plus one `frame_norm` each (LayerNorm over channels read
+  straight from the (B, C, T) conv output, Mish, the masks, the time embedding or the residual
+  conv added), and the residual 1x1 conv; the causal left padding is the conv's own padding with
+  the two extra output frames dropped;
+- the time embedding's per-resnet projections (Mish then Linear, 14 of them) are one GEMM.
+Every consumer of a stage's output multiplies it by the frame mask first (resnets, resample
+convs, the final block), so stages hand over masked tensors and the separate mask products go.
+
+The fused q/k/v and time weights are copies made at construction: build this after the weights
+are loaded and cast (build_engine does). Rounding differs from the plain forward (one rounding per
+fused op instead of one per op), so the two agree to the dtype's tolerance, exactly in fp32 up to
+summation order (tests/test_fused_estimator.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from light_tts.kernels.dispatch import frame_norm
+from light_tts.models.flow.unet_blocks import CausalConv1d, sinusoidal_time_embedding
+
+
+def _causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """A CausalConv1d (or plain k=1 conv) on (B, C, T): symmetric padding, keep the first T frames."""
+    pad = conv.kernel_size[0] - 1
+    y = F.conv1d(x, conv.weight, conv.bias, padding=pad)
+    return y[:, :, :x.size(-1)] if pad else y
+
+
+def _btc(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, T) tensor as the [B, T, C] view frame_norm reads and writes."""
+    return x.transpose(1, 2)
+
+
+class FusedEstimator(nn.Module):
+    """Drop-in for BiasEstimator: forward(x, mask, mu, t, spks, cond, attn_bias) -> (B, 80, T)."""
+
+    def __init__(self, estimator: nn.Module):
+        super().__init__()
+        if len(estimator.down_blocks) != 1 or not isinstance(estimator.down_blocks[0].resample, CausalConv1d):
+            raise ValueError("the fused estimator supports the single-resolution estimator (channels: [C]) only")
+        self.estimator = estimator
+        self.stages = [*estimator.down_blocks, *estimator.mid_blocks, *estimator.up_blocks]
+        with torch.no_grad():
+            # (stage, block) -> [Wq; Wk; Wv]; one (n_stages * C, time_dim) projection for every resnet
+            self.qkv = [[torch.cat([b.attn1.to_q.weight, b.attn1.to_k.weight, b.attn1.to_v.weight]).contiguous()
+                         for b in stage.transformers] for stage in self.stages]
+            self.time_w = torch.cat([s.resnet.mlp[1].weight for s in self.stages]).contiguous()
+            self.time_b = torch.cat([s.resnet.mlp[1].bias for s in self.stages]).contiguous()
+
+    def _resnet(self, res, xm: torch.Tensor, mask: torch.Tensor, t_proj: torch.Tensor) -> torch.Tensor:
+        """CausalResnetBlock1D on masked xm (B, Cin, T) -> (B, T, C) rows for the transformers."""
+        n1, n2 = res.block1.block[2], res.block2.block[2]
+        c1 = _causal_conv(xm, res.block1.block[0])
+        b, c, t = c1.shape
+        hm = torch.empty(b, c, t, device=xm.device, dtype=xm.dtype)
+        # block1(x) * mask + mlp(t_emb), masked again by block2's input product: (y + t) * mask
+        frame_norm(_btc(c1), _btc(hm), weight=n1.weight, bias=n1.bias, eps=n1.eps, mish=True, mask=mask,
+                   post_add=t_proj.unsqueeze(1).expand(b, t, c), mask_end=True)
+        c2 = _causal_conv(hm, res.block2.block[0])
+        skip = _causal_conv(xm, res.res_conv)
+        h = torch.empty(b, t, c, device=xm.device, dtype=xm.dtype)
+        # block2(h) * mask + res_conv(x * mask)
+        return frame_norm(_btc(c2), h, weight=n2.weight, bias=n2.bias, eps=n2.eps, mish=True, mask=mask,
+                          post_add=_btc(skip))
+
+    def _transformers(self, blocks, qkv_weights, h: torch.Tensor, mask: torch.Tensor,
+                      attn_bias: torch.Tensor) -> torch.Tensor:
+        """The stage's transformer blocks on (B, T, C) rows h (updated in place) -> masked (B, C, T)."""
+        b, t, c = h.shape
+        first = blocks[0].norm1
+        n = frame_norm(h, torch.empty_like(h), weight=first.weight, bias=first.bias, eps=first.eps)
+        out = None
+        for i, (block, w_qkv) in enumerate(zip(blocks, qkv_weights)):
+            attn = block.attn1
+            heads = attn.heads
+            q, k, v = F.linear(n, w_qkv).view(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+            a = F.linear(o.transpose(1, 2).reshape(b, t, -1), attn.to_out[0].weight)
+            n3 = block.norm3
+            n = frame_norm(h, n, delta=a, pre_bias=attn.to_out[0].bias, sum_out=h, weight=n3.weight, bias=n3.bias,
+                           eps=n3.eps)
+            ff1, ff2 = block.ff.net[0].proj, block.ff.net[2]
+            f = F.linear(F.gelu(F.linear(n, ff1.weight, ff1.bias)), ff2.weight)
+            if i + 1 < len(blocks):
+                nxt = blocks[i + 1].norm1
+                n = frame_norm(h, n, delta=f, pre_bias=ff2.bias, sum_out=h, weight=nxt.weight, bias=nxt.bias,
+                               eps=nxt.eps)
+            else:
+                out = torch.empty(b, c, t, device=h.device, dtype=h.dtype)
+                frame_norm(h, _btc(out), delta=f, pre_bias=ff2.bias, mask=mask)
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """x, mu, cond (B, 80, T); mask (B, 1, T); t (B,); spks (B, 80); attn_bias (B, 1, T, T)."""
+        est = self.estimator
+        frames = mask[:, 0, :]
+        t_emb = est.time_mlp(sinusoidal_time_embedding(t, est.in_channels))
+        t_proj = F.linear(F.mish(t_emb), self.time_w, self.time_b).view(t_emb.size(0), len(self.stages), -1)
+        xm = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1) * mask
+        n_down = len(est.down_blocks)
+        skip = None
+        for i, stage in enumerate(self.stages):
+            if i >= n_down + len(est.mid_blocks):   # up stage: [x | skip], both masked
+                xm = torch.cat([xm[:, :, :skip.size(-1)], skip], dim=1)
+            h = self._resnet(stage.resnet, xm, frames, t_proj[:, i])
+            xm = self._transformers(stage.transformers, self.qkv[i], h, frames, attn_bias)
+            if stage.resample is not None:
+                if i < n_down:
+                    skip = xm
+                xm = _causal_conv(xm, stage.resample) * mask
+        fb = est.final_block.block
+        y = _causal_conv(xm, fb[0])
+        ym = torch.empty_like(y)
+        frame_norm(_btc(y), _btc(ym), weight=fb[2].weight, bias=fb[2].bias, eps=fb[2].eps, mish=True, mask=frames,
+                   mask_end=True)
+        return F.conv1d(ym, est.final_proj.weight, est.final_proj.bias) * mask
