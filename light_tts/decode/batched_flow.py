@@ -1,9 +1,9 @@
 """One flow call for the chunks of many requests.
 
-Per request (lengths differ, and the encoder's look-ahead context must follow each row's own
-tokens): embed, encode -> mu (1, 80, T_i) and the prompt condition. Then every row is padded on the
-right to one T and the 10 Euler steps with classifier-free guidance run as ONE estimator call per
-step over the doubled batch [conditional rows; unconditional rows].
+The encoder runs once for all rows (lengths differ; each row's look-ahead tokens follow its own
+tokens: UpsampleConformerEncoder.forward_rows) -> mu, plus each row's prompt condition. Every row
+is padded on the right to one T and the 10 Euler steps with classifier-free guidance run as ONE
+estimator call per step over the doubled batch [conditional rows; unconditional rows].
 
 Why padding is invisible to the real frames: the estimator's convolutions are causal (left
 padding only), every block multiplies by the frame mask before its convolutions, and attention
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from light_tts.models.flow.cfm import NOISE_FRAMES, CausalConditionalCFM
-from light_tts.models.flow.masks import attention_mask, mask_to_bias, valid_mask
+from light_tts.models.flow.masks import mask_to_bias, row_attention_mask, valid_mask
 from light_tts.models.flow.unet_blocks import CausalConv1d, sinusoidal_time_embedding
 
 
@@ -71,11 +71,7 @@ def attention_bias(frame_mask: torch.Tensor, streaming: torch.Tensor, chunk_fram
                    dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T) bool frame mask, (B,) bool streaming -> additive bias (B, 1, T, T): per row the
     chunk-causal mask (streaming) or the plain key mask, as the estimator builds for one request."""
-    t = frame_mask.size(-1)
-    full = attention_mask(frame_mask, 0).expand(-1, t, -1)
-    chunked = attention_mask(frame_mask, chunk_frames) if chunk_frames > 0 else full
-    mask = torch.where(streaming.view(-1, 1, 1), chunked, full)
-    return mask_to_bias(mask, dtype).unsqueeze(1)
+    return mask_to_bias(row_attention_mask(frame_mask, chunk_frames, streaming), dtype).unsqueeze(1)
 
 
 @dataclass
@@ -155,26 +151,33 @@ class BatchedFlow:
     def dtype(self) -> torch.dtype:
         return self.flow.dtype
 
-    def encode_row(self, t2w, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu (1, 80, T), cond (1, 80, T)) of one request, exactly as flow.inference builds them."""
-        flow, dev = self.flow, t2w.device
-        tokens = torch.cat([t2w.prompt_tokens, chunk.tokens.reshape(1, -1).to(dev, torch.int32)], dim=1)
-        n = torch.tensor([tokens.shape[1]], dtype=torch.int32, device=dev)
-        mu, _ = flow.encode(flow.embed_tokens(tokens, n), n, chunk.finalize, chunk.streaming)
-        cond = torch.zeros_like(mu)
-        cond[:, :, :t2w.prompt_feat.size(1)] = t2w.prompt_feat.transpose(1, 2).to(mu.dtype)
-        return mu, cond
+    def encode_rows(self, rows: Sequence) -> tuple[torch.Tensor, list[int]]:
+        """(mu (B, 80, T) with zeros past each row's frames, frames per row): one encoder call for
+        every row (prompt + chunk tokens; the look-ahead tokens of a streaming chunk inline after
+        its tokens), equal per row to flow.inference's encoding of that request alone."""
+        flow, dev = self.flow, rows[0][0].device
+        k = flow.pre_lookahead_len
+        seqs = [torch.cat([t2w.prompt_tokens[0], chunk.tokens.reshape(-1).to(dev, torch.int32)]) for t2w, chunk in rows]
+        n = [s.numel() for s in seqs]
+        lens = [m if chunk.finalize else m - k for m, (_, chunk) in zip(n, rows)]
+        ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)
+        n_t = torch.tensor(n, device=dev)
+        streaming = torch.tensor([chunk.streaming for _, chunk in rows], device=dev)
+        h, masks = flow.encoder.forward_rows(flow.embed_tokens(ids, n_t), torch.tensor(lens, device=dev), n_t,
+                                             max(lens), streaming)
+        mu = flow.encoder_proj(h).transpose(1, 2) * masks.to(h.dtype)
+        return mu, [m * flow.token_mel_ratio for m in lens]
 
     def prepare(self, rows: Sequence) -> FlowBatch:
-        encoded = [self.encode_row(t2w, chunk) for t2w, chunk in rows]
-        frames = [mu.size(2) for mu, _ in encoded]
+        enc, frames = self.encode_rows(rows)
         b, t = self.solver.bucket(len(rows), max(frames))
-        dev, dtype = encoded[0][0].device, encoded[0][0].dtype
-        mu = torch.zeros(b, encoded[0][0].size(1), t, device=dev, dtype=dtype)
+        dev, dtype = enc.device, enc.dtype
+        mu = torch.zeros(b, enc.size(1), t, device=dev, dtype=dtype)
+        mu[:len(rows), :, :enc.size(2)] = enc
         cond = torch.zeros_like(mu)
-        for i, (m, c) in enumerate(encoded):
-            mu[i, :, :frames[i]] = m[0]
-            cond[i, :, :frames[i]] = c[0]
+        for i, (t2w, _) in enumerate(rows):
+            feat = t2w.prompt_feat
+            cond[i, :, :feat.size(1)] = feat[0].transpose(0, 1).to(dtype)
         emb = torch.cat([t2w.embedding for t2w, _ in rows], dim=0)
         spks = torch.zeros(b, mu.size(1), device=dev, dtype=dtype)
         spks[:len(rows)] = self.flow.speaker(emb)

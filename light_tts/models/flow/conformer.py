@@ -53,11 +53,14 @@ class RelPositionalEncoding(nn.Module):
             self._cast[key] = self._table.to(device=device, dtype=dtype)
         return self._cast[key]
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        size = x.size(1) + offset
-        pe = self.table(size, x.device, x.dtype)
+    def relative(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(1, 2 * size - 1, d): the rows for relative positions +(size-1) ... -(size-1)."""
+        pe = self.table(size, device, dtype)
         centre = pe.size(1) // 2
-        return x * self.xscale, pe[:, centre - size + 1: centre + size]
+        return pe[:, centre - size + 1: centre + size]
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.xscale, self.relative(x.size(1) + offset, x.device, x.dtype)
 
 
 class LinearEmbed(nn.Module):

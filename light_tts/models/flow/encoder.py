@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .conformer import ConformerLayer, LinearEmbed
-from .masks import attention_mask, valid_mask
+from .masks import row_attention_mask, valid_mask
 
 
 class PreLookaheadLayer(nn.Module):
@@ -107,21 +107,38 @@ class UpsampleConformerEncoder(nn.Module):
         Returns (B, stride*T, D) and its frame mask (B, 1, stride*T) bool.
 
         Batch > 1 with context: every row's context must directly follow its xs_lens
-        tokens, which with right padding only holds when all rows have equal length.
+        tokens, which with right padding only holds when all rows have equal length
+        (forward_rows takes rows of different lengths).
         """
         t = xs.size(1)
-        masks = valid_mask(xs_lens, t)
-        xs, pos_emb = self.embed(xs)
+        token_lens = xs_lens
         if context is not None and context.size(1) > 0:
-            # the context's positional table is never used: rel-pos only scales x here
-            context, _ = self.embed(context, offset=t)
-        else:
-            context = None
-        # zero padded frames so a short row's look-ahead sees zeros, as it would alone
-        # (for a batch without padding this multiplies by 1: unchanged)
-        xs = xs * masks.transpose(1, 2).to(xs.dtype)
-        xs = self.pre_lookahead_layer(xs, context)
-        chunk_masks = attention_mask(masks, self.static_chunk_size if streaming else 0)
+            xs = torch.cat([xs, context], dim=1)
+            token_lens = xs_lens + context.size(1)
+        return self.forward_rows(xs, xs_lens, token_lens, t, streaming)
+
+    def forward_rows(self, xs: torch.Tensor, xs_lens: torch.Tensor, token_lens: torch.Tensor, t: int,
+                     streaming) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of different lengths and kinds in one call. Row i of xs (B, W, D) holds its
+        xs_lens[i] tokens, then its look-ahead tokens up to token_lens[i] (none for a final
+        chunk), then anything (masked here). t = max(xs_lens). streaming: bool, or (B,) bool per
+        row. Returns (B, stride*t, D) and the frame mask (B, 1, stride*t) bool; row i's frames past
+        stride*xs_lens[i] are padding.
+
+        Each row's valid frames equal those of the row alone: the embedding is per token, the
+        look-ahead conv of token j reads tokens j..j+L of its own row (its context or zeros), the
+        second conv and the upsampling conv are causal, and attention masks every row's padding.
+        """
+        k = self.pre_lookahead_len
+        xs, _ = self.embed(xs)
+        # zero past each row's tokens, so a row's look-ahead sees zeros where it would alone
+        xs = xs * valid_mask(token_lens, xs.size(1)).transpose(1, 2).to(xs.dtype)
+        if xs.size(1) < t + k:
+            xs = F.pad(xs, (0, 0, 0, t + k - xs.size(1)))
+        xs = self.pre_lookahead_layer(xs[:, :t], xs[:, t:t + k])
+        masks = valid_mask(xs_lens, t)
+        pos_emb = self.embed.pos_enc.relative(t, xs.device, xs.dtype)
+        chunk_masks = row_attention_mask(masks, self.static_chunk_size, streaming)
         for layer in self.encoders:
             xs = layer(xs, chunk_masks, pos_emb)
 
@@ -129,8 +146,7 @@ class UpsampleConformerEncoder(nn.Module):
         xs = xs.transpose(1, 2)
         masks = valid_mask(xs_lens, xs.size(1))
         xs, pos_emb = self.up_embed(xs)
-        up_chunk = self.static_chunk_size * self.up_layer.stride if streaming else 0
-        chunk_masks = attention_mask(masks, up_chunk)
+        chunk_masks = row_attention_mask(masks, self.static_chunk_size * self.up_layer.stride, streaming)
         for layer in self.up_encoders:
             xs = layer(xs, chunk_masks, pos_emb)
         return self.after_norm(xs), masks

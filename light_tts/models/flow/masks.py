@@ -50,3 +50,16 @@ def attention_mask(pad_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask -> additive bias: 0 where visible, -1e10 where hidden (official value; -inf in fp16)."""
     return (1.0 - mask.to(dtype)) * -1.0e10
+
+
+def row_attention_mask(pad_mask: torch.Tensor, chunk_size: int, streaming) -> torch.Tensor:
+    """attention_mask with the chunk mask chosen per row: streaming is a bool (all rows) or a (B,)
+    bool tensor (rows of a decode batch mix streaming chunks and full-attention final chunks).
+    With a tensor the result is (B, T, T)."""
+    if isinstance(streaming, bool):
+        return attention_mask(pad_mask, chunk_size if streaming else 0)
+    t = pad_mask.size(-1)
+    full = attention_mask(pad_mask, 0).expand(-1, t, -1)
+    if chunk_size <= 0:
+        return full
+    return torch.where(streaming.view(-1, 1, 1), attention_mask(pad_mask, chunk_size), full)
