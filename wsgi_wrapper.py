@@ -35,6 +35,7 @@ CONFIG = {
     "graph_max_batch_size": 64,
     "log_stats_interval": 10,
     "disable_log_stats": False,
+    "gpu_memory_limit_gb": 0,  # GB for the whole instance per GPU; 0 = no cap (scripts/run.sh: from the env file)
 }
 
 

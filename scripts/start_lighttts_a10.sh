@@ -65,6 +65,7 @@ server_args() {
                  --batch_max_tokens "${BATCH_MAX_TOKENS:-16384}" --load_trt "${LOAD_TRT:-False}"
                  --cache_capacity "${CACHE_CAPACITY:-100}" --httpserver_workers "${HTTPSERVER_WORKERS:-1}")
     [ -n "${DATA_TYPE:-}" ] && SERVER_ARGS+=(--data_type "$DATA_TYPE")
+    [ -n "${GPU_MEMORY_LIMIT_GB:-}" ] && SERVER_ARGS+=(--gpu_memory_limit_gb "$GPU_MEMORY_LIMIT_GB")
     lt_is_true "${HEALTH_MONITOR:-false}" && SERVER_ARGS+=(--health_monitor)
     [ -n "${ZMQ_MODE:-}" ] && SERVER_ARGS+=(--zmq_mode "$ZMQ_MODE")
     read -r -a extra <<<"${EXTRA_ARGS:-}"

@@ -26,7 +26,7 @@ PROMPT = open(PROMPT_WAV, "rb").read()
 # every key the settings files define: cleared from the inherited environment so the files apply
 SETTINGS_KEYS = {"MODEL_DIR", "HOST", "PORT", "PORTS", "ENCODE_PROCESS_NUM", "DECODE_PROCESS_NUM",
                  "MAX_TOTAL_TOKEN_NUM", "MAX_REQ_TOTAL_LEN", "BATCH_MAX_TOKENS", "LOAD_TRT", "CACHE_CAPACITY",
-                 "HEALTH_MONITOR", "DATA_TYPE", "HTTPSERVER_WORKERS", "EXTRA_ARGS", "STARTUP_TIMEOUT",
+                 "HEALTH_MONITOR", "DATA_TYPE", "HTTPSERVER_WORKERS", "EXTRA_ARGS", "STARTUP_TIMEOUT", "GPU_MEMORY_LIMIT_GB",
                  "GPU_MEM_NEED_MB", "STAGGER_SECONDS", "NGINX", "NGINX_MODE", "NGINX_HOST", "NGINX_PORT",
                  "NGINX_BALANCE", "NGINX_PREFIX", "WORKERS", "GPU_INDEX", "PORT_BASE", "ZMQ_MODE", "VENV"}
 SMALL = {"MAX_TOTAL_TOKEN_NUM": "8192", "MAX_REQ_TOTAL_LEN": "2048", "BATCH_MAX_TOKENS": "2048",
@@ -116,7 +116,8 @@ def test_single_start_serve_status_stop(tiny_model_dir, tmp):
         pid = int(open(os.path.join(tmp, f"lighttts_worker_{port}.pid")).read())
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
         assert re.search(r"python.*api_server", cmdline), cmdline   # seed 000's pkill pattern finds it
-        for flag in ("--max_total_token_num 8192", "--load_trt False", "--health_monitor", f"--port {port}"):
+        for flag in ("--max_total_token_num 8192", "--load_trt False", "--health_monitor", f"--port {port}",
+                     "--gpu_memory_limit_gb 22"):   # the A10 cap: accepted, and without effect on a CPU
             assert flag in cmdline, (flag, cmdline)
         assert "lighttts::llm" in open(log).read() or os.path.getsize(log) > 0
 
@@ -185,6 +186,7 @@ def test_multi_behind_nginx(tiny_model_dir, tmp):
         pids = [int(open(os.path.join(tmp, f"lighttts_worker_{p}.pid")).read()) for p in (p1, p2)]
         cmd1 = open(f"/proc/{pids[0]}/cmdline", "rb").read().replace(b"\0", b" ").decode()
         assert "--max_total_token_num 8192" in cmd1 and "--cache_capacity 10" in cmd1
+        assert "--gpu_memory_limit_gb 10.5" in cmd1, cmd1   # two instances share one card
         assert os.path.exists(os.path.join(tmp, f"lighttts_multi_{p1}.log"))
         url = f"http://127.0.0.1:{front}"
 
@@ -294,16 +296,18 @@ def test_verify_deployment_fails_on_a_dead_url():
 def test_settings_files_layer_under_the_environment():
     common = os.path.join(SCRIPTS, "lighttts_common.sh")
     script = (f'. {common}; lt_load_env {CONFIGS}/a10_multi.env; lt_load_env {CONFIGS}/a10_single.env; '
-              'echo "$PORT|$PORTS|$MAX_TOTAL_TOKEN_NUM|$BATCH_MAX_TOKENS|$CACHE_CAPACITY|$STAGGER_SECONDS|$LOAD_TRT"')
+              'echo "$PORT|$PORTS|$MAX_TOTAL_TOKEN_NUM|$BATCH_MAX_TOKENS|$CACHE_CAPACITY|$STAGGER_SECONDS|$LOAD_TRT|'
+              '$GPU_MEMORY_LIMIT_GB"')
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
     out = subprocess.run(["bash", "-c", script], env={**env, "PORT": "9999", "CACHE_CAPACITY": "7"},
                          capture_output=True, text=True, check=True).stdout.strip()
     # multi's lower limits and 60 s stagger (seed 000) over single's values; the environment wins
-    assert out == "9999|8080 8081|24576|12288|7|60|True", out
+    assert out == "9999|8080 8081|24576|12288|7|60|True|10.5", out
     out = subprocess.run(["bash", "-c", f". {common}; lt_load_env {CONFIGS}/a10_single.env; "
-                          'echo "$MAX_TOTAL_TOKEN_NUM $MAX_REQ_TOTAL_LEN $BATCH_MAX_TOKENS $ENCODE_PROCESS_NUM"'],
+                          'echo "$MAX_TOTAL_TOKEN_NUM $MAX_REQ_TOTAL_LEN $BATCH_MAX_TOKENS $ENCODE_PROCESS_NUM '
+                          '$GPU_MEMORY_LIMIT_GB"'],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "32768 16384 16384 1", out
+    assert out == "32768 16384 16384 1 22", out
 
 
 # ----------------------------------------------------------------------------- configs

@@ -32,22 +32,25 @@ class PromptLimits:
     max_seconds: float = 30.0   # the official speech tokenizer refuses longer prompts
 
 
-def _onnx_session(path: str, threads: int, use_cuda: bool) -> onnxruntime.InferenceSession:
+def _onnx_session(path: str, threads: int, use_cuda: bool, cuda_mem_limit: int = 0) -> onnxruntime.InferenceSession:
+    """cuda_mem_limit: bytes the CUDA provider's arena may hold (0: no cap; --gpu_memory_limit_gb)."""
     opts = onnxruntime.SessionOptions()
     opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if use_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        cuda = {"gpu_mem_limit": cuda_mem_limit, "arena_extend_strategy": "kSameAsRequested"} if cuda_mem_limit else {}
+        providers.insert(0, ("CUDAExecutionProvider", cuda))
     return onnxruntime.InferenceSession(path, sess_options=opts, providers=providers)
 
 
 class Frontend:
     def __init__(self, model_dir: str, *, cache_capacity: int = 100, limits: PromptLimits = PromptLimits(),
-                 onnx_threads: int = 1, use_cuda: bool = False):
+                 onnx_threads: int = 1, use_cuda: bool = False, cuda_mem_limit: int = 0):
         self.limits = limits
         self.tokenizer = CosyVoice2Tokenizer(os.path.join(model_dir, "CosyVoice-BlankEN"))
-        self.speech_tokenizer = _onnx_session(require_file(model_dir, "speech_tokenizer_v2.onnx"), onnx_threads, use_cuda)
+        self.speech_tokenizer = _onnx_session(require_file(model_dir, "speech_tokenizer_v2.onnx"), onnx_threads, use_cuda,
+                                              cuda_mem_limit)
         self.campplus = _onnx_session(require_file(model_dir, "campplus.onnx"), onnx_threads, False)
         self.cache = VoiceCache(cache_capacity)
         spk2info = os.path.join(model_dir, "spk2info.pt")

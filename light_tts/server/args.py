@@ -22,6 +22,18 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def gigabytes(value) -> float:
+    """--gpu_memory_limit_gb: a number >= 0; empty (an unset env-file key) is 0, no cap."""
+    text = str(value).strip()
+    try:
+        gb = float(text) if text else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {value!r}") from None
+    if not gb >= 0:   # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no cap), got {value!r}")
+    return gb
+
+
 def _flag(p: argparse.ArgumentParser, name: str, help: str, default: bool = False) -> None:
     p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
@@ -56,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_stats_interval", type=float, default=10.0, help="seconds between stats log lines")
     _flag(g, "--disable_log_stats", "do not log periodic stats")
     g.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--gpu_memory_limit_gb", type=gigabytes, default=0.0, metavar="GB",
+                   help="most GPU memory, in GB (10^9 bytes; nvidia-smi shows MiB: 22 GB is 20981 MiB), that all "
+                        "processes of this instance together may use on each GPU they run on, counted as "
+                        "nvidia-smi does (CUDA contexts included); 0 = no cap. Each process caps its allocator "
+                        "at its share: a CUDA-context allowance per process off the top, the LLM what its "
+                        "weights, KV pool (--max_total_token_num) and prefill (--batch_max_tokens) need, the "
+                        "decode processes on that GPU the rest in equal parts (light_tts/server/gpu_memory.py). "
+                        "A limit too small for the flags stops the start naming the flag to change. No effect "
+                        "on a CPU")
 
     g = p.add_argument_group("encode")
     g.add_argument("--encode_process_num", type=int, default=1, help="encode processes (text, prompt audio features)")

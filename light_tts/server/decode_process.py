@@ -336,6 +336,7 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
     import torch
     from light_tts.decode.engine import build_engine
     from light_tts.decode.placement import physical_gpu
+    from light_tts.server.gpu_memory import cap_memory_or_exit, log_reserved, out_of_memory_hint
     device = decode_device(index)
     if device == "cpu":
         torch.set_num_threads(cpu_threads())
@@ -344,17 +345,23 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         torch.set_flush_denormal(True)
     else:
         torch.cuda.set_device(device)
+    plan = cap_memory_or_exit(args, stage, device)   # --gpu_memory_limit_gb, before any allocation
     t0 = time.perf_counter()
-    flow, hift = load_decode_model(args.model_dir, device, args.data_type)
     dtype = stage_dtype(args.data_type, device)
-    engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
-                          load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
-                          max_batch_size=args.decode_max_batch_size)
+    try:   # build_engine's warm-up runs the largest batch: a cap too small for it shows up here
+        flow, hift = load_decode_model(args.model_dir, device, args.data_type)
+        engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
+                              load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
+                              max_batch_size=args.decode_max_batch_size)
+    except torch.cuda.OutOfMemoryError:
+        log.error("%s", out_of_memory_hint(args, stage, plan))
+        raise SystemExit(2)
     server = DecodeServer(endpoints, index, flow, hift, engine=engine, max_batch_size=args.decode_max_batch_size,
                           first_hop=getattr(args, "decode_first_hop", 0))
     gpu = physical_gpu(index, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) \
         if device != "cpu" else None
     log.info("ready on %s%s (%s) in %.1f s", device, f" (physical GPU {gpu})" if gpu else "", dtype,
              time.perf_counter() - t0)
+    log_reserved(stage, device, plan)
     hb.ready()
     server.run_forever()

@@ -25,6 +25,7 @@ from light_tts.frontend.voice_cache import Voice
 from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, LLMReq, TextPieceReq, TextTokensReq,
                                         TTSReq, VoiceData, VoiceDeleteReq, VoiceOutput, VoiceRegisterReq, VoiceStoreReq,
                                         sock_recv, sock_send)
+from light_tts.server.gpu_memory import encode_cuda_budget
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
 from light_tts.server.stage import stage_device, start_stage
 from light_tts.server.voice_store import VoiceStore
@@ -53,9 +54,10 @@ class EncodeWorker:
     def __init__(self, args, endpoints: Endpoints, index: int):
         self.args, self.index = args, index
         self.stage = f"encode:{index}"
+        use_cuda = stage_device(0).startswith("cuda")   # the speech tokenizer, with onnxruntime-gpu
         self.frontend = Frontend(args.model_dir, cache_capacity=args.cache_capacity,
                                  limits=PromptLimits(args.min_prompt_seconds, args.max_prompt_seconds),
-                                 use_cuda=stage_device(0).startswith("cuda"))
+                                 use_cuda=use_cuda, cuda_mem_limit=encode_cuda_budget(args) if use_cuda else 0)
         self.ctx = zmq.Context()
         self.recv_from_http = bind_pull(self.ctx, endpoints.encode(index))
         self.send_to_llm = connect_push(self.ctx, endpoints.llm)

@@ -208,18 +208,25 @@ def run_llm_process(args, endpoints: Endpoints) -> None:
     hb = start_stage(endpoints, "llm", args.log_level)
     import torch
     from light_tts.models.cosyvoice2 import CosyVoice2Model
+    from light_tts.server.gpu_memory import cap_memory_or_exit, log_reserved, out_of_memory_hint
 
     device = stage_device(0)
     if device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    plan = cap_memory_or_exit(args, "llm", device)   # --gpu_memory_limit_gb, before any allocation
     t0 = time.perf_counter()
-    model = CosyVoice2Model.from_pretrained(args.model_dir, device=device, dtype=stage_dtype(args.data_type, device),
-                                            components=("llm",))
-    server = LLMServer(args, endpoints, model.llm)
+    try:
+        model = CosyVoice2Model.from_pretrained(args.model_dir, device=device,
+                                                dtype=stage_dtype(args.data_type, device), components=("llm",))
+        server = LLMServer(args, endpoints, model.llm)
+    except torch.cuda.OutOfMemoryError:
+        log.error("%s", out_of_memory_hint(args, "llm", plan))
+        raise SystemExit(2)
     log.info("LLM ready on %s (%s) in %.1f s; KV pool %d tokens (%.0f MiB%s), up to %d requests, "
              "%d CUDA graph(s), %s sampler, %d decoder(s)", device, model.dtype, time.perf_counter() - t0,
              args.max_total_token_num, server.engine.pool.bytes() / 2**20, ", int8" if server.engine.pool.int8 else "",
              args.running_max_req_size, server.engine.stats()["cuda_graphs"], server.engine.sampler.mode,
              endpoints.decode_num)
+    log_reserved("llm", device, plan)
     hb.ready()
     server.serve_forever()
