@@ -9,6 +9,8 @@
 # With --gpu_memory_limit_gb it prints "cap: X GB, peak: Y MiB, within cap: yes|no", where the
 # peak is nvidia-smi's memory.used during the run less what was in use before the server started.
 # PLAIN_REFERENCE=0 skips the plain reference pipeline at the end.
+# MPS=1 runs the server under NVIDIA MPS (a private control daemon, stopped at the end), so the LLM's
+# and the decode process's kernels share the GPU at once instead of taking turns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL_DIR=${1:-/tmp/lighttts-full}; DTYPE=${2:-bf16}; shift 2 2>/dev/null || true
@@ -21,13 +23,19 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 FLAGS=(--model_dir "$MODEL_DIR" --port $PORT --data_type "$DTYPE" --decode_max_batch_size 64 --log_stats_interval 30
        "${EXTRA[@]}")
 echo "server flags: ${FLAGS[*]}"
+if [ "${MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then echo "MPS: control daemon started"; else echo "MPS: not available"; fi
+fi
+stop_mps() { [ "${MPS:-0}" = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null; true; }
 mem() { nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits | tr -d ' '; }
 mem > /tmp/gpu_mem_before.txt   # per GPU "index,MiB" before the server starts
 : > /tmp/gpu_mem.txt
 python3 -m light_tts.server.api_server "${FLAGS[@]}" > /tmp/server.log 2>&1 &
 SERVER=$!
 ( while kill -0 $SERVER 2>/dev/null; do mem >> /tmp/gpu_mem.txt; sleep 1; done ) &
-trap 'kill $SERVER 2>/dev/null; grep -E "ERROR|Traceback" /tmp/server.log | head -5' EXIT
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; stop_mps; grep -E "ERROR|Traceback" /tmp/server.log | head -5' EXIT
 for i in $(seq 1 400); do
   curl -sf http://127.0.0.1:$PORT/healthz >/dev/null && break
   kill -0 $SERVER 2>/dev/null || { tail -40 /tmp/server.log; exit 1; }

@@ -15,7 +15,8 @@ How the limit is split on one GPU (`plan_gpu`):
      allocated once at start, so memory past this need would sit idle in the LLM;
   4. the decode processes on that GPU (decode i runs on GPU i % num_gpus) share the rest
      equally: their memory grows with --decode_max_batch_size and sentence length. With
-     --load_trt each first sets TRT_BYTES aside, because TensorRT allocates outside PyTorch.
+     --load_trt each first sets TRT_BYTES aside, because TensorRT allocates outside PyTorch;
+     with CUDA graphs (the default) DECODE_GRAPHS_BYTES, for the same reason.
 Each process then caps PyTorch's caching allocator at its share with
 torch.cuda.set_per_process_memory_fraction(share / device total).
 
@@ -45,6 +46,10 @@ LLM_WORKSPACE_BYTES = 512 * MiB
 DECODE_MIN_WORKSPACE_BYTES = 512 * MiB
 # Estimate: a TensorRT estimator engine's own memory (weights + activations for its profile).
 TRT_BYTES = 2048 * MiB
+# Measured (H200, --decode_max_batch_size 64, docs/benchmarks.md): a decode process with CUDA
+# graphs holds ~1.35 GiB outside PyTorch's allocator beyond its CUDA context (the instantiated
+# graphs of every batch x frame bucket, cuDNN/cuBLAS/Triton state). Charged per decode process.
+DECODE_GRAPHS_BYTES = 1536 * MiB
 # ONNX Runtime CUDA arena of one encode process (the speech tokenizer's weights + activations).
 ENCODE_ORT_BYTES = 1024 * MiB
 
@@ -109,6 +114,7 @@ class GpuPlan:
     decode: int         # each decode process's allocator cap
     encode: int         # each encode process's ONNX Runtime arena cap
     trt: int            # each decode process's TensorRT allowance
+    graphs: int = 0     # each decode process's CUDA-graph allowance (outside the allocator)
 
     @property
     def processes(self) -> int:
@@ -116,7 +122,7 @@ class GpuPlan:
 
     def used(self) -> int:
         """What the plan hands out; never more than `limit`."""
-        return (self.processes * self.context + self.llm + self.n_decode * (self.decode + self.trt)
+        return (self.processes * self.context + self.llm + self.n_decode * (self.decode + self.trt + self.graphs)
                 + self.n_encode * self.encode)
 
     def describe(self) -> str:
@@ -125,14 +131,15 @@ class GpuPlan:
             parts.append(f"llm {gb(self.llm)}")
         if self.n_decode:
             parts.append(f"{self.n_decode} decode x {gb(self.decode)}"
-                         + (f" (+ TensorRT {gb(self.trt)} each)" if self.trt else ""))
+                         + (f" (+ TensorRT {gb(self.trt)} each)" if self.trt else "")
+                         + (f" (+ CUDA graphs {gb(self.graphs)} each)" if self.graphs else ""))
         if self.n_encode:
             parts.append(f"{self.n_encode} encode (ONNX Runtime) x {gb(self.encode)}")
         return ", ".join(parts)
 
 
 def plan_gpu(limit: int, *, has_llm: bool, n_decode: int, n_encode: int = 0, llm_need: Optional[LLMNeed] = None,
-             decode_min: int = DECODE_MIN_WORKSPACE_BYTES, trt: bool = False,
+             decode_min: int = DECODE_MIN_WORKSPACE_BYTES, trt: bool = False, graphs: bool = False,
              context: int = CUDA_CONTEXT_BYTES) -> GpuPlan:
     """Split `limit` bytes between the processes on one GPU (rule in the module doc); raises
     GpuMemoryError naming the flags to change when the LLM's need or a decode process's minimum
@@ -144,9 +151,11 @@ def plan_gpu(limit: int, *, has_llm: bool, n_decode: int, n_encode: int = 0, llm
     processes = int(has_llm) + n_decode + n_encode
     encode = ENCODE_ORT_BYTES if n_encode else 0
     trt_each = TRT_BYTES if (trt and n_decode) else 0
-    left = limit - processes * context - n_encode * encode - n_decode * trt_each
+    graphs_each = DECODE_GRAPHS_BYTES if (graphs and n_decode) else 0
+    left = limit - processes * context - n_encode * encode - n_decode * (trt_each + graphs_each)
     fixed = (f"{processes} CUDA context(s) x {gb(context)}" + (f", {n_encode} encode x {gb(encode)}" if n_encode else "")
-             + (f", TensorRT {n_decode} x {gb(trt_each)}" if trt_each else ""))
+             + (f", TensorRT {n_decode} x {gb(trt_each)}" if trt_each else "")
+             + (f", decode CUDA graphs {n_decode} x {gb(graphs_each)}" if graphs_each else ""))
     llm = 0
     if has_llm:
         if llm_need.total > left:
@@ -166,7 +175,7 @@ def plan_gpu(limit: int, *, has_llm: bool, n_decode: int, n_encode: int = 0, llm
             + ("Lower --max_total_token_num or --batch_max_tokens, " if has_llm else "")
             + "use fewer --decode_process_num per GPU, or raise --gpu_memory_limit_gb")
     return GpuPlan(limit=limit, context=context, has_llm=has_llm, n_decode=n_decode, n_encode=n_encode,
-                   llm=llm, decode=decode, encode=encode, trt=trt_each)
+                   llm=llm, decode=decode, encode=encode, trt=trt_each, graphs=graphs_each)
 
 
 def processes_on_gpu(gpu: int, num_gpus: int, decode_process_num: int, encode_process_num: int,
@@ -235,7 +244,8 @@ def plan_for(args, gpu: int, num_gpus: int) -> GpuPlan:
     return plan_gpu(limit_bytes(args), has_llm=has_llm, n_decode=n_decode, n_encode=n_encode,
                     llm_need=llm_need_for(args, dtype_bytes) if has_llm else None,
                     decode_min=decode_weight_bytes(args.model_dir, dtype_bytes) + DECODE_MIN_WORKSPACE_BYTES,
-                    trt=bool(args.load_trt), context=context_bytes())
+                    trt=bool(args.load_trt), graphs=not (args.disable_cudagraph or args.load_trt),
+                    context=context_bytes())
 
 
 # ---- applying it in a process -------------------------------------------------------------------
