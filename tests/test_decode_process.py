@@ -259,3 +259,30 @@ def test_interleaved_requests_both_complete(decoder, voice, reference):
 def _assert_pcm_close(got: bytes, ref: bytes, steps: int = 2) -> None:
     x, y = np.frombuffer(got, "<i2").astype(np.int32), np.frombuffer(ref, "<i2").astype(np.int32)
     assert x.shape == y.shape and np.abs(x - y).max() <= steps, (x.shape, y.shape)
+
+
+def _state(rid, sent_s=None, started=0.0):
+    """A DecodeState that has sent sent_s seconds of audio since `started` (None: nothing yet)."""
+    from light_tts.server.decode_process import DecodeState
+    s = DecodeState(req=DecodeStartReq(rid=rid, reply_to="x", stream=True, prompt_speech_tokens=np.zeros(1, np.int32),
+                                       prompt_feat=np.zeros((2, 80), np.float32), embedding=np.zeros(192, np.float32)))
+    if sent_s is not None:
+        s.audio_sent, s.first_audio_at, s.audio_out_s = True, started, sent_s
+    return s
+
+
+def test_pick_batch_serves_first_chunks_before_streams_with_audio_to_spare():
+    from light_tts.server.decode_process import URGENT_SLACK_S, pick_batch
+    now = 100.0
+    relaxed = _state("relaxed", sent_s=5.0, started=now - 1.0)                  # 4 s buffered
+    dry = _state("dry", sent_s=2.0, started=now - 2.0 + URGENT_SLACK_S / 2)     # about to run dry
+    drier = _state("drier", sent_s=1.0, started=now - 1.2)                      # already short
+    new1, new2 = _state("new1"), _state("new2")
+    ready = [relaxed, dry, new1, drier, new2]
+    # first chunks wait: they run with the streams about to run dry (driest first), not the relaxed one
+    assert [s.req.rid for s in pick_batch(ready, 8, now)] == ["drier", "dry", "new1", "new2"]
+    assert [s.req.rid for s in pick_batch(ready, 3, now)] == ["drier", "dry", "new1"]
+    # no first chunk waiting: every ready request, in the given (round-robin) order
+    assert [s.req.rid for s in pick_batch([relaxed, dry, drier], 8, now)] == ["relaxed", "dry", "drier"]
+    assert pick_batch([relaxed, dry], 1, now) == [relaxed]
+    assert pick_batch([], 8, now) == []

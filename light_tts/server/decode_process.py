@@ -8,7 +8,8 @@ Per request it keeps the conditioning and a queue of sentences, each a Streaming
 fresh Token2Wav (the official decodes every sentence with its own tts() call: new HiFT cache,
 same seed). The loop: take every waiting message, then compute the next chunk of up to
 --decode_max_batch_size ready requests in ONE batched flow call and ONE batched HiFT call
-(light_tts.decode.engine; served requests move to the back so none starves), send each chunk
+(light_tts.decode.engine; served requests move to the back so none starves; waiting first chunks
+run before the later chunks of streams with audio to spare: pick_batch), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready.
 
 Start (the launcher, from a 'spawn' context):
@@ -41,6 +42,8 @@ SAMPLE_RATE = 24000
 POLL_MS = 100              # longest block on the socket while idle
 STATS_SECONDS = 0.5
 ABORT_MEMORY_SECONDS = 30.0  # an abort may overtake its DecodeStartReq (different senders): remember it
+# A stream with less audio buffered at its client than this joins a batch of first chunks (below).
+URGENT_SLACK_S = 1.0
 
 
 # Capacities of the two caches of convolution set-ups on the CPU (PyTorch's mkldnn path), read by
@@ -80,6 +83,8 @@ class DecodeState:
     piece: int = 0                                 # index of the sentence tokens now arrive for
     input_done: bool = False                       # the LLM sent finished=True
     audio_sent: bool = False                       # its first audio went out (with req.marks)
+    first_audio_at: float = 0.0                    # time.monotonic() of its first audio
+    audio_out_s: float = 0.0                       # seconds of audio sent so far
 
     @property
     def ready(self) -> bool:
@@ -88,6 +93,24 @@ class DecodeState:
     @property
     def complete(self) -> bool:
         return self.input_done and not self.pieces
+
+    def slack(self, now: float) -> float:
+        """Seconds of audio its client holds beyond real-time playback since the first chunk."""
+        return self.audio_out_s - (now - self.first_audio_at)
+
+
+def pick_batch(ready: list, max_batch_size: int, now: float) -> list:
+    """The requests whose next chunk runs now, from those with one ready (round-robin order).
+
+    First chunks set the first-audio latency, and a batch costs what its longest row costs (every
+    later chunk re-runs the prompt and the sentence so far), so while first chunks wait they run
+    without the later chunks of running streams, except streams about to run dry (less than
+    URGENT_SLACK_S of audio buffered), which go first. Otherwise every ready request runs."""
+    fresh = [s for s in ready if not s.audio_sent]
+    if not fresh:
+        return ready[:max_batch_size]
+    urgent = sorted((s for s in ready if s.audio_sent and s.slack(now) < URGENT_SLACK_S), key=lambda s: s.slack(now))
+    return (urgent + fresh)[:max_batch_size]
 
 
 class DecodeServer:
@@ -154,9 +177,9 @@ class DecodeServer:
             self.fail(msg.rid, reply_to, e)
 
     def schedule_batch(self) -> list[DecodeState]:
-        """Up to max_batch_size requests with a chunk ready, one chunk each, in state order (served
-        requests are moved to the back in process_results, so that order is round robin)."""
-        return [s for s in self.states.values() if s.ready][:self.max_batch_size]
+        """Up to max_batch_size requests with a chunk ready, one chunk each (pick_batch), in state
+        order (served requests are moved to the back in process_results, so that order is round robin)."""
+        return pick_batch([s for s in self.states.values() if s.ready], self.max_batch_size, time.monotonic())
 
     def run_chunks(self, batch: list[DecodeState]) -> list[tuple[DecodeState, object]]:
         """Compute the next chunk of every request in `batch` with one batched engine call:
@@ -203,7 +226,10 @@ class DecodeServer:
                 self.chunks += 1
                 self.audio_seconds += len(out) / SAMPLE_RATE
                 marks = None if state.audio_sent else state.req.marks
+                if not state.audio_sent:
+                    state.first_audio_at = time.monotonic()
                 state.audio_sent = True
+                state.audio_out_s += len(out) / SAMPLE_RATE
                 self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out), marks=marks))
 
     def finish_completed(self) -> None:
