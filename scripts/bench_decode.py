@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
-from light_tts.decode.batched_flow import EagerSolver  # noqa: E402
+from light_tts.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
 from light_tts.decode.engine import DecodeEngine  # noqa: E402
 from light_tts.server.decode_process import load_decode_model  # noqa: E402
 from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
@@ -104,10 +104,14 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
         step = compiled["step"]
         engine.hift.decode_equal, engine.hift.decode_masked = compiled["hift"]
     if "graphs" in mode:
-        from light_tts.decode.cuda_graph import GraphSolver
+        from light_tts.decode.cuda_graph import GraphEncoder, GraphSolver
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch)
     else:
         engine.flow.solver = EagerSolver(flow.decoder, step, 10)
+    if "graphs" in mode and "eager_encoder" not in mode:
+        engine.flow.encoder = GraphEncoder(flow, max_batch)
+    else:
+        engine.flow.encoder = RowEncoder(flow)
 
 
 def main() -> int:
@@ -115,7 +119,8 @@ def main() -> int:
     add_model_args(p)
     p.add_argument("--batch_sizes", default="1,4,16,64")
     p.add_argument("--modes", default="eager,graphs,fused,fused+graphs,compile+graphs",
-                   help="comma list of eager | graphs | fused | fused+graphs | compile | compile+graphs")
+                   help="comma list of eager | graphs | fused | fused+graphs | compile | compile+graphs; graphs "
+                        "modes capture the token encoder too unless the name has +eager_encoder")
     p.add_argument("--prompt_tokens", type=int, default=125)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")

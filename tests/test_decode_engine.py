@@ -89,9 +89,10 @@ def test_batched_equals_each_alone_and_the_streaming_reference(model):
 
 
 def test_bucket_padding_is_invisible(model):
-    """CUDA graphs pad rows to a power of two and frames to FRAME_BUCKET: same mels (run eagerly here)."""
-    from light_tts.decode.batched_flow import BatchedFlow, EagerSolver
-    from light_tts.decode.cuda_graph import GraphSolver
+    """CUDA graphs pad rows to a power of two, frames to FRAME_BUCKET and the encoder's tokens to
+    FRAME_BUCKET / 2: same mels (run eagerly here)."""
+    from light_tts.decode.batched_flow import BatchedFlow, EagerSolver, RowEncoder
+    from light_tts.decode.cuda_graph import GraphEncoder, GraphSolver
     from light_tts.token2wav import Chunk
 
     class PaddedEager(GraphSolver):   # GraphSolver's buckets, EagerSolver's execution (no CUDA here)
@@ -101,13 +102,31 @@ def test_bucket_padding_is_invisible(model):
     reqs = _requests(flow, [(13, 60, 0), (30, 60, 1), (47, 60, 2)])
     rows = [(_t2w(model, r), Chunk(torch.tensor(r[3][:k]), 0, finalize=f, streaming=not f))
             for r, k, f in zip(reqs, (40, 48, 31), (False, True, False))]
+    class EagerReplay:   # stands in for a captured graph: runs the encoder on the static buffers
+        def __init__(self, enc, key, inputs, mu):
+            self.enc, self.key, self.inputs, self.mu = enc, key, inputs, mu
+
+        def replay(self):
+            ids, n, lens, streaming = self.inputs
+            self.mu.copy_(RowEncoder.__call__(self.enc, ids, n, lens, self.key[1], streaming))
+
+    class PaddedEagerEncoder(GraphEncoder):   # GraphEncoder's buckets and buffers, eager execution
+        def capture(self, key, device):
+            inputs = self.buffers(key, device)
+            mu = RowEncoder.__call__(self, *inputs[:3], key[1], inputs[3])
+            self.graphs[key] = (EagerReplay(self, key, inputs, mu), inputs, mu)
+            return self.graphs[key]
+
     padded = BatchedFlow(flow, PaddedEager(flow.decoder, None, max_batch_size=8, frame_bucket=64))
     padded.solver.step = padded.estimator
+    padded.encoder = PaddedEagerEncoder(flow, max_batch_size=8, frame_bucket=64)
     assert padded.solver.bucket(3, 130) == (4, 192)
+    assert padded.encoder.bucket(3, 65) == (4, 96)   # tokens to a multiple of 64 frames / 2
     exact = BatchedFlow(flow)
     for a, b in zip(exact(rows), padded(rows)):
         assert a.shape == b.shape
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-4)
+    assert list(padded.encoder.graphs) == [(4, 96)]   # the padded encoder path ran
 
 
 def test_one_row_is_bit_exact_with_the_plain_path(model):

@@ -137,6 +137,22 @@ class EagerSolver:
                          self.cfm.inference_cfg_rate)
 
 
+class RowEncoder:
+    """The flow's token encoder for a batch of rows: (ids (B, W) with -1 past each row's tokens,
+    n (B,) tokens per row incl. look-ahead, lens (B,) tokens that yield frames, t = max(lens),
+    streaming (B,) bool) -> mu (B, 80, stride * t), zero past each row's frames.
+    Rows with n = lens = 0 are padding (all masked; cuda_graph.GraphEncoder adds them)."""
+
+    def __init__(self, flow: nn.Module):
+        self.flow = flow
+
+    def __call__(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
+                 streaming: torch.Tensor) -> torch.Tensor:
+        flow = self.flow
+        h, masks = flow.encoder.forward_rows(flow.embed_tokens(ids, n), lens, n, t, streaming)
+        return flow.encoder_proj(h).transpose(1, 2) * masks.to(h.dtype)
+
+
 class BatchedFlow:
     """rows of (Token2Wav, Chunk) -> one mel (1, 80, new frames) float32 per row, as
     Token2Wav's flow.inference call gives it."""
@@ -146,6 +162,7 @@ class BatchedFlow:
         self.estimator = BiasEstimator(flow.decoder.estimator)
         self.chunk_frames = int(flow.decoder.estimator.static_chunk_size)
         self.solver = solver or EagerSolver(flow.decoder, self.estimator, n_timesteps)
+        self.encoder = RowEncoder(flow)   # build_engine swaps in cuda_graph.GraphEncoder on CUDA
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,12 +178,10 @@ class BatchedFlow:
         n = [s.numel() for s in seqs]
         lens = [m if chunk.finalize else m - k for m, (_, chunk) in zip(n, rows)]
         ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)
-        n_t = torch.tensor(n, device=dev)
         streaming = torch.tensor([chunk.streaming for _, chunk in rows], device=dev)
-        h, masks = flow.encoder.forward_rows(flow.embed_tokens(ids, n_t), torch.tensor(lens, device=dev), n_t,
-                                             max(lens), streaming)
-        mu = flow.encoder_proj(h).transpose(1, 2) * masks.to(h.dtype)
-        return mu, [m * flow.token_mel_ratio for m in lens]
+        t = max(lens)
+        mu = self.encoder(ids, torch.tensor(n, device=dev), torch.tensor(lens, device=dev), t, streaming)
+        return mu[:len(rows), :, :t * flow.token_mel_ratio], [m * flow.token_mel_ratio for m in lens]
 
     def prepare(self, rows: Sequence) -> FlowBatch:
         enc, frames = self.encode_rows(rows)

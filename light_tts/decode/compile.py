@@ -31,7 +31,8 @@ def compile_engine(engine, estimator: bool = True):
 @torch.inference_mode()
 def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
             hift_frames: Sequence[int] = WARM_HIFT_FRAMES) -> float:
-    """Run the solver for every batch bucket x frame bucket and HiFT for every batch bucket."""
+    """Run the encoder and the solver for every batch bucket x frame bucket and HiFT for every batch
+    bucket."""
     from light_tts.decode.batched_flow import FlowBatch
     from light_tts.decode.cuda_graph import batch_buckets
     t0 = time.perf_counter()
@@ -39,8 +40,13 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
     p = next(flow.flow.parameters())
     dev, dtype = p.device, p.dtype
     c = flow.flow.output_size
+    k, stride = flow.flow.pre_lookahead_len, flow.flow.token_mel_ratio
     for b in batch_buckets(max_batch_size):
         for t in frames:
+            tokens = t // stride   # the encoder's bucket for these frames (GraphEncoder captures it)
+            full = lambda v, dt=torch.int64: torch.full((b,), v, device=dev, dtype=dt)
+            flow.encoder(torch.zeros(b, tokens + k, device=dev, dtype=torch.int64), full(tokens + k), full(tokens),
+                         tokens, full(True, torch.bool))
             rb, tb = flow.solver.bucket(b, t)
             mask = torch.ones(rb, 1, tb, device=dev, dtype=dtype)
             batch = FlowBatch(mu=torch.zeros(rb, c, tb, device=dev, dtype=dtype), mask=mask,

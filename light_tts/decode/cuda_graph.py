@@ -1,4 +1,5 @@
-"""The 10-step Euler loop (20 estimator passes with CFG) captured as one CUDA graph per shape.
+"""The 10-step Euler loop (20 estimator passes with CFG) captured as one CUDA graph per shape, and
+the token encoder before it (GraphEncoder), for the same reason.
 
 The estimator launches on the order of a thousand small kernels per pass, so at small batches
 launch overhead, not math, sets the latency. Shapes are bucketed: rows up to a power of two
@@ -13,17 +14,32 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from light_tts.decode.batched_flow import EagerSolver, FlowBatch
+from light_tts.decode.batched_flow import EagerSolver, FlowBatch, RowEncoder
 
 log = logging.getLogger("lighttts")
 
 FRAME_BUCKET = 100
 MAX_FRAMES = 1500
 MAX_GRAPHS = 96
+
+
+def capture_graph(fn: Callable, pool=None):
+    """(graph, output) of fn() captured after two warm-up runs on a side stream (allocator,
+    cuBLAS/cuDNN plans, Triton and torch.compile builds happen there, not in the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -77,15 +93,7 @@ class GraphSolver(EagerSolver):
         inputs = self._inputs(*key, like)
         for name in ("mu", "mask", "spks", "cond", "bias"):
             getattr(inputs, name).zero_()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocator, cuBLAS/cuDNN plans, torch.compile
-                EagerSolver.__call__(self, inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = EagerSolver.__call__(self, inputs)
+        graph, output = capture_graph(lambda: EagerSolver.__call__(self, inputs), self.pool)
         self.pool = graph.pool()
         self.graphs[key] = (graph, inputs, output)
         while len(self.graphs) > MAX_GRAPHS:
@@ -108,3 +116,68 @@ class GraphSolver(EagerSolver):
             getattr(inputs, name).copy_(getattr(batch, name))
         graph.replay()
         return output.clone()
+
+
+class GraphEncoder(RowEncoder):
+    """RowEncoder replayed from CUDA graphs: rows bucketed as the solver's, tokens up to a multiple
+    of FRAME_BUCKET / stride (so the encoder's frames are the solver's frame bucket). The extra
+    rows (n = lens = 0) and tokens (id -1, past n) are padding the masks hide; the caller keeps
+    the real rows and frames. Past the largest bucket, or if a capture fails, it runs eagerly."""
+
+    def __init__(self, flow, max_batch_size: int, frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES):
+        super().__init__(flow)
+        self.buckets = batch_buckets(max_batch_size)
+        self.stride = int(flow.token_mel_ratio)
+        self.token_bucket = max(1, frame_bucket // self.stride)
+        self.max_tokens = -(-max_frames // frame_bucket) * self.token_bucket
+        self.lookahead = int(flow.pre_lookahead_len)
+        self.graphs: OrderedDict = OrderedDict()   # (rows, tokens) -> (graph, (ids, n, lens, streaming), mu)
+        self.pool = None
+        self.failed = False
+
+    def bucket(self, rows: int, t: int) -> Optional[tuple[int, int]]:
+        if self.failed or rows > self.buckets[-1] or t > self.max_tokens:
+            return None
+        return next(b for b in self.buckets if b >= rows), -(-t // self.token_bucket) * self.token_bucket
+
+    def buffers(self, key: tuple[int, int], device: torch.device) -> tuple:
+        """The graph's static inputs for bucket `key`: ids (rows, tokens + look-ahead), n, lens, streaming."""
+        rows, t = key
+        return (torch.full((rows, t + self.lookahead), -1, dtype=torch.int64, device=device),
+                torch.zeros(rows, dtype=torch.int64, device=device), torch.zeros(rows, dtype=torch.int64, device=device),
+                torch.zeros(rows, dtype=torch.bool, device=device))
+
+    def capture(self, key: tuple[int, int], device: torch.device):
+        inputs = self.buffers(key, device)
+        ids, n, lens, streaming = inputs
+        graph, mu = capture_graph(lambda: RowEncoder.__call__(self, ids, n, lens, key[1], streaming), self.pool)
+        self.pool = graph.pool()
+        self.graphs[key] = (graph, inputs, mu)
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return self.graphs[key]
+
+    def __call__(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
+                 streaming: torch.Tensor) -> torch.Tensor:
+        key = self.bucket(ids.size(0), t)
+        if key is None or ids.size(1) > key[1] + self.lookahead:
+            return super().__call__(ids, n, lens, t, streaming)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.capture(key, ids.device)
+            except Exception as e:   # an eager encoder is slower, not wrong
+                log.warning("flow encoder CUDA graph capture failed (%s); the encoder runs eagerly from now on", e)
+                self.failed = True
+                return super().__call__(ids, n, lens, t, streaming)
+        else:
+            self.graphs.move_to_end(key)
+        graph, (b_ids, b_n, b_lens, b_streaming), mu = entry
+        rows = ids.size(0)
+        b_ids.fill_(-1)
+        b_ids[:rows, :ids.size(1)] = ids
+        for buf, src in ((b_n, n), (b_lens, lens), (b_streaming, streaming)):
+            buf.zero_()
+            buf[:rows] = src
+        graph.replay()
+        return mu[:rows].clone()

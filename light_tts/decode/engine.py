@@ -7,7 +7,7 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 `hift_output`); the engine batches the two model calls in between.
 
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py)
-and CUDA graphs of the Euler loop (unless disabled); torch.compile of HiFT, and of the estimator
+and CUDA graphs of the token encoder and the Euler loop (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt).
 """
 from __future__ import annotations
@@ -80,6 +80,9 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
             step = step if fused else compiled
         else:
             log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
+    if on_cuda and cuda_graph:
+        from light_tts.decode.cuda_graph import GraphEncoder
+        engine.flow.encoder = GraphEncoder(flow, max_batch_size)
     if on_cuda and cuda_graph and not load_trt:
         from light_tts.decode.cuda_graph import GraphSolver
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size)
