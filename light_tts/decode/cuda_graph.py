@@ -52,13 +52,13 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 class GraphSolver(EagerSolver):
     def __init__(self, cfm, step: Callable, max_batch_size: int, n_timesteps: int = 10,
-                 frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES):
+                 frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES, pool=None):
         super().__init__(cfm, step, n_timesteps)
         self.buckets = batch_buckets(max_batch_size)
         self.frame_bucket = frame_bucket
         self.max_frames = -(-max_frames // frame_bucket) * frame_bucket
         self.graphs: OrderedDict = OrderedDict()   # (rows, frames) -> (graph, inputs, output)
-        self.pool = None
+        self.pool = pool   # shared with GraphEncoder (graph_pool_handle): graphs replay one at a time
         self.buffers: dict = {}
         self.capture_seconds = 0.0
 
@@ -124,7 +124,8 @@ class GraphEncoder(RowEncoder):
     rows (n = lens = 0) and tokens (id -1, past n) are padding the masks hide; the caller keeps
     the real rows and frames. Past the largest bucket, or if a capture fails, it runs eagerly."""
 
-    def __init__(self, flow, max_batch_size: int, frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES):
+    def __init__(self, flow, max_batch_size: int, frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES,
+                 pool=None):
         super().__init__(flow)
         self.buckets = batch_buckets(max_batch_size)
         self.stride = int(flow.token_mel_ratio)
@@ -132,7 +133,7 @@ class GraphEncoder(RowEncoder):
         self.max_tokens = -(-max_frames // frame_bucket) * self.token_bucket
         self.lookahead = int(flow.pre_lookahead_len)
         self.graphs: OrderedDict = OrderedDict()   # (rows, tokens) -> (graph, (ids, n, lens, streaming), mu)
-        self.pool = None
+        self.pool = pool
         self.failed = False
 
     def bucket(self, rows: int, t: int) -> Optional[tuple[int, int]]:

@@ -82,10 +82,13 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
             log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
     if on_cuda and cuda_graph:
         from light_tts.decode.cuda_graph import GraphEncoder
-        engine.flow.encoder = GraphEncoder(flow, max_batch_size)
+        # one memory pool for the encoder's and the solver's graphs: they replay one after the
+        # other and their outputs are copied out at once, so the pool holds the larger, not the sum
+        pool = torch.cuda.graph_pool_handle()
+        engine.flow.encoder = GraphEncoder(flow, max_batch_size, pool=pool)
     if on_cuda and cuda_graph and not load_trt:
         from light_tts.decode.cuda_graph import GraphSolver
-        engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size)
+        engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size, pool=pool)
     else:
         engine.flow.solver = EagerSolver(flow.decoder, step, engine.flow.solver.n_timesteps)
     if warmup and on_cuda:
