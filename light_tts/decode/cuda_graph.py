@@ -25,6 +25,7 @@ log = logging.getLogger("lighttts")
 FRAME_BUCKET = 100
 MAX_FRAMES = 1500
 MAX_GRAPHS = 96
+ENCODER_GRAPH_MAX_ROWS = 8   # GraphEncoder: larger batches run the encoder eagerly
 
 
 def capture_graph(fn: Callable, pool=None):
@@ -119,7 +120,7 @@ class GraphSolver(EagerSolver):
 
 
 class GraphEncoder(RowEncoder):
-    """RowEncoder replayed from CUDA graphs: rows bucketed as the solver's, tokens up to a multiple
+    """RowEncoder replayed from CUDA graphs for up to ENCODER_GRAPH_MAX_ROWS rows: rows bucketed as the solver's, tokens up to a multiple
     of FRAME_BUCKET / stride (so the encoder's frames are the solver's frame bucket). The extra
     rows (n = lens = 0) and tokens (id -1, past n) are padding the masks hide; the caller keeps
     the real rows and frames. Past the largest bucket, or if a capture fails, it runs eagerly."""
@@ -127,7 +128,9 @@ class GraphEncoder(RowEncoder):
     def __init__(self, flow, max_batch_size: int, frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES,
                  pool=None):
         super().__init__(flow)
-        self.buckets = batch_buckets(max_batch_size)
+        # Only small batches: there the encoder is launch bound (batch 1: 40 -> 34 ms per flow call,
+        # docs/benchmarks.md); at 64 rows graphs gained nothing and their memory did not fit the A10 cap.
+        self.buckets = batch_buckets(min(max_batch_size, ENCODER_GRAPH_MAX_ROWS))
         self.stride = int(flow.token_mel_ratio)
         self.token_bucket = max(1, frame_bucket // self.stride)
         self.max_tokens = -(-max_frames // frame_bucket) * self.token_bucket
