@@ -5,7 +5,7 @@
 
 Per request: time to the first audio byte, total time, audio seconds, RTF. Per (mode, concurrency):
 p50/p90/p99 of first audio and total, audio-seconds per wall-second, errors. A fixed prompt (the
-fixture, ~3.3 s) and fixed texts; `--fixed_speech_tokens N` asks the server for exactly N speech
+fixture prompt_en_5s.wav, 5.0 s, espeak-ng) and fixed texts; `--fixed_speech_tokens N` asks the server for exactly N speech
 tokens per request so random-weight runs compare (real weights: leave it 0).
 
 First-chunk breakdown: around each level the script reads the server's
@@ -32,6 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out (this client runs without the package;
 # tests/test_server.py checks they agree)
 STAGES = ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode", "to_http")
+# DESIGN section 7's workload: a ~5 s prompt (~125 speech tokens), so prompt + first hop align on
+# whole 25-token chunks with no padding (a 3.3 s prompt of 82 tokens needs a 43-token first hop)
+PROMPT_WAV = os.path.join(ROOT, "tests", "fixtures", "prompt_en_5s.wav")
+PROMPT_TEXT = "The quick brown fox jumps over the lazy dog, then runs back across the field."
 TEXTS = [
     "LightTTS turns text into speech in the voice of a short recording.",
     "The weather today is clear, with a light breeze from the west.",
@@ -167,8 +171,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--stream", choices=("yes", "no", "both"), default="both")
     p.add_argument("--payload", choices=("multipart", "json"), default="multipart")
-    p.add_argument("--prompt_wav", default=os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav"))
-    p.add_argument("--prompt_text", default="The quick brown fox jumps over the lazy dog.")
+    p.add_argument("--prompt_wav", default=PROMPT_WAV)
+    p.add_argument("--prompt_text", default=PROMPT_TEXT)
     p.add_argument("--fixed_speech_tokens", type=int, default=250, help="0: let the model decide")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write every request's numbers here")

@@ -19,12 +19,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmark import TEXTS  # noqa: E402
+from benchmark import PROMPT_TEXT, PROMPT_WAV, TEXTS  # noqa: E402
 from light_tts.frontend.frontend import Frontend  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 from light_tts.synthesize import SAMPLE_RATE, synthesize  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one(model, frontend, prompt: bytes, prompt_text: str, text: str, stream: bool, tokens: int, seed: int) -> dict:
@@ -48,8 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--fixed_speech_tokens", type=int, default=250)
-    p.add_argument("--prompt_wav", default=os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav"))
-    p.add_argument("--prompt_text", default="The quick brown fox jumps over the lazy dog.")
+    p.add_argument("--prompt_wav", default=PROMPT_WAV)
+    p.add_argument("--prompt_text", default=PROMPT_TEXT)
     args = p.parse_args(argv)
     model = CosyVoice2Model.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     frontend = Frontend(args.model_dir)
