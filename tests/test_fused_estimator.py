@@ -8,6 +8,8 @@
   combination of terms, for (B, T, C) and (B, C, T) layouts and in place; the whole fused estimator
   runs through the Triton kernel and matches too.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -42,6 +44,16 @@ def _inputs(est, lengths, streaming, frames: int):
             bias)
 
 
+@contextlib.contextmanager
+def kernels(name: str):
+    """Run the block with frame_norm's `name` backend (reference or triton), then back to auto."""
+    dispatch.set_backend(name)
+    try:
+        yield
+    finally:
+        dispatch.set_backend("auto")
+
+
 @pytest.fixture(scope="module")
 def est():
     return _estimator()
@@ -50,12 +62,9 @@ def est():
 @torch.inference_mode()
 def test_fused_equals_module_forward(est):
     args = _inputs(est, [20, 15, 3, 0], [True, False, True, False], 20)
-    dispatch.set_backend("reference")
-    try:
+    with kernels("reference"):
         want = BiasEstimator(est)(*args)
         got = FusedEstimator(est)(*args)
-    finally:
-        dispatch.set_backend("auto")
     assert got.shape == want.shape == (4, 80, 20)
     assert want[:3].abs().max() > 1e-2  # a live signal, not an all-zero comparison
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -67,8 +76,7 @@ def test_fused_equals_module_forward(est):
 def test_fused_catches_a_wrong_norm(est):
     """The comparison above is sharp enough to see one LayerNorm's affine taken from a neighbour."""
     args = _inputs(est, [12, 12], [True, True], 12)
-    dispatch.set_backend("reference")
-    try:
+    with kernels("reference"):
         want = BiasEstimator(est)(*args)
         fused = FusedEstimator(est)
         blk = est.mid_blocks[0][1][1]
@@ -78,8 +86,6 @@ def test_fused_catches_a_wrong_norm(est):
             got = fused(*args)
         finally:
             blk.norm3.weight.copy_(saved)
-    finally:
-        dispatch.set_backend("auto")
     assert not torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -158,11 +164,8 @@ def test_frame_norm_rejects_bad_arguments():
 def test_fused_estimator_through_triton(est):
     """The whole fused forward with the Triton frame_norm (interpreted) against the reference one."""
     args = _inputs(est, [14, 9], [True, False], 14)
-    dispatch.set_backend("reference")
-    try:
+    with kernels("reference"):
         want = FusedEstimator(est)(*args)
-        dispatch.set_backend("triton")
+    with kernels("triton"):
         got = FusedEstimator(est)(*args)
-    finally:
-        dispatch.set_backend("auto")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
