@@ -61,6 +61,17 @@ class Server:
             time.sleep(0.3)
         raise TimeoutError(f"server not healthy after {timeout} s:\n{self.tail()}")
 
+    def __enter__(self) -> "Server":
+        """`with Server.api_server(...) as srv:` - healthy inside, stopped after (also when it never got healthy)."""
+        try:
+            return self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def tail(self, n: int = 60) -> str:
         if not self.log.closed:
             self.log.flush()

@@ -27,12 +27,8 @@ SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), database
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = Server.api_server(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), "--max_upload_bytes", "400000")
-    try:
-        srv.wait_healthy()
+    with Server.api_server(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), "--max_upload_bytes", "400000") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

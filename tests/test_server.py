@@ -22,11 +22,8 @@ SAMPLES = N * 960             # 24 kHz samples for N tokens
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srv")
-    srv = Server.api_server(tiny_model_dir, tmp, "--httpserver_workers", "2", "--decode_process_num", "2")
-    try:
-        yield srv.wait_healthy()
-    finally:
-        srv.stop()
+    with Server.api_server(tiny_model_dir, tmp, "--httpserver_workers", "2", "--decode_process_num", "2") as srv:
+        yield srv
 
 
 def zero_shot(url, stream=False, **extra):

@@ -73,21 +73,17 @@ def test_dead_stage_fails_fast_and_sigterm_cleans_up(tiny_model_dir, tmp_path):
 
 
 def test_health_monitor_restarts_a_stage(tiny_model_dir, tmp_path):
-    srv = Server.api_server(tiny_model_dir, tmp_path, "--health_monitor").wait_healthy()
-    try:
+    with Server.api_server(tiny_model_dir, tmp_path, "--health_monitor") as srv:
         names = titles(descendants(srv.proc.pid))
         llm = next(p for p, t in names.items() if t == "lighttts::llm")
         os.kill(llm, signal.SIGKILL)
         time.sleep(1.5)
         srv.wait_healthy(timeout=120)
         assert request(srv.url).status_code == 200
-    finally:
-        srv.stop()
 
 
 def test_four_http_workers_unique_routing(tiny_model_dir, tmp_path):
-    srv = Server.api_server(tiny_model_dir, tmp_path, "--httpserver_workers", "4").wait_healthy()
-    try:
+    with Server.api_server(tiny_model_dir, tmp_path, "--httpserver_workers", "4") as srv:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             # every reply must reach the worker that asked: different lengths tell requests apart
             lengths = [20 + 5 * i for i in range(8)]
@@ -96,8 +92,6 @@ def test_four_http_workers_unique_routing(tiny_model_dir, tmp_path):
             assert r.status_code == 200, r.text
             assert len(r.content) == 44 + n * 960 * 2
         assert max_batch(srv.url) > 1, "the LLM never batched requests from different HTTP workers"
-    finally:
-        srv.stop()
 
 
 def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):

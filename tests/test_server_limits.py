@@ -16,15 +16,11 @@ KEY = {"Authorization": "Bearer s3cret"}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits")
-    srv = Server.api_server(tiny_model_dir, tmp, "--api_key", "s3cret", "--max_upload_bytes", "150000",
-                            "--request_timeout", "6", "--max_queue_size", "2", "--max_req_total_len", "8192",
-                            "--batch_max_tokens", "8192", "--max_total_token_num", "16384")
-    try:
-        srv.wait_healthy()
+    with Server.api_server(tiny_model_dir, tmp, "--api_key", "s3cret", "--max_upload_bytes", "150000",
+                           "--request_timeout", "6", "--max_queue_size", "2", "--max_req_total_len", "8192",
+                           "--batch_max_tokens", "8192", "--max_total_token_num", "16384") as srv:
         post(srv.url)  # warm-up: first-use imports and caches
         yield srv
-    finally:
-        srv.stop()
 
 
 def post(url, n=20, headers=KEY, files=None, **data):

@@ -56,16 +56,12 @@ def metric(text, name):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    srv = Server.api_server(tiny_model_dir, tmp_path_factory.mktemp("faults"), "--health_monitor")
-    try:
-        srv.wait_healthy()
+    with Server.api_server(tiny_model_dir, tmp_path_factory.mktemp("faults"), "--health_monitor") as srv:
         assert post(srv.url, 20).status_code == 200  # warm-up
         r = httpx.post(srv.url + "/voices", data={"voice_id": "survivor", "prompt_text": PROMPT_TEXT},
                        files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}, timeout=60)
         assert r.status_code == 200, r.text
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("stage", ["encode:0", "llm", "decode:0"])

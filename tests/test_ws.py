@@ -24,11 +24,8 @@ LONG_TEXT = ("Streaming speech starts while the sentence is still being written,
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ws")
-    srv = Server.api_server(tiny_model_dir, tmp, "--bistream_max_len", "600", "--request_timeout", "60")
-    try:
-        yield srv.wait_healthy()
-    finally:
-        srv.stop()
+    with Server.api_server(tiny_model_dir, tmp, "--bistream_max_len", "600", "--request_timeout", "60") as srv:
+        yield srv
 
 
 def ws_url(server):
