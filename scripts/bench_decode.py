@@ -10,8 +10,8 @@ Per batch size (default 1/4/16/64) and mode (eager, CUDA graphs, torch.compile, 
 swaps in the fused estimator: fused_estimator.py) it prints flow and HiFT milliseconds per batched
 call and audio seconds per second; then the first-chunk latency at batch 1 (flow + HiFT + the
 per-row work, audio on the host) per mode, and the plain path's numbers. Each mode's mels at the
-largest batch are checked against the first mode's (relative L2 error; exit 1 past the dtype's
-tolerance). Times are medians over --repeat runs after warm-up. Modes that would run past
+largest batch, and its HiFT audio at 4 rows, are checked against the first mode's (relative L2
+error; exit 1 past the dtype's tolerance). Times are medians over --repeat runs after warm-up. Modes that would run past
 --budget_s are skipped (said in the output), so the whole run stays within a device call.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
+from light_tts.decode.batched_hift import BatchedHift  # noqa: E402
 from light_tts.decode.engine import DecodeEngine  # noqa: E402
 from light_tts.server.decode_process import load_decode_model  # noqa: E402
 from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
@@ -94,8 +95,11 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
             from light_tts.decode.fused_estimator import FusedEstimator
             compiled["fused"] = FusedEstimator(flow.decoder.estimator)
         step = compiled["fused"]
-    engine.hift.decode_equal = engine.hift.hift.decode
-    engine.hift.decode_masked = engine.hift._decode_masked
+    if "graphs" in mode and "eager_small" not in mode:
+        from light_tts.decode.cuda_graph import GraphHift
+        engine.hift = GraphHift(engine.hift.hift, max_batch)
+    else:
+        engine.hift = BatchedHift(engine.hift.hift)
     if "compile" in mode:
         if "step" not in compiled:
             from light_tts.decode.compile import compile_engine
@@ -108,7 +112,7 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch)
     else:
         engine.flow.solver = EagerSolver(flow.decoder, step, 10)
-    if "graphs" in mode and "eager_encoder" not in mode:
+    if "graphs" in mode and "eager_small" not in mode:
         engine.flow.encoder = GraphEncoder(flow, max_batch)
     else:
         engine.flow.encoder = RowEncoder(flow)
@@ -120,7 +124,8 @@ def main() -> int:
     p.add_argument("--batch_sizes", default="1,4,16,64")
     p.add_argument("--modes", default="eager,graphs,fused,fused+graphs,compile+graphs",
                    help="comma list of eager | graphs | fused | fused+graphs | compile | compile+graphs; graphs "
-                        "modes capture the token encoder too unless the name has +eager_encoder")
+                        "modes capture the token encoder and HiFT of small batches too, unless the name has "
+                        "+eager_small")
     p.add_argument("--prompt_tokens", type=int, default=125)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")
@@ -176,10 +181,14 @@ def main() -> int:
                 total = flow_ms + hift_ms
                 rows_out.append((mode, b, flow_ms, hift_ms, total, b * AUDIO_S_PER_CHUNK / (total / 1e3)))
             mels = engine.flow(check_rows)
+            n = min(4, max(sizes))   # HiFT graphs serve small batches only: check at 4 rows
+            audio = [a for a, _ in engine.hift([work.hift_mel] * n, [work.cache_source] * n,
+                                              [torch.Generator(device=device).manual_seed(i) for i in range(n)])]
             if reference_mels is None:
-                reference_mels, reference_mode = mels, mode
+                reference_mels, reference_audio, reference_mode = mels, audio, mode
             else:
                 errors[mode] = rel_error(mels, reference_mels)
+                errors[f"{mode} (HiFT, {n} rows)"] = rel_error(audio, reference_audio)
 
             def first():  # a fresh request's first chunk, end to end through the engine
                 engine.run([(work.t2w(0), work.chunk)])
@@ -198,7 +207,7 @@ def main() -> int:
     tol = TOLERANCE[args.dtype if device.type == "cuda" else "fp32"]
     bad = {m: e for m, e in errors.items() if e > tol}
     if errors:
-        print(f"\nmels at batch {max(sizes)} against {reference_mode} (relative L2 error, tolerance "
+        print(f"\nmels at batch {max(sizes)} and HiFT audio against {reference_mode} (relative L2 error, tolerance "
               f"{tol:g}): " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
     if skipped:
         print(f"\nskipped (past --budget_s {args.budget_s:.0f} s): {', '.join(skipped)}")

@@ -129,6 +129,42 @@ def test_bucket_padding_is_invisible(model):
     assert list(padded.encoder.graphs) == [(4, 96)]   # the padded encoder path ran
 
 
+def test_hift_bucket_padding_is_invisible(model):
+    """GraphHift pads rows to a power of two and mel frames to HIFT_FRAME_BUCKET and always runs the
+    masked network: same audio and excitation as BatchedHift (run eagerly here)."""
+    from light_tts.decode.batched_hift import BatchedHift
+    from light_tts.decode.cuda_graph import HIFT_FRAME_BUCKET, GraphHift
+
+    class EagerReplay:   # stands in for a captured graph: the masked network on the static buffers
+        def __init__(self, hift, inputs, wav):
+            self.hift, self.inputs, self.wav = hift, inputs, wav
+
+        def replay(self):
+            self.wav.copy_(self.hift.masked(*self.inputs))
+
+    class PaddedEagerHift(GraphHift):
+        def capture(self, key, like):
+            inputs = self.buffers(key, like)
+            wav = self.masked(*inputs)
+            self.graphs[key] = (EagerReplay(self, inputs, wav), inputs, wav)
+            return self.graphs[key]
+
+    _, hift, _ = model
+    g = torch.Generator().manual_seed(5)
+    exact, padded = BatchedHift(hift), PaddedEagerHift(hift, max_batch_size=8)
+    for frames in ([58, 58, 58], [58, 41, 23]):        # equal lengths (HiFT's own decode in exact), unequal
+        mels = [torch.randn(1, 80, n, generator=g) for n in frames]
+        caches = [None, torch.randn(1, 1, 480 * 4, generator=g) * 0.1, None]
+        want = exact(mels, caches, [torch.Generator().manual_seed(i) for i in range(3)])
+        got = padded(mels, caches, [torch.Generator().manual_seed(i) for i in range(3)])
+        for (a, sa), (b, sb) in zip(want, got):
+            assert a.shape == b.shape and sa.shape == sb.shape
+            torch.testing.assert_close(sb, sa, rtol=0, atol=0)          # the excitation stays per request
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=2e-4)
+    bucket = -(-58 // HIFT_FRAME_BUCKET) * HIFT_FRAME_BUCKET
+    assert list(padded.graphs) == [(4, bucket)]   # the padded path ran (both calls, one bucket)
+
+
 def test_one_row_is_bit_exact_with_the_plain_path(model):
     flow, hift, _ = model
     req = _requests(flow, [(21, 60, 3)])[0]

@@ -149,9 +149,18 @@ class BatchedHift:
                 s[:, :, :cache.shape[-1]] = cache.to(s)
             source[i, :, :s.size(2)] = s[0]
             sources.append(s)
-        if equal:
-            wav = self.decode_equal(mel, source)
-        else:
-            spec = self._stft_rows(source.squeeze(1), lengths * scale)
-            wav = self.decode_masked(mel, spec, lengths)
+        wav = self.network(mel, source, lengths, equal)
         return [(wav[i:i + 1, :frames[i] * scale], sources[i]) for i in range(len(mels))]
+
+    def network(self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor, equal: bool) -> torch.Tensor:
+        """The vocoder network after the excitation: mel (B, 80, T), source (B, 1, T * 480),
+        lengths (B,) mel frames per row (all T when `equal`) -> (B, T * 480) audio; row i is valid
+        up to lengths[i] * 480. cuda_graph.GraphHift replays it from CUDA graphs."""
+        if equal:
+            return self.decode_equal(mel, source)
+        return self.masked(mel, source, lengths)
+
+    def masked(self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """network() for right-padded rows: no host sync, so it can be captured at fixed shapes."""
+        spec = self._stft_rows(source.squeeze(1), lengths * self.hift.samples_per_frame)
+        return self.decode_masked(mel, spec, lengths)

@@ -1,5 +1,6 @@
 """The 10-step Euler loop (20 estimator passes with CFG) captured as one CUDA graph per shape, and
-the token encoder before it (GraphEncoder), for the same reason.
+for small batches the token encoder before it (GraphEncoder) and the HiFT network after it
+(GraphHift), for the same reason.
 
 The estimator launches on the order of a thousand small kernels per pass, so at small batches
 launch overhead, not math, sets the latency. Shapes are bucketed: rows up to a power of two
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from light_tts.decode.batched_flow import EagerSolver, FlowBatch, RowEncoder
+from light_tts.decode.batched_hift import BatchedHift
 
 log = logging.getLogger("lighttts")
 
@@ -26,6 +28,9 @@ FRAME_BUCKET = 100
 MAX_FRAMES = 1500
 MAX_GRAPHS = 96
 ENCODER_GRAPH_MAX_ROWS = 8   # GraphEncoder: larger batches run the encoder eagerly
+HIFT_GRAPH_MAX_ROWS = 8      # GraphHift: the same reasoning (launch bound only at small batches)
+HIFT_FRAME_BUCKET = 16       # GraphHift: mel frames rounded up to a multiple of this ...
+HIFT_MAX_FRAMES = 320        # ... up to this (streaming chunks are 50-120 frames); longer: eager
 
 
 def capture_graph(fn: Callable, pool=None):
@@ -185,3 +190,63 @@ class GraphEncoder(RowEncoder):
             buf[:rows] = src
         graph.replay()
         return mu[:rows].clone()
+
+
+class GraphHift(BatchedHift):
+    """BatchedHift whose network (after the per-request excitation, which keeps each request's own
+    generator) replays from CUDA graphs for up to HIFT_GRAPH_MAX_ROWS rows: rows to a power of
+    two, frames to a multiple of HIFT_FRAME_BUCKET, always the masked path (BatchedHift.masked),
+    which makes the padding invisible. Larger calls, or all after a failed capture, run eagerly."""
+
+    def __init__(self, hift, max_batch_size: int, pool=None):
+        super().__init__(hift)
+        self.buckets = batch_buckets(min(max_batch_size, HIFT_GRAPH_MAX_ROWS))
+        self.graphs: OrderedDict = OrderedDict()   # (rows, frames) -> (graph, (mel, source, lengths), wav)
+        self.pool = pool
+        self.failed = False
+
+    def bucket(self, rows: int, frames: int) -> Optional[tuple[int, int]]:
+        if self.failed or rows > self.buckets[-1] or frames > HIFT_MAX_FRAMES:
+            return None
+        return next(b for b in self.buckets if b >= rows), -(-frames // HIFT_FRAME_BUCKET) * HIFT_FRAME_BUCKET
+
+    def buffers(self, key: tuple[int, int], like: torch.Tensor) -> tuple:
+        """The graph's static inputs: mel (rows, 80, frames), source (rows, 1, frames * 480), lengths."""
+        rows, frames = key
+        dev = like.device
+        return (torch.zeros(rows, like.size(1), frames, device=dev, dtype=like.dtype),
+                torch.zeros(rows, 1, frames * self.hift.samples_per_frame, device=dev),
+                torch.zeros(rows, dtype=torch.int64, device=dev))
+
+    def capture(self, key: tuple[int, int], like: torch.Tensor):
+        inputs = self.buffers(key, like)
+        graph, wav = capture_graph(lambda: self.masked(*inputs), self.pool)
+        self.pool = graph.pool()
+        self.graphs[key] = (graph, inputs, wav)
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return self.graphs[key]
+
+    def network(self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor, equal: bool) -> torch.Tensor:
+        key = self.bucket(mel.size(0), mel.size(2))
+        if key is None:
+            return super().network(mel, source, lengths, equal)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.capture(key, mel)
+            except Exception as e:   # an eager HiFT is slower, not wrong
+                log.warning("HiFT CUDA graph capture failed (%s); HiFT runs eagerly from now on", e)
+                self.failed = True
+                return super().network(mel, source, lengths, equal)
+        else:
+            self.graphs.move_to_end(key)
+        graph, (b_mel, b_source, b_lengths), wav = entry
+        rows, frames = mel.size(0), mel.size(2)
+        for buf in (b_mel, b_source, b_lengths):
+            buf.zero_()
+        b_mel[:rows, :, :frames] = mel
+        b_source[:rows, :, :source.size(2)] = source
+        b_lengths[:rows] = lengths
+        graph.replay()
+        return wav[:rows, :source.size(2)].clone()

@@ -7,7 +7,8 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 `hift_output`); the engine batches the two model calls in between.
 
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py)
-and CUDA graphs of the token encoder and the Euler loop (unless disabled); torch.compile of HiFT, and of the estimator
+and CUDA graphs of the Euler loop and, for small batches, of the token encoder and the HiFT
+network (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt).
 """
 from __future__ import annotations
@@ -62,6 +63,14 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
     engine = DecodeEngine(flow, hift)
+    graphs = on_cuda and cuda_graph
+    if graphs:
+        from light_tts.decode.cuda_graph import GraphEncoder, GraphHift
+        # one memory pool for every decode graph: they replay one after the other and their outputs
+        # are copied out at once, so the pool holds the largest, not the sum
+        pool = torch.cuda.graph_pool_handle()
+        engine.flow.encoder = GraphEncoder(flow, max_batch_size, pool=pool)
+        engine.hift = GraphHift(hift, max_batch_size, pool=pool)   # before --load_jit compiles its network
     step = engine.flow.estimator
     fused = fused and on_cuda and not load_trt
     if fused:
@@ -80,13 +89,7 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
             step = step if fused else compiled
         else:
             log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
-    if on_cuda and cuda_graph:
-        from light_tts.decode.cuda_graph import GraphEncoder
-        # one memory pool for the encoder's and the solver's graphs: they replay one after the
-        # other and their outputs are copied out at once, so the pool holds the larger, not the sum
-        pool = torch.cuda.graph_pool_handle()
-        engine.flow.encoder = GraphEncoder(flow, max_batch_size, pool=pool)
-    if on_cuda and cuda_graph and not load_trt:
+    if graphs and not load_trt:
         from light_tts.decode.cuda_graph import GraphSolver
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size, pool=pool)
     else:
