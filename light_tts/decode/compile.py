@@ -41,7 +41,8 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
     dev, dtype = p.device, p.dtype
     c = flow.flow.output_size
     k, stride = flow.flow.pre_lookahead_len, flow.flow.token_mel_ratio
-    for b in batch_buckets(max_batch_size):
+    buckets = batch_buckets(max_batch_size)
+    for n, b in enumerate(buckets, 1):
         for t in frames:
             tokens = t // stride   # the encoder's bucket for these frames (GraphEncoder captures it)
             full = lambda v, dt=torch.int64: torch.full((b,), v, device=dev, dtype=dt)
@@ -61,6 +62,9 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
             if b > 1:  # the masked (unequal lengths) path too
                 mels[0] = mels[0][:, :, :t - 8]
                 engine.hift(mels, [None] * b, gens)
+        # a start takes minutes on a GPU (the largest buckets dominate): say how far it is
+        log.info("decode warm-up: batch %d done (%d of %d batch sizes) after %.0f s", b, n, len(buckets),
+                 time.perf_counter() - t0)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
