@@ -261,10 +261,10 @@ def _assert_pcm_close(got: bytes, ref: bytes, steps: int = 2) -> None:
     assert x.shape == y.shape and np.abs(x - y).max() <= steps, (x.shape, y.shape)
 
 
-def _state(rid, sent_s=None, started=0.0):
+def _state(rid, sent_s=None, started=0.0, stream=True):
     """A DecodeState that has sent sent_s seconds of audio since `started` (None: nothing yet)."""
     from light_tts.server.decode_process import DecodeState
-    s = DecodeState(req=DecodeStartReq(rid=rid, reply_to="x", stream=True, prompt_speech_tokens=np.zeros(1, np.int32),
+    s = DecodeState(req=DecodeStartReq(rid=rid, reply_to="x", stream=stream, prompt_speech_tokens=np.zeros(1, np.int32),
                                        prompt_feat=np.zeros((2, 80), np.float32), embedding=np.zeros(192, np.float32)))
     if sent_s is not None:
         s.audio_sent, s.first_audio_at, s.audio_out_s = True, started, sent_s
@@ -286,3 +286,6 @@ def test_pick_batch_serves_first_chunks_before_streams_with_audio_to_spare():
     assert [s.req.rid for s in pick_batch([relaxed, dry, drier], 8, now)] == ["relaxed", "dry", "drier"]
     assert pick_batch([relaxed, dry], 1, now) == [relaxed]
     assert pick_batch([], 8, now) == []
+    # a non-streaming request past its first sentence is never held back (its client waits for all)
+    whole = _state("whole", sent_s=5.0, started=now - 1.0, stream=False)
+    assert [s.req.rid for s in pick_batch([relaxed, whole, new1], 8, now)] == ["whole", "new1"]

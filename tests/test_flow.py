@@ -256,3 +256,15 @@ def test_half_precision_runs_finite(dtype):
         assert mel.shape == want.shape
         # loose: same model in lower precision stays close to fp32
         assert (mel - want).abs().mean() < 0.1 * want.abs().mean()
+
+
+def test_positional_table_rebuild_keeps_the_old_table_alive():
+    """CUDA graphs of the encoder hold the address of the cast table they were captured with: a
+    longer eager call that rebuilds the table must not free it."""
+    from light_tts.models.flow.conformer import RelPositionalEncoding
+    pe = RelPositionalEncoding(8, max_len=16)
+    old = pe.table(10, torch.device("cpu"), torch.float16)
+    new = pe.table(40, torch.device("cpu"), torch.float16)
+    assert new.size(1) >= 2 * 40 - 1 and new is not old
+    assert any(t is old for t in pe._retired)
+    torch.testing.assert_close(new[:, new.size(1) // 2], old[:, old.size(1) // 2])   # relative 0 row

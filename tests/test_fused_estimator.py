@@ -109,11 +109,14 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("layout", ["btc", "bct"])
-def test_frame_norm_triton_equals_reference(case, layout, dtype):
+@pytest.mark.parametrize("channels", [24, 256])
+def test_frame_norm_triton_equals_reference(case, layout, dtype, channels):
     from light_tts.kernels.frame_norm import frame_norm as triton_frame_norm
     spec = CASES[case]
     g = torch.Generator().manual_seed(3)
-    shape = (3, 37, 24)   # T and C not powers of two: the masked tails of the tile
+    # T not a power of two: the masked tail of the last tile; C = 24 a masked channel tail, C = 256
+    # (the estimator's) tiles of 16 frames, so 37 frames take three programs per row
+    shape = (3, 37, channels)
     a = _btc(shape, layout, dtype, g) * 3 + 1
     kw = {}
     if spec.get("delta"):
@@ -158,6 +161,8 @@ def test_frame_norm_rejects_bad_arguments():
         triton_frame_norm(a, torch.zeros_like(a), weight=torch.ones(8))
     with pytest.raises(ValueError, match="mask_end needs a mask"):
         triton_frame_norm(a, torch.zeros_like(a), mask_end=True)
+    with pytest.raises(ValueError, match="mask must be a float"):
+        triton_frame_norm(a, torch.zeros_like(a), mask=torch.ones(2, 5, dtype=torch.bool))
 
 
 @torch.inference_mode()

@@ -6,9 +6,11 @@ The estimator launches on the order of a thousand small kernels per pass, so at 
 launch overhead, not math, sets the latency. Shapes are bucketed: rows up to a power of two
 (<= max_batch_size), frames up to a multiple of FRAME_BUCKET; the extra rows and frames are
 padding the masks already make invisible (batched_flow.py). Graphs are captured on first use
-(warm_up captures the common ones at start), share one memory pool, and read their inputs from
-one set of flat buffers sized for the largest bucket (graphs replay one at a time, so sharing is
-safe). Shapes past MAX_FRAMES run eagerly.
+(warm_up captures the common ones at start) and share one memory pool (graphs replay one at a
+time and their outputs are copied out at once, so their intermediates can share memory; each
+graph's output stays allocated). The solver's graphs read their inputs from one set of flat
+buffers sized for the largest bucket; the encoder's and HiFT's have buffers per graph. Shapes past
+the largest bucket run eagerly.
 """
 from __future__ import annotations
 
@@ -175,6 +177,8 @@ class GraphEncoder(RowEncoder):
         if entry is None:
             try:
                 entry = self.capture(key, ids.device)
+            except torch.cuda.OutOfMemoryError:
+                raise   # a memory limit too small must surface (at start: decode_process names the flag)
             except Exception as e:   # an eager encoder is slower, not wrong
                 log.warning("flow encoder CUDA graph capture failed (%s); the encoder runs eagerly from now on", e)
                 self.failed = True
@@ -235,6 +239,8 @@ class GraphHift(BatchedHift):
         if entry is None:
             try:
                 entry = self.capture(key, mel)
+            except torch.cuda.OutOfMemoryError:
+                raise   # as in GraphEncoder
             except Exception as e:   # an eager HiFT is slower, not wrong
                 log.warning("HiFT CUDA graph capture failed (%s); HiFT runs eagerly from now on", e)
                 self.failed = True

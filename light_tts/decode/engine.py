@@ -67,7 +67,7 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     if graphs:
         from light_tts.decode.cuda_graph import GraphEncoder, GraphHift
         # one memory pool for every decode graph: they replay one after the other and their outputs
-        # are copied out at once, so the pool holds the largest, not the sum
+        # are copied out at once, so their intermediates share memory (only the outputs add up)
         pool = torch.cuda.graph_pool_handle()
         engine.flow.encoder = GraphEncoder(flow, max_batch_size, pool=pool)
         engine.hift = GraphHift(hift, max_batch_size, pool=pool)   # before --load_jit compiles its network

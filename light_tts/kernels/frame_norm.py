@@ -88,7 +88,8 @@ def frame_norm(a: torch.Tensor, out: torch.Tensor, *, delta: Optional[torch.Tens
         check(v is None or (v.dim() == 1 and v.numel() == c and v.is_contiguous()), f"{name} must be contiguous [{c}]")
     check((weight is None) == (bias is None), "LayerNorm needs both weight and bias")
     check(mask is not None or not mask_end, "mask_end needs a mask")
-    check(mask is None or tuple(mask.shape) == (bsz, frames), f"mask must be [B, T] = {[bsz, frames]}")
+    check(mask is None or (tuple(mask.shape) == (bsz, frames) and mask.dtype in FLOAT_DTYPES),
+          f"mask must be a float [B, T] = {[bsz, frames]} tensor of 0/1")
     present = [t for t in (a, out, delta, pre_bias, sum_out, weight, bias, mask, post_add) if t is not None]
     check_same_device(**{str(i): t for i, t in enumerate(present)})
     if bsz == 0 or frames == 0:

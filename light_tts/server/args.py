@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations dtype on a GPU (on a CPU everything runs in float32)")
     _flag(g, "--load_trt", "use a TensorRT engine for the flow estimator (needs the tensorrt package)")
     _flag(g, "--load_jit", "torch.compile the flow estimator and HiFT")
+    _flag(g, "--disable_fused_estimator", "on a GPU, run the flow estimator module by module instead of the fused "
+                                          "one (same math up to rounding; for comparison and triage)")
     g.add_argument("--decode_first_hop", type=int, default=0,
                    help="speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
                         "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from the official)")

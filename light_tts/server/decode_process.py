@@ -105,11 +105,13 @@ def pick_batch(ready: list, max_batch_size: int, now: float) -> list:
     First chunks set the first-audio latency, and a batch costs what its longest row costs (every
     later chunk re-runs the prompt and the sentence so far), so while first chunks wait they run
     without the later chunks of running streams, except streams about to run dry (less than
-    URGENT_SLACK_S of audio buffered), which go first. Otherwise every ready request runs."""
-    fresh = [s for s in ready if not s.audio_sent]
+    URGENT_SLACK_S of audio buffered), which go first. Otherwise every ready request runs.
+    Non-streaming requests are never held back: their client waits for all of their audio."""
+    fresh = [s for s in ready if not s.audio_sent or not s.req.stream]
     if not fresh:
         return ready[:max_batch_size]
-    urgent = sorted((s for s in ready if s.audio_sent and s.slack(now) < URGENT_SLACK_S), key=lambda s: s.slack(now))
+    streams = [s for s in ready if s.audio_sent and s.req.stream]
+    urgent = sorted((s for s in streams if s.slack(now) < URGENT_SLACK_S), key=lambda s: s.slack(now))
     return (urgent + fresh)[:max_batch_size]
 
 
@@ -378,7 +380,7 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         flow, hift = load_decode_model(args.model_dir, device, args.data_type)
         engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
                               load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
-                              max_batch_size=args.decode_max_batch_size)
+                              max_batch_size=args.decode_max_batch_size, fused=not args.disable_fused_estimator)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)

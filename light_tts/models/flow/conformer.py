@@ -30,6 +30,9 @@ class RelPositionalEncoding(nn.Module):
         self.max_len = max_len
         self._table: torch.Tensor | None = None  # fp32, CPU
         self._cast: dict[tuple, torch.Tensor] = {}
+        # Tables replaced by a longer one stay alive: CUDA graphs captured with them
+        # (decode/cuda_graph.GraphEncoder) keep reading their memory.
+        self._retired: list[torch.Tensor] = []
 
     def _build(self, length: int) -> torch.Tensor:
         pos = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
@@ -47,6 +50,7 @@ class RelPositionalEncoding(nn.Module):
     def table(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self._table is None or self._table.size(1) < 2 * size - 1:
             self._table = self._build(max(self.max_len, size))
+            self._retired.extend(self._cast.values())
             self._cast.clear()
         key = (device, dtype)
         if key not in self._cast:
