@@ -32,6 +32,7 @@ from light_tts.decode.engine import DecodeEngine  # noqa: E402
 from light_tts.server.decode_process import load_decode_model  # noqa: E402
 from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
 
+MODE_PARTS = {"eager", "graphs", "fused", "compile", "eager_small"}
 AUDIO_S_PER_CHUNK = 1.0   # 25 tokens x 2 frames x 480 samples / 24 kHz
 
 
@@ -144,6 +145,10 @@ def main() -> int:
     work = Workload(flow, hift, args.prompt_tokens)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    for m in modes:   # modes are matched by their parts: refuse a misspelt part rather than ignore it
+        unknown = set(m.split("+")) - MODE_PARTS
+        if unknown:
+            p.error(f"mode {m!r}: unknown part(s) {sorted(unknown)}; parts are {sorted(MODE_PARTS)}")
     if device.type != "cuda":
         modes = [m for m in modes if m in ("eager", "fused")]
     frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)

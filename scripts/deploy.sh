@@ -114,6 +114,9 @@ main() {
     [ -n "$MODEL_DIR" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
     DECODE_WORKERS=${2:-${DECODE_PROCESS_NUM:-1}}
     HTTP_WORKERS=${3:-${WORKERS:-4}}
+    # run.sh lets the environment win over production.env, and a10_single.env above already put
+    # its own values there: hand the deployed ones over explicitly
+    export MODEL_DIR DECODE_PROCESS_NUM=$DECODE_WORKERS WORKERS=$HTTP_WORKERS
     master_pid >/dev/null && lt_die "already running (gunicorn master $(master_pid)); scripts/deploy.sh stop"
     lt_log "deploying LightTTS..."
     check_dependencies

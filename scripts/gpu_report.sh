@@ -9,6 +9,8 @@
 # With --gpu_memory_limit_gb it prints "cap: X GB, peak: Y MiB, within cap: yes|no", where the
 # peak is nvidia-smi's memory.used during the run less what was in use before the server started.
 # PLAIN_REFERENCE=0 skips the plain reference pipeline at the end.
+# PROMPT_WAV / PROMPT_TEXT: another prompt for both the benchmark and the plain reference (default:
+# benchmark.py's, the 5 s fixture).
 # MPS=1 runs the server under NVIDIA MPS (a private control daemon, stopped at the end), so the LLM's
 # and the decode process's kernels share the GPU at once instead of taking turns.
 set -uo pipefail
@@ -17,6 +19,9 @@ MODEL_DIR=${1:-/tmp/lighttts-full}; DTYPE=${2:-bf16}; shift 2 2>/dev/null || tru
 LEVELS=${*:-1 16 64}
 PORT=8080
 read -r -a EXTRA <<<"${SERVER_ARGS:-}"
+PROMPT=()
+[ -n "${PROMPT_WAV:-}" ] && PROMPT+=(--prompt_wav "$PROMPT_WAV")
+[ -n "${PROMPT_TEXT:-}" ] && PROMPT+=(--prompt_text "$PROMPT_TEXT")
 . scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$MODEL_DIR/llm.pt" ] || python3 -m light_tts.tools.make_random_model --size full --out "$MODEL_DIR" | tail -1
@@ -45,7 +50,7 @@ grep -E "ready|GPU memory" /tmp/server.log | head -20
 echo "per process at ready (nvidia-smi, empty where the container hides pids): used_memory less the 'holds' logged above is its CUDA context"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true
 python3 scripts/benchmark.py --url http://127.0.0.1:$PORT --concurrency $LEVELS --fixed_speech_tokens 250 \
-  --stream both --warmup 2 --json ${OUT:-/tmp}/benchmark.json
+  --stream both --warmup 2 --json ${OUT:-/tmp}/benchmark.json "${PROMPT[@]}"
 curl -s http://127.0.0.1:$PORT/metrics | grep -E "^lighttts_llm_(max_batch_size|kv_total)" || true
 echo "per process after the load (nvidia-smi):"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true
@@ -67,4 +72,4 @@ if [ -n "$CAP_GB" ]; then
     printf "cap: %s GB (%.0f MiB), peak: %d MiB, within cap: %s\n", cap, mib, peak, (peak <= mib ? "yes" : "no") }'
 fi
 [ "${PLAIN_REFERENCE:-1}" = 0 ] && exit 0   # PLAIN_REFERENCE=0: skip the reference (saves device time)
-timeout 240 python3 scripts/plain_reference.py --model_dir "$MODEL_DIR" --dtype "$DTYPE" --repeat 3
+timeout 240 python3 scripts/plain_reference.py --model_dir "$MODEL_DIR" --dtype "$DTYPE" --repeat 3 "${PROMPT[@]}"

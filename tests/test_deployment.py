@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, live_processes, wav_info
+from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, live_processes, stage_pids, wav_info
 
 SCRIPTS = os.path.join(ROOT, "scripts")
 CONFIGS = os.path.join(ROOT, "configs")
@@ -251,10 +251,14 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
     port = free_port()
     env = script_env(tmp, tiny_model_dir, PORT=port, DEPLOY_ENV=os.path.join(tmp, "production.env"),
                      LOG_FILE=os.path.join(tmp, "light-tts.log"), PID_FILE=os.path.join(tmp, "light-tts.pid"))
-    r = run("deploy.sh", tiny_model_dir, "1", "2", env=env)
+    r = run("deploy.sh", tiny_model_dir, "2", "2", env=env)
     try:
         assert r.returncode == 0, r.stdout + r.stderr + open(os.path.join(tmp, "light-tts.log")).read()[-3000:]
-        assert "WORKERS=2" in open(os.path.join(tmp, "production.env")).read()
+        settings = open(os.path.join(tmp, "production.env")).read()
+        assert "WORKERS=2" in settings and "DECODE_PROCESS_NUM=2" in settings
+        # the deployed value reaches the server (a10_single.env's DECODE_PROCESS_NUM=1 must not win)
+        decoders = {t.split("@")[0] for t in stage_pids("lighttts::decode")}   # titles end in @port
+        assert decoders == {"lighttts::decode:0", "lighttts::decode:1"}, decoders
         master = int(open(os.path.join(tmp, "light-tts.pid")).read())
         assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()
         resp = synth(f"http://127.0.0.1:{port}")

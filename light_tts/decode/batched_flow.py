@@ -14,7 +14,8 @@ a batch. Padded rows (batch buckets) have an empty frame mask; `attention_mask` 
 attention fully so nothing divides by zero, and their output is discarded.
 
 `BiasEstimator` is the estimator's forward with that bias as an explicit input: one function for
-eager, torch.compile, CUDA graphs and the ONNX/TensorRT export.
+eager, torch.compile, CUDA graphs and the ONNX/TensorRT export. On a GPU the default step is its
+fused drop-in (fused_estimator.py), with the same inputs.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py)
 and CUDA graphs of the Euler loop and, for small batches, of the token encoder and the HiFT
 network (unless disabled); torch.compile of HiFT, and of the estimator
-when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt).
+when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt: it replaces the fused
+estimator and the Euler loop's graph, the loop runs eagerly around the engine, and --load_jit is
+ignored).
 """
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", nargs="+", default=[], metavar="MODE",
                    help="kernel modes, space or comma separated: " + ", ".join(MODES) +
                         " (triton_int8kv stores the KV cache in int8)")
-    _flag(g, "--disable_cudagraph", "run the LLM decode step and the flow solver without CUDA graphs")
+    _flag(g, "--disable_cudagraph", "run the LLM decode step and the decode stage (flow encoder, Euler loop, HiFT) "
+                                    "without CUDA graphs")
     g.add_argument("--graph_max_batch_size", type=int, default=64, help="largest decode batch captured in a CUDA graph")
     g.add_argument("--graph_max_len_in_batch", type=int, default=32768, help="longest sequence a captured graph serves")
     _flag(g, "--sample_close", "greedy decoding (argmax) instead of RAS sampling")
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_type", default="float16", choices=("float16", "bfloat16", "float32", "fp16", "bf16", "fp32"),
                    help="weights and activations dtype on a GPU (on a CPU everything runs in float32)")
     _flag(g, "--load_trt", "use a TensorRT engine for the flow estimator (needs the tensorrt package)")
-    _flag(g, "--load_jit", "torch.compile the flow estimator and HiFT")
+    _flag(g, "--load_jit", "torch.compile HiFT, and the flow estimator when it is not the fused one "
+                           "(--disable_fused_estimator); ignored with --load_trt")
     _flag(g, "--disable_fused_estimator", "on a GPU, run the flow estimator module by module instead of the fused "
                                           "one (same math up to rounding; for comparison and triage)")
     g.add_argument("--decode_first_hop", type=int, default=0,

@@ -16,7 +16,8 @@ How the limit is split on one GPU (`plan_gpu`):
   4. the decode processes on that GPU (decode i runs on GPU i % num_gpus) share the rest
      equally: their memory grows with --decode_max_batch_size and sentence length. With
      --load_trt each first sets TRT_BYTES aside, because TensorRT allocates outside PyTorch;
-     with CUDA graphs (the default) DECODE_GRAPHS_BYTES, for the same reason.
+     with CUDA graphs (the default) DECODE_GRAPHS_BYTES, for the same reason (with --load_trt the
+     small encoder and HiFT graphs it still captures are left to TRT_BYTES' margin).
 Each process then caps PyTorch's caching allocator at its share with
 torch.cuda.set_per_process_memory_fraction(share / device total).
 

@@ -1,7 +1,7 @@
 """Write a CosyVoice2 model directory with random weights, in the official layout and formats.
 
     python -m light_tts.tools.make_random_model --size tiny --out models/tiny
-    python -m light_tts.tools.make_random_model --size full --out models/full   # ~2.6 GB
+    python -m light_tts.tools.make_random_model --size full --out models/full   # ~3.4 GB
 
 `full` has the official sizes (the official cosyvoice2.yaml, a Qwen2-0.5B body); `tiny` has the
 same structure with small widths so a whole synthesis runs in about a second on a CPU. Random
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                   help="tiny: small widths for CPU tests; full: the official 0.5B sizes (~2.6 GB on disk)")
+                   help="tiny: small widths for CPU tests; full: the official 0.5B sizes (~3.4 GB on disk)")
     p.add_argument("--out", required=True, help="directory to write (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same weights")
     args = p.parse_args(argv)
