@@ -174,3 +174,22 @@ def test_fused_estimator_through_triton(est):
     with kernels("triton"):
         got = FusedEstimator(est)(*args)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_fused_in_bf16_is_as_accurate_as_the_module_forward(est):
+    """bf16 (what the GPU runs): against the fp32 module forward, the fused path's error is of the
+    same size as the bf16 module forward's own (one rounding per fused op, not per op)."""
+    import copy
+    args = _inputs(est, [20, 15], [True, False], 20)
+    half = copy.deepcopy(est).to(torch.bfloat16)
+    args16 = [a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]
+    with kernels("reference"):
+        want = BiasEstimator(est)(*args)
+        plain = BiasEstimator(half)(*args16).float()
+        fused = FusedEstimator(half)(*args16).float()
+
+    def rel(x):
+        return float((x - want).norm() / want.norm())
+    assert rel(plain) < 5e-2 and rel(fused) < 5e-2, (rel(plain), rel(fused))
+    assert rel(fused) < 2 * rel(plain) + 1e-3, (rel(plain), rel(fused))
