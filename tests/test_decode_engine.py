@@ -165,6 +165,29 @@ def test_hift_bucket_padding_is_invisible(model):
     assert list(padded.graphs) == [(4, bucket)]   # the padded path ran (both calls, one bucket)
 
 
+def test_a_failed_graph_capture_falls_back_to_eager_but_out_of_memory_surfaces(model):
+    from light_tts.decode.batched_hift import BatchedHift
+    from light_tts.decode.cuda_graph import GraphHift
+
+    class Failing(GraphHift):
+        error = RuntimeError("capture not supported here")
+
+        def capture(self, key, like):
+            raise self.error
+
+    _, hift, _ = model
+    mels = [torch.randn(1, 80, 58, generator=torch.Generator().manual_seed(9))]
+    want = BatchedHift(hift)(mels, [None], [torch.Generator().manual_seed(0)])
+    failing = Failing(hift, max_batch_size=4)
+    got = failing(mels, [None], [torch.Generator().manual_seed(0)])   # eager, same audio
+    assert failing.failed and failing.bucket(1, 58) is None
+    torch.testing.assert_close(got[0][0], want[0][0])
+    oom = Failing(hift, max_batch_size=4)
+    oom.error = torch.cuda.OutOfMemoryError("out of memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        oom(mels, [None], [torch.Generator().manual_seed(0)])
+
+
 def test_one_row_is_bit_exact_with_the_plain_path(model):
     flow, hift, _ = model
     req = _requests(flow, [(21, 60, 3)])[0]

@@ -30,14 +30,19 @@ from light_tts.models.flow.masks import mask_to_bias, row_attention_mask, valid_
 from light_tts.models.flow.unet_blocks import CausalConv1d, sinusoidal_time_embedding
 
 
+def check_single_resolution(estimator: nn.Module, what: str) -> None:
+    """The batched paths rewrite the U-Net forward for CosyVoice2's single resolution (channels: [C])."""
+    if len(estimator.down_blocks) != 1 or not isinstance(estimator.down_blocks[0].resample, CausalConv1d):
+        raise ValueError(f"{what} supports the single-resolution estimator (channels: [C]) only")
+
+
 class BiasEstimator(nn.Module):
     """CausalConditionalDecoder.forward with the attention bias as input (B, 1, T, T) instead of
     the `streaming` flag. Single-resolution U-Nets only (CosyVoice2: channels [256])."""
 
     def __init__(self, estimator: nn.Module):
         super().__init__()
-        if len(estimator.down_blocks) != 1 or not isinstance(estimator.down_blocks[0].resample, CausalConv1d):
-            raise ValueError("batched decode supports the single-resolution estimator (channels: [C]) only")
+        check_single_resolution(estimator, "batched decode")
         self.estimator = estimator
 
     def _attend(self, stage, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,41 @@ def capture_graph(fn: Callable, pool=None):
     return graph, output
 
 
+class GraphCache:
+    """What the three graph runners share: captured graphs by bucket key in one memory pool, the
+    least recently used dropped past MAX_GRAPHS, captured on first use by the runner's
+    `capture(key, like)`. A failed capture switches the runner to eager for good (slower, not
+    wrong), except running out of memory, which must surface (at start, decode_process then
+    names the flag to change)."""
+
+    def init_graphs(self, pool) -> None:
+        self.graphs: OrderedDict = OrderedDict()   # key -> (graph, static inputs, output)
+        self.pool = pool   # one pool for all decode graphs (graph_pool_handle): they replay one at a time
+        self.failed = False
+
+    def keep(self, key, graph, inputs, output):
+        self.pool = graph.pool()
+        self.graphs[key] = (graph, inputs, output)
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return self.graphs[key]
+
+    def graph_for(self, key, like, what: str):
+        """The entry of `key` (captured now if new), or None once a capture has failed."""
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            return entry
+        try:
+            return self.capture(key, like)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            log.warning("%s CUDA graph capture failed (%s); it runs eagerly from now on", what, e)
+            self.failed = True
+            return None
+
+
 def batch_buckets(max_batch_size: int) -> list[int]:
     out, b = [], 1
     while b < max_batch_size:
@@ -58,15 +93,14 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return out + [max_batch_size]
 
 
-class GraphSolver(EagerSolver):
+class GraphSolver(GraphCache, EagerSolver):
     def __init__(self, cfm, step: Callable, max_batch_size: int, n_timesteps: int = 10,
                  frame_bucket: int = FRAME_BUCKET, max_frames: int = MAX_FRAMES, pool=None):
         super().__init__(cfm, step, n_timesteps)
         self.buckets = batch_buckets(max_batch_size)
         self.frame_bucket = frame_bucket
         self.max_frames = -(-max_frames // frame_bucket) * frame_bucket
-        self.graphs: OrderedDict = OrderedDict()   # (rows, frames) -> (graph, inputs, output)
-        self.pool = pool   # shared with GraphEncoder (graph_pool_handle): graphs replay one at a time
+        self.init_graphs(pool)
         self.buffers: dict = {}
         self.capture_seconds = 0.0
 
@@ -102,23 +136,17 @@ class GraphSolver(EagerSolver):
         for name in ("mu", "mask", "spks", "cond", "bias"):
             getattr(inputs, name).zero_()
         graph, output = capture_graph(lambda: EagerSolver.__call__(self, inputs), self.pool)
-        self.pool = graph.pool()
-        self.graphs[key] = (graph, inputs, output)
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
         self.capture_seconds += time.perf_counter() - t0
         log.debug("captured the flow solver for batch %d x %d frames in %.2f s", *key, time.perf_counter() - t0)
-        return self.graphs[key]
+        return self.keep(key, graph, inputs, output)
 
     def __call__(self, batch: FlowBatch) -> torch.Tensor:
         key = (batch.mu.size(0), batch.mu.size(2))
-        if key[0] not in self.buckets or key[1] > self.max_frames or key[1] % self.frame_bucket:
+        if self.failed or key[0] not in self.buckets or key[1] > self.max_frames or key[1] % self.frame_bucket:
             return EagerSolver.__call__(self, batch)
-        entry = self.graphs.get(key)
+        entry = self.graph_for(key, batch, "flow solver")
         if entry is None:
-            entry = self.capture(key, batch)
-        else:
-            self.graphs.move_to_end(key)
+            return EagerSolver.__call__(self, batch)
         graph, inputs, output = entry
         for name in ("mu", "mask", "spks", "cond", "bias"):
             getattr(inputs, name).copy_(getattr(batch, name))
@@ -126,7 +154,7 @@ class GraphSolver(EagerSolver):
         return output.clone()
 
 
-class GraphEncoder(RowEncoder):
+class GraphEncoder(GraphCache, RowEncoder):
     """RowEncoder replayed from CUDA graphs for up to ENCODER_GRAPH_MAX_ROWS rows: rows bucketed as the solver's, tokens up to a multiple
     of FRAME_BUCKET / stride (so the encoder's frames are the solver's frame bucket). The extra
     rows (n = lens = 0) and tokens (id -1, past n) are padding the masks hide; the caller keeps
@@ -142,9 +170,7 @@ class GraphEncoder(RowEncoder):
         self.token_bucket = max(1, frame_bucket // self.stride)
         self.max_tokens = -(-max_frames // frame_bucket) * self.token_bucket
         self.lookahead = int(flow.pre_lookahead_len)
-        self.graphs: OrderedDict = OrderedDict()   # (rows, tokens) -> (graph, (ids, n, lens, streaming), mu)
-        self.pool = pool
-        self.failed = False
+        self.init_graphs(pool)   # (rows, tokens) -> (graph, (ids, n, lens, streaming), mu)
 
     def bucket(self, rows: int, t: int) -> Optional[tuple[int, int]]:
         if self.failed or rows > self.buckets[-1] or t > self.max_tokens:
@@ -162,29 +188,16 @@ class GraphEncoder(RowEncoder):
         inputs = self.buffers(key, device)
         ids, n, lens, streaming = inputs
         graph, mu = capture_graph(lambda: RowEncoder.__call__(self, ids, n, lens, key[1], streaming), self.pool)
-        self.pool = graph.pool()
-        self.graphs[key] = (graph, inputs, mu)
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
-        return self.graphs[key]
+        return self.keep(key, graph, inputs, mu)
 
     def __call__(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
                  streaming: torch.Tensor) -> torch.Tensor:
         key = self.bucket(ids.size(0), t)
         if key is None or ids.size(1) > key[1] + self.lookahead:
             return super().__call__(ids, n, lens, t, streaming)
-        entry = self.graphs.get(key)
+        entry = self.graph_for(key, ids.device, "flow encoder")
         if entry is None:
-            try:
-                entry = self.capture(key, ids.device)
-            except torch.cuda.OutOfMemoryError:
-                raise   # a memory limit too small must surface (at start: decode_process names the flag)
-            except Exception as e:   # an eager encoder is slower, not wrong
-                log.warning("flow encoder CUDA graph capture failed (%s); the encoder runs eagerly from now on", e)
-                self.failed = True
-                return super().__call__(ids, n, lens, t, streaming)
-        else:
-            self.graphs.move_to_end(key)
+            return super().__call__(ids, n, lens, t, streaming)
         graph, (b_ids, b_n, b_lens, b_streaming), mu = entry
         rows = ids.size(0)
         b_ids.fill_(-1)
@@ -196,7 +209,7 @@ class GraphEncoder(RowEncoder):
         return mu[:rows].clone()
 
 
-class GraphHift(BatchedHift):
+class GraphHift(GraphCache, BatchedHift):
     """BatchedHift whose network (after the per-request excitation, which keeps each request's own
     generator) replays from CUDA graphs for up to HIFT_GRAPH_MAX_ROWS rows: rows to a power of
     two, frames to a multiple of HIFT_FRAME_BUCKET, always the masked path (BatchedHift.masked),
@@ -205,9 +218,7 @@ class GraphHift(BatchedHift):
     def __init__(self, hift, max_batch_size: int, pool=None):
         super().__init__(hift)
         self.buckets = batch_buckets(min(max_batch_size, HIFT_GRAPH_MAX_ROWS))
-        self.graphs: OrderedDict = OrderedDict()   # (rows, frames) -> (graph, (mel, source, lengths), wav)
-        self.pool = pool
-        self.failed = False
+        self.init_graphs(pool)   # (rows, frames) -> (graph, (mel, source, lengths), wav)
 
     def bucket(self, rows: int, frames: int) -> Optional[tuple[int, int]]:
         if self.failed or rows > self.buckets[-1] or frames > HIFT_MAX_FRAMES:
@@ -225,28 +236,15 @@ class GraphHift(BatchedHift):
     def capture(self, key: tuple[int, int], like: torch.Tensor):
         inputs = self.buffers(key, like)
         graph, wav = capture_graph(lambda: self.masked(*inputs), self.pool)
-        self.pool = graph.pool()
-        self.graphs[key] = (graph, inputs, wav)
-        while len(self.graphs) > MAX_GRAPHS:
-            self.graphs.popitem(last=False)
-        return self.graphs[key]
+        return self.keep(key, graph, inputs, wav)
 
     def network(self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor, equal: bool) -> torch.Tensor:
         key = self.bucket(mel.size(0), mel.size(2))
         if key is None:
             return super().network(mel, source, lengths, equal)
-        entry = self.graphs.get(key)
+        entry = self.graph_for(key, mel, "HiFT")
         if entry is None:
-            try:
-                entry = self.capture(key, mel)
-            except torch.cuda.OutOfMemoryError:
-                raise   # as in GraphEncoder
-            except Exception as e:   # an eager HiFT is slower, not wrong
-                log.warning("HiFT CUDA graph capture failed (%s); HiFT runs eagerly from now on", e)
-                self.failed = True
-                return super().network(mel, source, lengths, equal)
-        else:
-            self.graphs.move_to_end(key)
+            return super().network(mel, source, lengths, equal)
         graph, (b_mel, b_source, b_lengths), wav = entry
         rows, frames = mel.size(0), mel.size(2)
         for buf in (b_mel, b_source, b_lengths):

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from light_tts.decode.batched_flow import check_single_resolution
 from light_tts.kernels.dispatch import frame_norm
-from light_tts.models.flow.unet_blocks import CausalConv1d, sinusoidal_time_embedding
+from light_tts.models.flow.unet_blocks import sinusoidal_time_embedding
 
 
 def _causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -46,8 +47,7 @@ class FusedEstimator(nn.Module):
 
     def __init__(self, estimator: nn.Module):
         super().__init__()
-        if len(estimator.down_blocks) != 1 or not isinstance(estimator.down_blocks[0].resample, CausalConv1d):
-            raise ValueError("the fused estimator supports the single-resolution estimator (channels: [C]) only")
+        check_single_resolution(estimator, "the fused estimator")
         self.estimator = estimator
         self.stages = [*estimator.down_blocks, *estimator.mid_blocks, *estimator.up_blocks]
         with torch.no_grad():
