@@ -183,6 +183,12 @@ def prefill_then_decode(lm, int8=False, fuse=None):
     runner = ModelRunner(lm, pool, reqs, fuse=fuse)
     if fuse is not None:
         assert (runner.fused_qkv is not None, runner.fused_gate_up is not None) == (fuse, fuse)
+    if fuse:   # the fused weights are the model's own memory, not a second copy
+        layer = lm.llm.model.model.layers[0]
+        assert layer.self_attn.q_proj.weight.data_ptr() == runner.fused_qkv[0][0].data_ptr()
+        assert layer.self_attn.v_proj.bias.data_ptr() > runner.fused_qkv[0][1].data_ptr()
+        assert layer.mlp.up_proj.weight.data_ptr() > layer.mlp.gate_proj.weight.data_ptr() == \
+            runner.fused_gate_up[0].data_ptr()
     x = torch.randn(11, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     rows, slots = [reqs.alloc(), reqs.alloc()], pool.alloc(11)
     reqs.write(rows[0], 0, slots[:4])

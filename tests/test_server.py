@@ -263,3 +263,14 @@ def test_websocket_bistream_lighttts_protocol(server):
         ws.send("not json")
         reply = json.loads(ws.recv(timeout=30))
         assert reply["status"] == 400
+    # frames of the wrong kind and text messages of the wrong shape: a 400 that says what was expected
+    cases = [([json.dumps({"prompt_text": PROMPT_TEXT}), "not audio"], "expected a binary frame (the prompt audio)"),
+             ([b"\x00\x01"], "expected a text frame (JSON)"),
+             ([json.dumps({"prompt_text": PROMPT_TEXT}), PROMPT, json.dumps({"tts_text": None})], '{"tts_text": "<text>"}'),
+             ([json.dumps({"prompt_text": PROMPT_TEXT}), PROMPT, json.dumps({"text": "hi"})], '{"tts_text": "<text>"}')]
+    for frames, expected in cases:
+        with connect(server.url.replace("http", "ws") + "/inference_zero_shot_bistream", open_timeout=30) as ws:
+            for frame in frames:
+                ws.send(frame)
+            reply = json.loads(ws.recv(timeout=30))
+            assert reply["status"] == 400 and expected in reply["error"], (frames, reply)

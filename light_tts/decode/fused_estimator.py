@@ -14,8 +14,9 @@ What changes against the module-by-module forward:
 Every consumer of a stage's output multiplies it by the frame mask first (resnets, resample
 convs, the final block), so stages hand over masked tensors and the separate mask products go.
 
-The fused q/k/v and time weights are copies made at construction: build this after the weights
-are loaded and cast (build_engine does). Rounding differs from the plain forward (one rounding per
+The fused q/k/v and time weights are made at construction and the modules' own parameters become
+views of them (models/fusion.py): build this after the weights are loaded and cast (build_engine
+does). Rounding differs from the plain forward (one rounding per
 fused op instead of one per op), so the two agree to the dtype's tolerance, exactly in fp32 up to
 summation order (tests/test_fused_estimator.py).
 """
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 
 from light_tts.decode.batched_flow import check_single_resolution
 from light_tts.kernels.dispatch import frame_norm
+from light_tts.models.fusion import fuse_linears
 from light_tts.models.flow.unet_blocks import sinusoidal_time_embedding
 
 
@@ -50,12 +52,10 @@ class FusedEstimator(nn.Module):
         check_single_resolution(estimator, "the fused estimator")
         self.estimator = estimator
         self.stages = [*estimator.down_blocks, *estimator.mid_blocks, *estimator.up_blocks]
-        with torch.no_grad():
-            # (stage, block) -> [Wq; Wk; Wv]; one (n_stages * C, time_dim) projection for every resnet
-            self.qkv = [[torch.cat([b.attn1.to_q.weight, b.attn1.to_k.weight, b.attn1.to_v.weight]).contiguous()
-                         for b in stage.transformers] for stage in self.stages]
-            self.time_w = torch.cat([s.resnet.mlp[1].weight for s in self.stages]).contiguous()
-            self.time_b = torch.cat([s.resnet.mlp[1].bias for s in self.stages]).contiguous()
+        # (stage, block) -> [Wq; Wk; Wv]; one (n_stages * C, time_dim) projection for every resnet
+        self.qkv = [[fuse_linears((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v))[0] for b in stage.transformers]
+                    for stage in self.stages]
+        self.time_w, self.time_b = fuse_linears([s.resnet.mlp[1] for s in self.stages])
 
     def _resnet(self, res, xm: torch.Tensor, mask: torch.Tensor, t_proj: torch.Tensor) -> torch.Tensor:
         """CausalResnetBlock1D on masked xm (B, Cin, T) -> (B, T, C) rows for the transformers."""

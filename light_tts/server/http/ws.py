@@ -270,12 +270,20 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
     pump = None
     timeout = api.args.request_timeout
 
-    async def receive(frame: str):
-        """The next text or binary frame; a silent client gets 408 after --request_timeout."""
+    async def receive(frame: str, limit: Optional[float] = timeout):
+        """The next frame, which must be `frame` ("text" or "bytes"): the wrong kind is a 400 that
+        says which was expected. A client silent for `limit` seconds (None: no limit) gets 408."""
         try:
-            return await asyncio.wait_for(ws.receive_text() if frame == "text" else ws.receive_bytes(), timeout)
+            msg = await asyncio.wait_for(ws.receive(), limit)
         except asyncio.TimeoutError:
-            raise ProtocolError(f"nothing received for {timeout:g} s (--request_timeout)", 408) from None
+            raise ProtocolError(f"nothing received for {limit:g} s (--request_timeout)", 408) from None
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        data = msg.get(frame)
+        if data is None:
+            want = "a text frame (JSON)" if frame == "text" else "a binary frame (the prompt audio)"
+            raise ProtocolError(f"expected {want}, got a {'binary' if frame == 'text' else 'text'} frame")
+        return data
 
     async def error_and_close(event: dict, code: int) -> None:
         """Tell the client and close; the pump may have closed the socket already (its own error)."""
@@ -308,14 +316,14 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
                                                  mode="zero_shot" if prompt_text.strip() else "cross_lingual")
         utt = Utterance(api, request, 0)
         pump = asyncio.create_task(forward(utt))
-        while True:
-            msg = json.loads(await ws.receive_text())
-            if not isinstance(msg, dict):
-                raise ProtocolError('text messages must be JSON objects: {"tts_text": ...} or {"finish": true}')
+        while True:   # no receive limit here: a stalled text stream ends with the stages' 504
+            msg = json.loads(await receive("text", None))
+            if not isinstance(msg, dict) or not (msg.get("finish") or isinstance(msg.get("tts_text"), str)):
+                raise ProtocolError('text messages must be {"tts_text": "<text>"} or {"finish": true}')
             if msg.get("finish"):
                 await utt.finish()
                 break
-            await utt.text(str(msg.get("tts_text", "")))
+            await utt.text(msg["tts_text"])
         await pump
         await ws.close()
     except (ProtocolError, ValueError, KeyError, TypeError) as e:

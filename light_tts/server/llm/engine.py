@@ -181,7 +181,7 @@ class LLMEngine:
         if cuda_graph and self.device.type == "cuda":
             from light_tts.server.llm.cuda_graph import try_capture
             self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len),
-                                      self.sampler if self.sampler.mode == "batched" or greedy else None)
+                                      None if self.sampler.per_request_rng else self.sampler)
         if self.device.type == "cuda":
             try:
                 self.warm_up_prefill()
@@ -529,7 +529,7 @@ class LLMEngine:
 
     def _new_generator(self, seed: int) -> Optional[torch.Generator]:
         """The exact sampler's per-request RNG (None for the batched sampler and greedy)."""
-        if self.sampler.mode != "exact" or self.sampler.greedy:
+        if not self.sampler.per_request_rng:
             return None
         g = torch.Generator(device=self.device)
         g.manual_seed(seed)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from light_tts.kernels import dispatch as K
+from light_tts.models.fusion import fuse_linears
 from light_tts.server.llm.mem_manager import KVPool
 from light_tts.server.llm.req_manager import ReqManager
 
@@ -48,14 +49,13 @@ class ModelRunner:
         self.eps = float(cfg.rms_norm_eps)
         self.sm_scale = 1.0 / math.sqrt(self.d)
         self.layers = list(self.body.layers)
-        self.intermediate = cfg.intermediate_size
         self.fused_qkv: Optional[list] = None
         self.fused_gate_up: Optional[list] = None
         if fuse if fuse is not None else self.device.type == "cuda":
-            self.fused_qkv = [_fused_qkv(l.self_attn) for l in self.layers]
+            self.fused_qkv = [fuse_linears((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj))
+                              for l in self.layers]
             if all(l.mlp.act is F.silu for l in self.layers):   # silu_mul is SwiGLU's activation
-                self.fused_gate_up = [torch.cat((l.mlp.gate_proj.weight, l.mlp.up_proj.weight), dim=0).contiguous()
-                                      for l in self.layers]
+                self.fused_gate_up = [fuse_linears((l.mlp.gate_proj, l.mlp.up_proj))[0] for l in self.layers]
         self.cos, self.sin = self._rope(torch.arange(reqs.max_req_len, device=self.device))
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -152,10 +152,3 @@ class ModelRunner:
                                                max_len, self.sm_scale)
             return K.decode_attention(q, cache[0], cache[1], r2t, b_req_idx, b_seq_len, max_len, self.sm_scale)
         return self.head(*self._layers(x, positions, slots, attend))
-
-
-def _fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """One [(Hq + 2 Hkv) D, hidden] weight and its bias for q, k and v (Qwen2's projections have biases)."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    return (torch.cat([p.weight for p in projs], dim=0).contiguous(),
-            torch.cat([p.bias for p in projs], dim=0).contiguous())

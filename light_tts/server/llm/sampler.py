@@ -81,6 +81,12 @@ class Sampler:
     def window(self) -> int:
         return max(self.win_size, 1)
 
+    @property
+    def per_request_rng(self) -> bool:
+        """The exact RAS path: host-side draws with each request's torch.Generator. Otherwise
+        (batched or greedy) `draw` runs on tensors alone, so a CUDA graph can hold it."""
+        return self.mode == "exact" and not self.greedy
+
     def inputs(self, rows: Sequence[SampleRow], out: Optional[np.ndarray] = None) -> np.ndarray:
         """The rows' per-row inputs of `draw`, int64 [3 + W, B] (written into `out` when given)."""
         w = self.window
@@ -90,7 +96,7 @@ class Sampler:
         out[1] = [r.counter for r in rows]
         out[2] = _flags(rows)
         out[3:] = -1
-        if self.win_size > 0:
+        if self.win_size > 0 and not self.greedy:   # greedy draws read only the flags
             for b, r in enumerate(rows):
                 tail = r.decoded[-w:]
                 if len(tail):
@@ -107,7 +113,7 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
         """logits [B, S + 3] -> one token per row."""
-        if self.mode == "exact" and not self.greedy:
+        if self.per_request_rng:
             flags = torch.tensor(_flags(rows), dtype=torch.int64, device=logits.device)
             return self._exact(self.masked_scores(logits, flags), rows)
         inputs = torch.from_numpy(self.inputs(rows)).to(logits.device, non_blocking=True)
