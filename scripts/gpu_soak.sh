@@ -6,7 +6,7 @@
 #   bash scripts/gpu_soak.sh [MODEL_DIR] [MINUTES] [CONCURRENCY]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODEL_DIR=${1:-/tmp/lighttts-full}; MINUTES=${2:-8.5}; CONC=${3:-16}
+MODEL_DIR=${1:-/tmp/lighttts-full}; MINUTES=${2:-8}; CONC=${3:-16}
 . scripts/gpu_env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 [ -f "$MODEL_DIR/llm.pt" ] || python3 -m light_tts.tools.make_random_model --size full --out "$MODEL_DIR" | tail -1

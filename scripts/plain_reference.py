@@ -4,8 +4,9 @@ beside the server in the same run.
 
     python scripts/plain_reference.py --model_dir /tmp/lighttts-full --dtype bf16 --repeat 3
 
-Per request: prompt encoding (frontend: audio -> speech tokens, speaker embedding, features), the
-LM (fixed --fixed_speech_tokens), flow and HiFT; streaming (official chunk schedule) and not.
+Per request: the LM (fixed --fixed_speech_tokens), flow and HiFT; streaming (official chunk
+schedule) and not. The prompt is encoded once (frontend: audio -> speech tokens, speaker embedding,
+features) and cached from the warm-up on, as the server caches it per voice.
 Prints first-audio and total time (median of --repeat after one warm-up), RTF and audio-s/s.
 """
 from __future__ import annotations

@@ -267,7 +267,7 @@ def _state(rid, sent_s=None, started=0.0, stream=True):
     s = DecodeState(req=DecodeStartReq(rid=rid, reply_to="x", stream=stream, prompt_speech_tokens=np.zeros(1, np.int32),
                                        prompt_feat=np.zeros((2, 80), np.float32), embedding=np.zeros(192, np.float32)))
     if sent_s is not None:
-        s.audio_sent, s.first_audio_at, s.audio_out_s = True, started, sent_s
+        s.first_audio_at, s.audio_out_s = started, sent_s
     return s
 
 

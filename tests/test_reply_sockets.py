@@ -36,3 +36,37 @@ def test_replies_and_pruning(tmp_path):
         assert len(socks) == 0
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_killed_workers_socket_is_pruned_though_its_file_stays(tmp_path):
+    """SIGKILL leaves the worker's ipc file behind: the pid in its tag tells that it is gone."""
+    import subprocess
+    import sys
+    from light_tts.server.ipc import Endpoints, worker_alive, worker_tag
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    endpoints = Endpoints(root=str(tmp_path), encode_num=1, decode_num=1)
+    gone = endpoints.http(f"{dead.pid:x}abcdef")
+    live = endpoints.http(worker_tag())          # this process's tag
+    ctx = zmq.Context()
+    try:
+        pulls = [bind_pull(ctx, gone), bind_pull(ctx, live)]    # both files exist
+        assert not worker_alive(gone) and worker_alive(live)
+        socks = ReplySockets(ctx)
+        socks.send(gone, AbortReq(rid="1"))
+        socks.send(live, AbortReq(rid="2"))     # a new address: the dead worker's socket goes
+        assert len(socks) == 1
+        for p in pulls:
+            p.close(linger=0)
+        socks.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_http_workers_bounded_by_the_open_reply_sockets(tmp_path):
+    import pytest
+    from light_tts.server.args import MAX_HTTP_WORKERS, parse_args
+    assert ReplySockets.MAX_OPEN == MAX_HTTP_WORKERS
+    assert parse_args(["--model_dir", str(tmp_path), "--httpserver_workers", str(MAX_HTTP_WORKERS)])
+    with pytest.raises(SystemExit):
+        parse_args(["--model_dir", str(tmp_path), "--httpserver_workers", str(MAX_HTTP_WORKERS + 1)])

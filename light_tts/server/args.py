@@ -39,6 +39,8 @@ def _flag(p: argparse.ArgumentParser, name: str, help: str, default: bool = Fals
 
 
 NO_EFFECT = "no effect here: "
+# Stages keep a reply socket per HTTP worker (ipc.ReplySockets): at most this many stay open
+MAX_HTTP_WORKERS = 64
 MODES = ("triton_flashdecoding", "triton_int8kv", "ppl_int8kv", "triton_gqa_flashdecoding", "triton_gqa_attention")
 
 
@@ -166,6 +168,9 @@ def validate(args: argparse.Namespace) -> list[str]:
                  "max_queue_size", "graph_max_batch_size"):
         if getattr(args, name) < 1:
             errors.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.httpserver_workers > MAX_HTTP_WORKERS:
+        errors.append(f"--httpserver_workers must be <= {MAX_HTTP_WORKERS} (got {args.httpserver_workers}); "
+                      "for more, run several instances behind nginx")
     if not 0 <= args.router_token_ratio < 1:
         errors.append(f"--router_token_ratio must be in [0, 1) (got {args.router_token_ratio})")
     if not 0 <= args.cache_reserved_ratio < 1:

@@ -82,13 +82,16 @@ class DecodeState:
     pieces: deque = field(default_factory=deque)   # StreamingDecoder per sentence, oldest first
     piece: int = 0                                 # index of the sentence tokens now arrive for
     input_done: bool = False                       # the LLM sent finished=True
-    audio_sent: bool = False                       # its first audio went out (with req.marks)
-    first_audio_at: float = 0.0                    # time.monotonic() of its first audio
+    first_audio_at: Optional[float] = None         # time.monotonic() of its first audio (sent with req.marks)
     audio_out_s: float = 0.0                       # seconds of audio sent so far
 
     @property
     def ready(self) -> bool:
         return bool(self.pieces) and self.pieces[0].ready
+
+    @property
+    def audio_sent(self) -> bool:
+        return self.first_audio_at is not None
 
     @property
     def complete(self) -> bool:
@@ -230,7 +233,6 @@ class DecodeServer:
                 marks = None if state.audio_sent else state.req.marks
                 if not state.audio_sent:
                     state.first_audio_at = time.monotonic()
-                state.audio_sent = True
                 state.audio_out_s += len(out) / SAMPLE_RATE
                 self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out), marks=marks))
 

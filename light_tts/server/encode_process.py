@@ -67,7 +67,8 @@ class EncodeWorker:
                          TextPieceReq: self.handle_text, AbortReq: self.handle_abort}
         self.streams: OrderedDict[str, TextStream] = OrderedDict()
         self.voices = VoiceStore(endpoints.root)   # registered voices survive a restart of this stage
-        restored = self.voices.load_all(max(1, args.cache_capacity))
+        self.max_voices = max(1, args.cache_capacity)   # registered voices kept (and restored)
+        restored = self.voices.load_all(self.max_voices)
         for voice_id, voice in restored:
             self.frontend.cache.register(voice_id, voice)
         if restored:
@@ -160,7 +161,7 @@ class EncodeWorker:
 
     def handle_register(self, req: VoiceRegisterReq) -> None:
         cache = self.frontend.cache
-        if req.voice_id not in cache.voice_ids() and len(cache.voice_ids()) >= max(1, self.args.cache_capacity):
+        if req.voice_id not in cache.voice_ids() and len(cache.voice_ids()) >= self.max_voices:
             raise RequestError(507, f"{len(cache.voice_ids())} voices are registered (--cache_capacity); "
                                     f"delete one with DELETE /voices/{{id}} first")
         voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)

@@ -9,6 +9,8 @@ to answer /healthz and to fail requests of a dead stage fast.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import time
 from collections import OrderedDict
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+
+from light_tts.server.args import MAX_HTTP_WORKERS
 
 HEARTBEAT_SECONDS = 0.5
 DEAD_AFTER_SECONDS = 2.0
@@ -187,15 +191,29 @@ def read_stats(endpoints: Endpoints) -> dict[str, dict]:
     return out
 
 
+def worker_tag() -> str:
+    """An HTTP worker's tag, unique in the instance: its pid in hex, then 6 random hex digits."""
+    return f"{os.getpid():x}{secrets.token_hex(3)}"
+
+
+def worker_alive(addr: str) -> bool:
+    """Whether the HTTP worker behind reply address `addr` (Endpoints.http) may still be there:
+    its ipc file exists and the pid in its tag is alive (a killed worker leaves its file behind)."""
+    if addr.startswith("ipc://") and not os.path.exists(addr[len("ipc://"):]):
+        return False
+    m = re.search(r"http-([0-9a-f]{7,})(?:\.ipc)?$", addr)
+    return m is None or pid_alive(int(m.group(1)[:-6], 16))
+
+
 class ReplySockets:
     """PUSH sockets to the HTTP workers named by requests' `reply_to`, opened on first use.
 
     HTTP workers come and go (gunicorn recycles them, a crashed one is replaced), so whenever a new
-    address shows up the sockets of workers whose ipc file is gone are closed (LINGER 0: what was
-    queued for a dead worker is dropped, not kept forever), and at most MAX_OPEN stay open, the
+    address shows up the sockets of workers that are gone (worker_alive) are closed (LINGER 0: what
+    was queued for a dead worker is dropped, not kept forever), and at most MAX_OPEN stay open, the
     least recently used closed first (a worker that is still there is reconnected on its next
-    reply)."""
-    MAX_OPEN = 64
+    reply; --httpserver_workers is at most MAX_OPEN, so that takes a stale tag)."""
+    MAX_OPEN = MAX_HTTP_WORKERS
 
     def __init__(self, ctx: zmq.Context):
         self.ctx = ctx
@@ -219,7 +237,7 @@ class ReplySockets:
             self._socks.popitem()[1].close()
 
     def _prune(self) -> None:
-        for addr in [a for a in self._socks if a.startswith("ipc://") and not os.path.exists(a[len("ipc://"):])]:
+        for addr in [a for a in self._socks if not worker_alive(a)]:
             self._socks.pop(addr).close()
         while len(self._socks) >= self.MAX_OPEN:
             self._socks.popitem(last=False)[1].close()

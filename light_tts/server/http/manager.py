@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -22,7 +21,7 @@ import zmq.asyncio
 
 from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, TextPieceReq, TTSReq, VoiceDeleteReq,
                                         VoiceOutput, VoiceRegisterReq, VoiceStoreReq, async_recv, async_send)
-from light_tts.server.ipc import Endpoints, StatusTable, stage_health
+from light_tts.server.ipc import Endpoints, StatusTable, stage_health, worker_tag
 
 log = logging.getLogger("lighttts")
 WATCHDOG_SECONDS = 0.25
@@ -44,7 +43,7 @@ class BackendClient:
         self.endpoints = endpoints
         self.max_in_flight = max_in_flight
         # rid = <instance-unique worker tag>-<counter>: never reused while the instance lives
-        self.tag = f"{os.getpid():x}{secrets.token_hex(3)}"
+        self.tag = worker_tag()
         self._seq = itertools.count()
         self._encode_rr = itertools.count()
         self.states: dict[str, ReqState] = {}
