@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, default=8080)
     g.add_argument("--httpserver_workers", type=int, default=1,
-                   help="HTTP worker processes sharing one backend (each has its own reply socket)")
+                   help="HTTP worker processes sharing one backend (each has its own reply socket; at most 64)")
     g.add_argument("--zmq_mode", default="ipc:///tmp/",
                    help="ZeroMQ transport prefix; only ipc:// is supported: sockets live in a private "
                         "per-instance directory under this path (mode 0700, named by the port)")
