@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from light_tts.decode.prompt_cache import voice_key
+
 
 @dataclass(frozen=True)
 class StreamSchedule:
@@ -82,6 +84,8 @@ class Token2Wav:
                  seed: Optional[int] = None):
         p = next(flow.parameters())
         self.flow, self.hift, self.schedule = flow, hift, schedule
+        # the voice's identity for the decode engine's prompt cache (decode/prompt_cache.py)
+        self.voice_key = voice_key(prompt_tokens, prompt_feat, embedding)
         self.device, self.dtype = p.device, p.dtype
         self.prompt_tokens = prompt_tokens.reshape(1, -1).to(self.device, torch.int32)
         self.prompt_feat = prompt_feat.reshape(1, -1, prompt_feat.shape[-1]).to(self.device, self.dtype)

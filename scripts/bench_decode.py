@@ -32,7 +32,7 @@ from light_tts.decode.engine import DecodeEngine  # noqa: E402
 from light_tts.server.decode_process import load_decode_model  # noqa: E402
 from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
 
-MODE_PARTS = {"eager", "graphs", "fused", "compile", "eager_small"}
+MODE_PARTS = {"eager", "graphs", "fused", "compile", "eager_small", "cache"}
 AUDIO_S_PER_CHUNK = 1.0   # 25 tokens x 2 frames x 480 samples / 24 kHz
 
 
@@ -89,13 +89,19 @@ def rel_error(got: list, want: list) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: dict) -> None:
+def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: dict, cache_gb: float) -> None:
     step = engine.flow.estimator
+    engine.flow.prompt_cache = None
     if "fused" in mode:
         if "fused" not in compiled:
             from light_tts.decode.fused_estimator import FusedEstimator
             compiled["fused"] = FusedEstimator(flow.decoder.estimator)
         step = compiled["fused"]
+        if "cache" in mode:
+            if "cache" not in compiled:
+                from light_tts.decode.prompt_cache import PromptCache
+                compiled["cache"] = PromptCache.for_flow(flow, step, 10, cache_gb)
+            engine.flow.prompt_cache = compiled["cache"]
     if "graphs" in mode and "eager_small" not in mode:
         from light_tts.decode.cuda_graph import GraphHift
         engine.hift = GraphHift(engine.hift.hift, max_batch)
@@ -123,10 +129,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--batch_sizes", default="1,4,16,64")
-    p.add_argument("--modes", default="eager,graphs,fused,fused+graphs,compile+graphs",
+    p.add_argument("--modes", default="eager,graphs,fused,fused+graphs,fused+graphs+cache,compile+graphs",
                    help="comma list of eager | graphs | fused | fused+graphs | compile | compile+graphs; graphs "
                         "modes capture the token encoder and HiFT of small batches too, unless the name has "
-                        "+eager_small")
+                        "+eager_small; fused modes with +cache use the prompt cache (every row has the same "
+                        "voice, so after the first call its prompt frames are cached)")
+    p.add_argument("--prompt_cache_gb", type=float, default=2.0, help="prompt cache size of the +cache modes")
     p.add_argument("--prompt_tokens", type=int, default=125)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=400.0, help="skip further modes past this many seconds")
@@ -150,7 +158,7 @@ def main() -> int:
         if unknown:
             p.error(f"mode {m!r}: unknown part(s) {sorted(unknown)}; parts are {sorted(MODE_PARTS)}")
     if device.type != "cuda":
-        modes = [m for m in modes if m in ("eager", "fused")]
+        modes = [m for m in modes if m in ("eager", "fused", "fused+cache")]
     frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)
     print(f"workload: prompt {args.prompt_tokens} tokens, chunk {work.chunk.tokens.numel()} tokens "
           f"(estimator over {frames} frames), HiFT 58 frames; repeat {args.repeat}\n")
@@ -175,7 +183,7 @@ def main() -> int:
                 skipped.append(mode)
                 continue
             t_mode = time.perf_counter()
-            set_mode(engine, flow, mode, max(sizes), compiled)
+            set_mode(engine, flow, mode, max(sizes), compiled, args.prompt_cache_gb)
             for b in sizes:
                 rows = work.rows(b)
                 flow_ms = timed(lambda: engine.flow(rows), args.repeat, device)
@@ -198,6 +206,12 @@ def main() -> int:
             def first():  # a fresh request's first chunk, end to end through the engine
                 engine.run([(work.t2w(0), work.chunk)])
             first_chunk[mode] = timed(first, args.repeat, device)
+            cache = engine.flow.prompt_cache
+            if cache is not None:
+                def first_new_voice():   # the same with the voice's prompt frames not cached yet
+                    cache.entries.clear()
+                    first()
+                first_chunk[f"{mode}, voice not cached"] = timed(first_new_voice, args.repeat, device)
             print(f"[{mode}: {time.perf_counter() - t_mode:.0f} s incl. compile/capture]", flush=True)
 
     print("\n| path | batch | flow ms / call | HiFT ms / call | flow+HiFT ms | audio s per s |")

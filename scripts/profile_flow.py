@@ -17,20 +17,24 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from light_tts.decode.batched_flow import BiasEstimator, attention_bias  # noqa: E402
+from light_tts.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias  # noqa: E402
 from light_tts.decode.fused_estimator import FusedEstimator  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 from light_tts.models.flow.masks import valid_mask  # noqa: E402
 
 
-def inputs(est, rows: int, frames: int, dtype, dev):
+def inputs(est, rows: int, frames: int, dtype, dev, fused: bool):
+    """One estimator call's inputs; the attention rule as a dense bias (plain) or a FrameAttention
+    (fused), every row streaming and without a cached prefix."""
     b = 2 * rows
     g = torch.Generator(device=dev).manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(dtype)
     mask = valid_mask(torch.full((b,), frames, device=dev), frames)
-    bias = attention_bias(mask, torch.ones(b, dtype=torch.bool, device=dev), est.static_chunk_size, dtype)
+    index = lambda v: torch.full((b,), v, device=dev, dtype=torch.int32)
+    attn = FrameAttention(index(frames), index(1), index(0), index(0), branch_rows=rows) if fused else \
+        attention_bias(mask, torch.ones(b, dtype=torch.bool, device=dev), est.static_chunk_size, dtype)
     return (rnd(b, 80, frames), mask.to(dtype), rnd(b, 80, frames), torch.full((b,), 0.5, device=dev, dtype=dtype),
-            rnd(b, 80), rnd(b, 80, frames), bias)
+            rnd(b, 80), rnd(b, 80, frames), attn)
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         est = builders[name](decoder).eval()
         for shape in args.shapes.split(","):
             rows, frames = (int(v) for v in shape.lower().split("x"))
-            x = inputs(decoder, rows, frames, dtype, "cuda")
+            x = inputs(decoder, rows, frames, dtype, "cuda", name == "fused")
             eager = time_ms(lambda: est(*x))
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())

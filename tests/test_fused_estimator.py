@@ -1,7 +1,7 @@
 """The fused flow estimator (light_tts.decode.fused_estimator) and its frame_norm kernel.
 
 - FusedEstimator equals the module-by-module BiasEstimator on the same weights and inputs (fp32, the
-  plain-PyTorch frame_norm): a padded batch with streaming and full-attention rows and an empty
+  plain-PyTorch frame_norm; the same mask given as a FrameAttention, not a dense bias): a padded batch with streaming and full-attention rows and an empty
   padding row. Every weight is re-drawn, biases and LayerNorm affine included, so a bias or norm
   taken from the wrong module changes the output.
 - The Triton frame_norm (under TRITON_INTERPRET=1, see conftest.py) equals its reference for each
@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 
-from light_tts.decode.batched_flow import BiasEstimator, attention_bias
+from light_tts.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias
 from light_tts.decode.fused_estimator import FusedEstimator
 from light_tts.kernels import dispatch
 from light_tts.kernels import reference as ref
@@ -23,7 +23,7 @@ from light_tts.models.flow.masks import valid_mask
 
 def _estimator(seed: int = 0) -> CausalConditionalDecoder:
     torch.manual_seed(seed)
-    est = CausalConditionalDecoder(in_channels=320, out_channels=80, channels=(32,), attention_head_dim=8,
+    est = CausalConditionalDecoder(in_channels=320, out_channels=80, channels=(32,), attention_head_dim=16,
                                    n_blocks=2, num_mid_blocks=2, num_heads=2, static_chunk_size=6).eval()
     with torch.no_grad():
         for name, p in est.named_parameters():
@@ -34,14 +34,19 @@ def _estimator(seed: int = 0) -> CausalConditionalDecoder:
 
 
 def _inputs(est, lengths, streaming, frames: int):
+    """(x, mask, mu, t, spks, cond), the dense bias (BiasEstimator) and the FrameAttention
+    (FusedEstimator) of the same rows."""
     b = len(lengths)
     g = torch.Generator().manual_seed(1)
     mask = valid_mask(torch.tensor(lengths), frames)
     bias = attention_bias(mask, torch.tensor(streaming), est.static_chunk_size, torch.float32)
     mf = mask.float()
+    zeros = torch.zeros(b, dtype=torch.int32)
+    rows = FrameAttention(torch.tensor(lengths, dtype=torch.int32), torch.tensor(streaming, dtype=torch.int32),
+                          zeros, zeros, branch_rows=b)
     return (torch.randn(b, 80, frames, generator=g) * mf, mf, torch.randn(b, 80, frames, generator=g) * mf,
-            torch.rand(b, generator=g), torch.randn(b, 80, generator=g), torch.randn(b, 80, frames, generator=g) * mf,
-            bias)
+            torch.rand(b, generator=g), torch.randn(b, 80, generator=g),
+            torch.randn(b, 80, frames, generator=g) * mf), bias, rows
 
 
 @contextlib.contextmanager
@@ -61,10 +66,10 @@ def est():
 
 @torch.inference_mode()
 def test_fused_equals_module_forward(est):
-    args = _inputs(est, [20, 15, 3, 0], [True, False, True, False], 20)
+    args, bias, rows = _inputs(est, [20, 15, 3, 0], [True, False, True, False], 20)
     with kernels("reference"):
-        want = BiasEstimator(est)(*args)
-        got = FusedEstimator(est)(*args)
+        want = BiasEstimator(est)(*args, bias)
+        got = FusedEstimator(est)(*args, rows)
     assert got.shape == want.shape == (4, 80, 20)
     assert want[:3].abs().max() > 1e-2  # a live signal, not an all-zero comparison
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -75,15 +80,15 @@ def test_fused_equals_module_forward(est):
 @torch.inference_mode()
 def test_fused_catches_a_wrong_norm(est):
     """The comparison above is sharp enough to see one LayerNorm's affine taken from a neighbour."""
-    args = _inputs(est, [12, 12], [True, True], 12)
+    args, bias, rows = _inputs(est, [12, 12], [True, True], 12)
     with kernels("reference"):
-        want = BiasEstimator(est)(*args)
+        want = BiasEstimator(est)(*args, bias)
         fused = FusedEstimator(est)
         blk = est.mid_blocks[0][1][1]
         saved = blk.norm3.weight.clone()
         blk.norm3.weight.copy_(blk.norm1.weight)
         try:
-            got = fused(*args)
+            got = fused(*args, rows)
         finally:
             blk.norm3.weight.copy_(saved)
     assert not torch.allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -167,12 +172,13 @@ def test_frame_norm_rejects_bad_arguments():
 
 @torch.inference_mode()
 def test_fused_estimator_through_triton(est):
-    """The whole fused forward with the Triton frame_norm (interpreted) against the reference one."""
-    args = _inputs(est, [14, 9], [True, False], 14)
+    """The whole fused forward with the Triton frame_norm and flow_attention (interpreted) against
+    the reference ones."""
+    args, _, rows = _inputs(est, [14, 9], [True, False], 14)
     with kernels("reference"):
-        want = FusedEstimator(est)(*args)
+        want = FusedEstimator(est)(*args, rows)
     with kernels("triton"):
-        got = FusedEstimator(est)(*args)
+        got = FusedEstimator(est)(*args, rows)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -181,13 +187,13 @@ def test_fused_in_bf16_is_as_accurate_as_the_module_forward(est):
     """bf16 (what the GPU runs): against the fp32 module forward, the fused path's error is of the
     same size as the bf16 module forward's own (one rounding per fused op, not per op)."""
     import copy
-    args = _inputs(est, [20, 15], [True, False], 20)
+    args, bias, rows = _inputs(est, [20, 15], [True, False], 20)
     half = copy.deepcopy(est).to(torch.bfloat16)
-    args16 = [a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]
+    args16 = [a.to(torch.bfloat16) for a in args]
     with kernels("reference"):
-        want = BiasEstimator(est)(*args)
-        plain = BiasEstimator(half)(*args16).float()
-        fused = FusedEstimator(half)(*args16).float()
+        want = BiasEstimator(est)(*args, bias)
+        plain = BiasEstimator(half)(*args16, bias.to(torch.bfloat16)).float()
+        fused = FusedEstimator(half)(*args16, rows).float()
 
     def rel(x):
         return float((x - want).norm() / want.norm())

@@ -14,13 +14,16 @@ a batch. Padded rows (batch buckets) have an empty frame mask; `attention_mask` 
 attention fully so nothing divides by zero, and their output is discarded.
 
 `BiasEstimator` is the estimator's forward with that bias as an explicit input: one function for
-eager, torch.compile, CUDA graphs and the ONNX/TensorRT export. On a GPU the default step is its
-fused drop-in (fused_estimator.py), with the same inputs.
+eager, torch.compile, CUDA graphs and the ONNX/TensorRT export. On a GPU the default step is the
+fused estimator (fused_estimator.py), which takes the same rule as a `FrameAttention` (lengths and
+streaming flags, no (B, 1, T, T) tensor) and can continue a cached prefix: with a prompt cache
+(prompt_cache.py) a streaming row computes only the frames after its voice's cached prompt
+frames, which no later token changes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,35 +84,70 @@ def attention_bias(frame_mask: torch.Tensor, streaming: torch.Tensor, chunk_fram
 
 
 @dataclass
+class FrameAttention:
+    """The fused estimator's attention input at one Euler step, instead of a dense bias: per row of
+    the CFG-doubled batch the frames it computes, whether its mask is chunk-causal, and the cached
+    prefix those frames continue (prompt_cache.py; kernels/flow_attention.py says the rule)."""
+    lengths: torch.Tensor        # (B,) int32 frames computed
+    streaming: torch.Tensor      # (B,) int32 1: chunk-causal mask
+    prefix_start: torch.Tensor   # (B,) int32 first pool slot of the row's cached frames
+    prefix_len: torch.Tensor     # (B,) int32 cached frames before the computed ones (0: none)
+    branch_rows: int             # rows per CFG branch: row r reads the pool's branch r // branch_rows
+    step: int = 0                # Euler step: which slice of the pool and of ctx
+    ctx: Optional[torch.Tensor] = None   # (B, steps, ctx_size) the causal convs' inputs just before
+    #                                      the first computed frame (None: zeros, as with no prefix)
+    cache: Optional[object] = None       # prompt_cache.PromptCache holding the prefixes
+    record: Optional[object] = None      # prompt_cache.Recorder: keep these rows' keys/values/context
+
+
+@dataclass
 class FlowBatch:
-    """Padded estimator inputs (B rows, maybe more after bucketing) and what to cut out after."""
+    """Padded estimator inputs (B rows, maybe more after bucketing) and what to cut out after. The
+    frames are those computed: a row with a cached prefix starts after it."""
     mu: torch.Tensor            # (B, 80, T)
     mask: torch.Tensor          # (B, 1, T) in the estimator dtype
     spks: torch.Tensor          # (B, 80)
     cond: torch.Tensor          # (B, 80, T)
-    bias: torch.Tensor          # (B, 1, T, T)
-    frames: list[int]           # real frames per row
-    prompt_frames: list[int]
+    lengths: torch.Tensor       # (B,) int32 frames computed per row
+    streaming: torch.Tensor     # (B,) int32
+    prefix_start: torch.Tensor  # (B,) int32
+    prefix_len: torch.Tensor    # (B,) int32
+    ctx: Optional[torch.Tensor] = None    # (B, steps, 2, ctx_size): per CFG branch (prompt cache on)
+    bias: Optional[torch.Tensor] = None   # (B, 1, T, T): estimators that take a dense bias
+    cache: Optional[object] = None
+    frames: Sequence[int] = ()          # real frames per row, prefix included
+    prompt_frames: Sequence[int] = ()
+    skipped: Sequence[int] = ()         # cached prefix frames per row (not computed)
+
+    TENSORS = ("mu", "mask", "spks", "cond", "lengths", "streaming", "prefix_start", "prefix_len", "ctx", "bias")
 
 
-def euler_cfg(step: Callable, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
-              cond: torch.Tensor, bias: torch.Tensor, t_span: torch.Tensor, cfg_rate: float) -> torch.Tensor:
+def euler_cfg(step: Callable, x: torch.Tensor, batch: FlowBatch, t_span: torch.Tensor, cfg_rate: float,
+              record=None) -> torch.Tensor:
     """CausalConditionalCFM.solve_euler for a padded batch, one `step` (estimator) call per Euler
-    step over the doubled batch. Same arithmetic, in the same order, as the official loop."""
+    step over the doubled batch [conditional rows; unconditional rows]. Same arithmetic, in the
+    same order, as the official loop."""
     b = x.size(0)
-    dtype = spks.dtype
-    mask_in = torch.cat([mask, mask], dim=0).to(dtype)
-    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
-    spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0).to(dtype)
-    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
-    bias_in = torch.cat([bias, bias], dim=0)
+    dtype = batch.spks.dtype
+    two = lambda t: torch.cat([t, t], dim=0)
+    mask_in = two(batch.mask).to(dtype)
+    mu_in = torch.cat([batch.mu, torch.zeros_like(batch.mu)], dim=0).to(dtype)
+    spks_in = torch.cat([batch.spks, torch.zeros_like(batch.spks)], dim=0).to(dtype)
+    cond_in = torch.cat([batch.cond, torch.zeros_like(batch.cond)], dim=0).to(dtype)
+    if batch.bias is not None:
+        bias_in = two(batch.bias)
+        attention = lambda i: bias_in
+    else:
+        rows = [two(t) for t in (batch.lengths, batch.streaming, batch.prefix_start, batch.prefix_len)]
+        ctx = None if batch.ctx is None else torch.cat([batch.ctx[:, :, 0], batch.ctx[:, :, 1]], dim=0)
+        attention = lambda i: FrameAttention(*rows, branch_rows=b, step=i, ctx=ctx, cache=batch.cache, record=record)
     w = cfg_rate
     t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]
     n = len(t_span)
     for i in range(1, n):
         x_in = torch.cat([x, x], dim=0).to(dtype)
         t_in = t.to(dtype).expand(2 * b)
-        v = step(x_in, mask_in, mu_in, t_in, spks_in, cond_in, bias_in)
+        v = step(x_in, mask_in, mu_in, t_in, spks_in, cond_in, attention(i - 1))
         x = x + dt * ((1.0 + w) * v[:b] - w * v[b:])
         t = t + dt
         if i < n - 1:
@@ -135,12 +173,23 @@ class EagerSolver:
             self._noise[key] = self.cfm.initial_noise(NOISE_FRAMES, device, dtype)
         return self._noise[key][:, :, :frames]
 
-    def __call__(self, batch: FlowBatch) -> torch.Tensor:
+    def run(self, batch: FlowBatch, record=None) -> torch.Tensor:
+        """The Euler loop on this batch as it is (eager). Row r starts from the official noise at
+        its own frames: columns prefix_len[r] ... (a cached prefix took the ones before)."""
         mu = batch.mu
-        x0 = self.noise(mu.size(2), mu.device, mu.dtype).expand(mu.size(0), -1, -1)
+        t = mu.size(2)
+        noise = self.noise(NOISE_FRAMES, mu.device, mu.dtype)[0]              # (80, NOISE_FRAMES)
+        cols = (batch.prefix_len.long().unsqueeze(1) + torch.arange(t, device=mu.device)).clamp_(max=NOISE_FRAMES - 1)
+        x0 = noise[:, cols].transpose(0, 1)                                     # (B, 80, T)
         t_span = self.cfm.time_grid(self.n_timesteps, mu.device, mu.dtype)
-        return euler_cfg(self.step, x0, batch.mask, mu, batch.spks, batch.cond, batch.bias, t_span,
-                         self.cfm.inference_cfg_rate)
+        return euler_cfg(self.step, x0, batch, t_span, self.cfm.inference_cfg_rate, record)
+
+    def __call__(self, batch: FlowBatch) -> torch.Tensor:
+        return self.run(batch)
+
+    def run_recording(self, batch: FlowBatch, record) -> None:
+        """A prompt-cache fill pass (prompt_cache.Recorder says what is kept); no output."""
+        self.run(batch, record)
 
 
 class RowEncoder:
@@ -169,10 +218,21 @@ class BatchedFlow:
         self.chunk_frames = int(flow.decoder.estimator.static_chunk_size)
         self.solver = solver or EagerSolver(flow.decoder, self.estimator, n_timesteps)
         self.encoder = RowEncoder(flow)   # build_engine swaps in cuda_graph.GraphEncoder on CUDA
+        self.prompt_cache = None          # prompt_cache.PromptCache (fused estimator only; build_engine)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.flow.dtype
+
+    def encode(self, seqs: Sequence[torch.Tensor], lens: Sequence[int], streaming: Sequence[bool]) -> torch.Tensor:
+        """One encoder call for token rows `seqs` (look-ahead tokens inline after the lens[i] that
+        yield frames) -> mu (B, 80, ratio * max(lens)), zero past each row's frames."""
+        flow, dev = self.flow, seqs[0].device
+        ids = nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=-1)
+        t = max(lens)
+        mu = self.encoder(ids, torch.tensor([s.numel() for s in seqs], device=dev), torch.tensor(list(lens), device=dev),
+                          t, torch.tensor(list(streaming), device=dev))
+        return mu[:len(seqs), :, :t * flow.token_mel_ratio]
 
     def encode_rows(self, rows: Sequence) -> tuple[torch.Tensor, list[int]]:
         """(mu (B, 80, T) with zeros past each row's frames, frames per row): one encoder call for
@@ -181,33 +241,57 @@ class BatchedFlow:
         flow, dev = self.flow, rows[0][0].device
         k = flow.pre_lookahead_len
         seqs = [torch.cat([t2w.prompt_tokens[0], chunk.tokens.reshape(-1).to(dev, torch.int32)]) for t2w, chunk in rows]
-        n = [s.numel() for s in seqs]
-        lens = [m if chunk.finalize else m - k for m, (_, chunk) in zip(n, rows)]
-        ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=-1)
-        streaming = torch.tensor([chunk.streaming for _, chunk in rows], device=dev)
-        t = max(lens)
-        mu = self.encoder(ids, torch.tensor(n, device=dev), torch.tensor(lens, device=dev), t, streaming)
-        return mu[:len(rows), :, :t * flow.token_mel_ratio], [m * flow.token_mel_ratio for m in lens]
+        lens = [s.numel() if chunk.finalize else s.numel() - k for s, (_, chunk) in zip(seqs, rows)]
+        mu = self.encode(seqs, lens, [chunk.streaming for _, chunk in rows])
+        return mu, [m * flow.token_mel_ratio for m in lens]
+
+    @property
+    def frame_attention(self) -> bool:
+        """Whether the solver's estimator takes a FrameAttention (the fused one) or a dense bias."""
+        return bool(getattr(self.solver.step, "frame_attention", False))
+
+    def make_batch(self, mu_rows: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], emb: torch.Tensor,
+                   streaming: Sequence[bool], prefixes: Sequence, bucket: bool = True) -> FlowBatch:
+        """The padded FlowBatch of rows given as their computed frames: mu_rows[i] (80, n_i), the
+        prompt condition feats[i] (frames, 80) counted from the row's first computed frame, the
+        speaker embeddings (B, 192), and per row its cached prefix (prompt_cache.Entry) or None."""
+        rows = len(mu_rows)
+        n = [m.size(1) for m in mu_rows]
+        b, t = self.solver.bucket(rows, max(n)) if bucket else (rows, max(n))
+        dev, dtype = mu_rows[0].device, mu_rows[0].dtype
+        mu = torch.zeros(b, mu_rows[0].size(0), t, device=dev, dtype=dtype)
+        cond = torch.zeros_like(mu)
+        for i, (m, feat) in enumerate(zip(mu_rows, feats)):
+            mu[i, :, :m.size(1)] = m
+            cond[i, :, :feat.size(0)] = feat.transpose(0, 1).to(dtype)
+        spks = torch.zeros(b, mu.size(1), device=dev, dtype=dtype)
+        spks[:rows] = self.flow.speaker(emb)
+        pad = [0] * (b - rows)
+        as_tensor = lambda v: torch.tensor(list(v) + pad, device=dev, dtype=torch.int32)
+        lengths, stream = as_tensor(n), as_tensor(int(x) for x in streaming)
+        frame_mask = valid_mask(lengths, t)
+        cache = self.prompt_cache
+        batch = FlowBatch(mu=mu, mask=frame_mask.to(dtype), spks=spks, cond=cond, lengths=lengths, streaming=stream,
+                          prefix_start=as_tensor(e.start if e else 0 for e in prefixes),
+                          prefix_len=as_tensor(e.frames if e else 0 for e in prefixes), cache=cache,
+                          skipped=[e.frames if e else 0 for e in prefixes])
+        if cache is not None:
+            batch.ctx = cache.context(prefixes, b)
+        if not self.frame_attention:
+            batch.bias = attention_bias(frame_mask, stream.bool(), self.chunk_frames, dtype)
+        return batch
 
     def prepare(self, rows: Sequence) -> FlowBatch:
         enc, frames = self.encode_rows(rows)
-        b, t = self.solver.bucket(len(rows), max(frames))
-        dev, dtype = enc.device, enc.dtype
-        mu = torch.zeros(b, enc.size(1), t, device=dev, dtype=dtype)
-        mu[:len(rows), :, :enc.size(2)] = enc
-        cond = torch.zeros_like(mu)
-        for i, (t2w, _) in enumerate(rows):
-            feat = t2w.prompt_feat
-            cond[i, :, :feat.size(1)] = feat[0].transpose(0, 1).to(dtype)
+        cache = self.prompt_cache
+        prefixes = cache.prefixes(self, [(t2w, c.streaming) for t2w, c in rows]) if cache is not None else [None] * len(rows)
+        skip = [e.frames if e else 0 for e in prefixes]
+        feats = [t2w.prompt_feat[0, s:] for (t2w, _), s in zip(rows, skip)]
         emb = torch.cat([t2w.embedding for t2w, _ in rows], dim=0)
-        spks = torch.zeros(b, mu.size(1), device=dev, dtype=dtype)
-        spks[:len(rows)] = self.flow.speaker(emb)
-        lengths = torch.tensor(frames + [0] * (b - len(rows)), device=dev)
-        frame_mask = valid_mask(lengths, t)
-        streaming = torch.tensor([c.streaming for _, c in rows] + [False] * (b - len(rows)), device=dev)
-        return FlowBatch(mu=mu, mask=frame_mask.to(dtype), spks=spks, cond=cond,
-                         bias=attention_bias(frame_mask, streaming, self.chunk_frames, spks.dtype),
-                         frames=frames, prompt_frames=[t2w.prompt_feat.size(1) for t2w, _ in rows])
+        batch = self.make_batch([enc[i, :, s:f] for i, (s, f) in enumerate(zip(skip, frames))], feats, emb,
+                                [c.streaming for _, c in rows], prefixes)
+        batch.frames, batch.prompt_frames = frames, [t2w.prompt_feat.size(1) for t2w, _ in rows]
+        return batch
 
     @torch.inference_mode()
     def __call__(self, rows: Sequence) -> list:
@@ -225,7 +309,8 @@ class BatchedFlow:
             batch = self.prepare([rows[i] for i in good])
             mel = self.solver(batch)
             for j, i in enumerate(good):
-                out[i] = mel[j:j + 1, :, batch.prompt_frames[j]:batch.frames[j]]
+                s = batch.skipped[j]
+                out[i] = mel[j:j + 1, :, batch.prompt_frames[j] - s:batch.frames[j] - s]
         return out
 
     def check_row(self, t2w, chunk) -> None:

@@ -17,6 +17,7 @@ log = logging.getLogger("lighttts")
 
 WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt + sentence so far)
 WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
+WARM_FILL_FRAMES = (100, 200, 300, 400, 500, 600)       # prompt-cache fills: prompts of 2-12 s
 
 
 def compile_engine(engine, estimator: bool = True):
@@ -49,11 +50,15 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
             flow.encoder(torch.zeros(b, tokens + k, device=dev, dtype=torch.int64), full(tokens + k), full(tokens),
                          tokens, full(True, torch.bool))
             rb, tb = flow.solver.bucket(b, t)
-            mask = torch.ones(rb, 1, tb, device=dev, dtype=dtype)
-            batch = FlowBatch(mu=torch.zeros(rb, c, tb, device=dev, dtype=dtype), mask=mask,
-                              spks=torch.zeros(rb, c, device=dev, dtype=dtype),
-                              cond=torch.zeros(rb, c, tb, device=dev, dtype=dtype),
-                              bias=torch.zeros(rb, 1, tb, tb, device=dev, dtype=dtype), frames=[], prompt_frames=[])
+            zeros = lambda *shape, dt=dtype: torch.zeros(*shape, device=dev, dtype=dt)
+            index = lambda v: torch.full((rb,), v, device=dev, dtype=torch.int32)
+            batch = FlowBatch(mu=zeros(rb, c, tb), mask=torch.ones(rb, 1, tb, device=dev, dtype=dtype),
+                              spks=zeros(rb, c), cond=zeros(rb, c, tb), lengths=index(tb), streaming=index(1),
+                              prefix_start=index(0), prefix_len=index(0), cache=flow.prompt_cache)
+            if flow.prompt_cache is not None:
+                batch.ctx = flow.prompt_cache.context([], rb)
+            if not flow.frame_attention:
+                batch.bias = zeros(rb, 1, tb, tb)
             flow.solver(batch)
         gens = [torch.Generator(device=dev).manual_seed(0) for _ in range(b)]
         for t in hift_frames:
@@ -65,6 +70,8 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         # a start takes minutes on a GPU (the largest buckets dominate): say how far it is
         log.info("decode warm-up: batch %d done (%d of %d batch sizes) after %.0f s", b, n, len(buckets),
                  time.perf_counter() - t0)
+    if flow.prompt_cache is not None:   # one-voice fill passes (a new voice's first request)
+        flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

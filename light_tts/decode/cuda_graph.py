@@ -62,6 +62,10 @@ class GraphCache:
         self.pool = pool   # one pool for all decode graphs (graph_pool_handle): they replay one at a time
         self.failed = False
 
+    def capture_fn(self, fn: Callable):
+        """(graph, output) of fn() captured in this runner's pool (tests replace it with eager replay)."""
+        return capture_graph(fn, self.pool)
+
     def keep(self, key, graph, inputs, output):
         self.pool = graph.pool()
         self.graphs[key] = (graph, inputs, output)
@@ -110,46 +114,97 @@ class GraphSolver(GraphCache, EagerSolver):
         b = next(b for b in self.buckets if b >= rows)
         return b, -(-frames // self.frame_bucket) * self.frame_bucket
 
-    def _inputs(self, rows: int, frames: int, like: FlowBatch) -> FlowBatch:
-        """Views of the shared flat buffers with this bucket's shapes (contiguous)."""
+    @staticmethod
+    def _shape(name: str, like: FlowBatch, rows: int, frames: int) -> tuple:
         c = like.mu.size(1)
-        shapes = {"mu": (rows, c, frames), "mask": (rows, 1, frames), "spks": (rows, c), "cond": (rows, c, frames),
-                  "bias": (rows, 1, frames, frames)}
+        return {"mu": (rows, c, frames), "mask": (rows, 1, frames), "spks": (rows, c), "cond": (rows, c, frames),
+                "lengths": (rows,), "streaming": (rows,), "prefix_start": (rows,), "prefix_len": (rows,),
+                "ctx": (rows, *tuple(like.ctx.shape[1:])) if like.ctx is not None else None,
+                "bias": (rows, 1, frames, frames)}[name]
+
+    def _inputs(self, rows: int, frames: int, like: FlowBatch) -> FlowBatch:
+        """Views of the shared flat buffers with this bucket's shapes (contiguous), for the tensors
+        `like` has (the dense bias only for estimators that take one, ctx only with a prompt cache)."""
         views = {}
-        for name, shape in shapes.items():
+        for name in FlowBatch.TENSORS:
             t = getattr(like, name)
+            if t is None:
+                continue
             buf = self.buffers.get(name)
             if buf is None:
-                big = {"mu": (self.buckets[-1], c, self.max_frames), "mask": (self.buckets[-1], 1, self.max_frames),
-                       "spks": (self.buckets[-1], c), "cond": (self.buckets[-1], c, self.max_frames),
-                       "bias": (self.buckets[-1], 1, self.max_frames, self.max_frames)}[name]
+                big = self._shape(name, like, self.buckets[-1], self.max_frames)
                 buf = self.buffers[name] = torch.zeros(big, device=t.device, dtype=t.dtype).view(-1)
+            shape = self._shape(name, like, rows, frames)
             n = 1
             for d in shape:
                 n *= d
             views[name] = buf[:n].view(shape)
-        return FlowBatch(**views, frames=[], prompt_frames=[])
+        return FlowBatch(**views, cache=like.cache)
 
-    def capture(self, key: tuple[int, int], like: FlowBatch):
+    def _zeroed_inputs(self, rows: int, frames: int, like: FlowBatch) -> FlowBatch:
+        """The bucket's static inputs, zeroed: the capture's warm-up runs must not read a stale
+        prefix (the shared buffers hold the last batch's)."""
+        inputs = self._inputs(rows, frames, like)
+        for name in FlowBatch.TENSORS:
+            if getattr(inputs, name) is not None:
+                getattr(inputs, name).zero_()
+        return inputs
+
+    def capture(self, key: tuple, like):
+        """A solver graph for key (rows, frames), or a prompt-cache fill graph for ("fill", rows,
+        frames) (`like` is then (batch, recorder))."""
         t0 = time.perf_counter()
-        inputs = self._inputs(*key, like)
-        for name in ("mu", "mask", "spks", "cond", "bias"):
-            getattr(inputs, name).zero_()
-        graph, output = capture_graph(lambda: EagerSolver.__call__(self, inputs), self.pool)
+        if key[0] == "fill":
+            batch, record = like
+            flow_inputs = self._zeroed_inputs(key[1], key[2], batch)
+            # the recorder's own static tensors: slots (the trash slot until a replay: the capture's
+            # warm-up runs write too), ends and the context it collects
+            static = type(record)(record.cache, torch.full_like(record.slots, record.cache.trash),
+                                  torch.zeros_like(record.ends), torch.zeros_like(record.ctx))
+            graph, output = self.capture_fn(lambda: EagerSolver.run(self, flow_inputs, static))
+            inputs = (flow_inputs, static)
+        else:
+            inputs = self._zeroed_inputs(*key, like)
+            graph, output = self.capture_fn(lambda: EagerSolver.run(self, inputs))
         self.capture_seconds += time.perf_counter() - t0
-        log.debug("captured the flow solver for batch %d x %d frames in %.2f s", *key, time.perf_counter() - t0)
+        log.debug("captured the flow solver for %s in %.2f s", key, time.perf_counter() - t0)
         return self.keep(key, graph, inputs, output)
+
+    def graphable(self, rows: int, frames: int) -> bool:
+        return (not self.failed and rows in self.buckets and frames <= self.max_frames
+                and frames % self.frame_bucket == 0)
+
+    @staticmethod
+    def _load(inputs: FlowBatch, batch: FlowBatch, key) -> None:
+        """Copy batch's tensors into a graph's static inputs."""
+        for name in FlowBatch.TENSORS:
+            buf, src = getattr(inputs, name), getattr(batch, name)
+            if (buf is None) != (src is None):
+                raise RuntimeError(f"flow solver graph {key}: input {name} is "
+                                   f"{'missing' if src is None else 'unexpected'}")
+            if buf is not None:
+                buf.copy_(src)
+
+    def run_recording(self, batch: FlowBatch, record) -> None:
+        """A prompt-cache fill pass (prompt_cache.py), from a graph for small batches."""
+        key = ("fill", batch.mu.size(0), batch.mu.size(2))   # prompt_cache.FILL_ROWS voices at most
+        entry = self.graph_for(key, (batch, record), "prompt cache fill") if self.graphable(*key[1:]) else None
+        if entry is None:
+            return self.run(batch, record)
+        graph, (inputs, static), _ = entry
+        self._load(inputs, batch, key)
+        for name in ("slots", "ends"):
+            getattr(static, name).copy_(getattr(record, name))
+        graph.replay()
+        record.ctx.copy_(static.ctx)
 
     def __call__(self, batch: FlowBatch) -> torch.Tensor:
         key = (batch.mu.size(0), batch.mu.size(2))
-        if self.failed or key[0] not in self.buckets or key[1] > self.max_frames or key[1] % self.frame_bucket:
-            return EagerSolver.__call__(self, batch)
-        entry = self.graph_for(key, batch, "flow solver")
+        entry = self.graph_for(key, batch, "flow solver") if self.graphable(*key) else None
         if entry is None:
-            return EagerSolver.__call__(self, batch)
+            return self.run(batch)
         graph, inputs, output = entry
-        for name in ("mu", "mask", "spks", "cond", "bias"):
-            getattr(inputs, name).copy_(getattr(batch, name))
+        self._load(inputs, batch, key)
         graph.replay()
         return output.clone()
 

@@ -21,7 +21,7 @@ from light_tts.kernels import reference
 log = logging.getLogger("lighttts")
 
 NAMES = ("store_kv", "context_attention", "decode_attention", "rms_norm", "add_rms_norm", "silu_mul", "rotary",
-         "store_kv_int8", "decode_attention_int8", "context_attention_int8", "frame_norm")
+         "store_kv_int8", "decode_attention_int8", "context_attention_int8", "frame_norm", "flow_attention")
 BACKENDS = ("auto", "reference", "triton")
 
 _backend = os.environ.get("LIGHTTTS_KERNELS", "auto").strip().lower() or "auto"
@@ -111,3 +111,4 @@ store_kv_int8 = _make("store_kv_int8")
 decode_attention_int8 = _make("decode_attention_int8")
 context_attention_int8 = _make("context_attention_int8")
 frame_norm = _make("frame_norm")
+flow_attention = _make("flow_attention")

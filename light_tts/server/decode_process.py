@@ -144,6 +144,7 @@ class DecodeServer:
     def init_state(self) -> None:
         self.states: dict[str, DecodeState] = {}        # insertion order = arrival order
         self.aborted: dict[str, float] = {}             # rid -> time of an abort without state
+        self.to_warm: deque = deque()                   # streaming requests' Token2Wav, voice maybe not cached
         self.handlers = {DecodeStartReq: self.on_start, SpeechTokensOutput: self.on_tokens, AbortReq: self.on_abort}
         self.chunks = 0
         self.audio_seconds = 0.0
@@ -164,6 +165,8 @@ class DecodeServer:
         batch = self.schedule_batch()
         if batch:
             self.process_results(self.run_chunks(batch))
+        elif self.to_warm:
+            self.warm_prompts()
         self.finish_completed()
         self.maybe_write_stats()
         if block and not batch:
@@ -215,6 +218,16 @@ class DecodeServer:
             results.extend(zip(owners, outs))
         return results
 
+    def warm_prompts(self) -> None:
+        """Idle: cache the prompt frames of the voices of new streaming requests now, while the LLM
+        makes their first tokens, so that their first chunk computes only its own frames
+        (decode/prompt_cache.py). A failure here only costs that later (the chunk fills it)."""
+        t2ws = [self.to_warm.popleft() for _ in range(min(len(self.to_warm), self.max_batch_size))]
+        try:
+            self.engine.warm_prompts(t2ws)
+        except Exception as e:
+            log.warning("prompt cache warm-up failed: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
+
     def process_results(self, results) -> None:
         from light_tts.token2wav import pcm16_bytes
         for state, out in results:
@@ -253,6 +266,8 @@ class DecodeServer:
         state = DecodeState(req=req)
         state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
         self.states[req.rid] = state
+        if req.stream and self.engine.flow.prompt_cache is not None:
+            self.to_warm.append(state.pieces[0].t2w)
 
     def on_tokens(self, msg: SpeechTokensOutput) -> None:
         state = self.states.get(msg.rid)
@@ -382,7 +397,8 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         flow, hift = load_decode_model(args.model_dir, device, args.data_type)
         engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
                               load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
-                              max_batch_size=args.decode_max_batch_size, fused=not args.disable_fused_estimator)
+                              max_batch_size=args.decode_max_batch_size, fused=not args.disable_fused_estimator,
+                              prompt_cache_gb=args.decode_prompt_cache_gb)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)

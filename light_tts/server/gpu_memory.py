@@ -17,7 +17,9 @@ How the limit is split on one GPU (`plan_gpu`):
      equally: their memory grows with --decode_max_batch_size and sentence length. With
      --load_trt each first sets TRT_BYTES aside, because TensorRT allocates outside PyTorch;
      with CUDA graphs (the default) DECODE_GRAPHS_BYTES, for the same reason (with --load_trt the
-     small encoder and HiFT graphs it still captures are left to TRT_BYTES' margin).
+     small encoder and HiFT graphs it still captures are left to TRT_BYTES' margin). A decode
+     process's share must hold its weights, DECODE_MIN_WORKSPACE_BYTES and its prompt cache
+     (--decode_prompt_cache_gb, allocated once at start).
 Each process then caps PyTorch's caching allocator at its share with
 torch.cuda.set_per_process_memory_fraction(share / device total).
 
@@ -172,9 +174,10 @@ def plan_gpu(limit: int, *, has_llm: bool, n_decode: int, n_encode: int = 0, llm
             f"--gpu_memory_limit_gb {limit / GB:g} is too small: after {fixed}"
             + (f" and the LLM's {gb(llm)} ({llm_need.describe()})" if has_llm else "")
             + f", each of {n_decode} decode process(es) gets {gb(max(decode, 0))} but needs at least "
-              f"{gb(decode_min)} (weights + {gb(DECODE_MIN_WORKSPACE_BYTES)}). "
+              f"{gb(decode_min)} (weights + {gb(DECODE_MIN_WORKSPACE_BYTES)} + the prompt cache). "
             + ("Lower --max_total_token_num or --batch_max_tokens, " if has_llm else "")
-            + "use fewer --decode_process_num per GPU, or raise --gpu_memory_limit_gb")
+            + "use fewer --decode_process_num per GPU, a smaller --decode_prompt_cache_gb, or raise "
+              "--gpu_memory_limit_gb")
     return GpuPlan(limit=limit, context=context, has_llm=has_llm, n_decode=n_decode, n_encode=n_encode,
                    llm=llm, decode=decode, encode=encode, trt=trt_each, graphs=graphs_each)
 
@@ -237,6 +240,13 @@ def limit_bytes(args) -> int:
     return int(float(getattr(args, "gpu_memory_limit_gb", 0) or 0) * GB)
 
 
+def prompt_cache_bytes(args) -> int:
+    """The decode prompt cache's allocation (decode/prompt_cache.py): only with the fused estimator."""
+    if args.load_trt or getattr(args, "disable_fused_estimator", False):
+        return 0
+    return int(float(getattr(args, "decode_prompt_cache_gb", 0) or 0) * GB)
+
+
 def plan_for(args, gpu: int, num_gpus: int) -> GpuPlan:
     """The plan of GPU `gpu` for this instance's flags and model (every process computes the same)."""
     dtype_bytes = DTYPE_BYTES[args.data_type if args.data_type in DTYPE_BYTES else "fp32"]
@@ -244,7 +254,8 @@ def plan_for(args, gpu: int, num_gpus: int) -> GpuPlan:
                                                    args.encode_process_num, onnx_cuda_available())
     return plan_gpu(limit_bytes(args), has_llm=has_llm, n_decode=n_decode, n_encode=n_encode,
                     llm_need=llm_need_for(args, dtype_bytes) if has_llm else None,
-                    decode_min=decode_weight_bytes(args.model_dir, dtype_bytes) + DECODE_MIN_WORKSPACE_BYTES,
+                    decode_min=decode_weight_bytes(args.model_dir, dtype_bytes) + DECODE_MIN_WORKSPACE_BYTES
+                    + prompt_cache_bytes(args),
                     trt=bool(args.load_trt), graphs=not (args.disable_cudagraph or args.load_trt),
                     context=context_bytes())
 

@@ -1,0 +1,270 @@
+"""The decode engine's prompt cache (light_tts.decode.prompt_cache) on the tiny model, CPU, fp32.
+
+A streaming row that continues its voice's cached prompt frames must give the mels and audio the
+uncached engine gives (and the plain streaming reference), whatever else shares its batch: other
+voices, a voice twice, a prompt shorter than one chunk, full-attention rows. The comparisons are
+sharp: a cache whose keys or conv context are off changes the output. Also: the stable-frame rule,
+eviction and a voice that finds no room, the CUDA-graph solver's buffers (replayed eagerly), and
+the decode server filling the cache while idle, before the first tokens arrive.
+"""
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from light_tts.decode.batched_flow import EagerSolver
+from light_tts.decode.cuda_graph import GraphSolver
+from light_tts.decode.engine import DecodeEngine
+from light_tts.decode.fused_estimator import FusedEstimator
+from light_tts.decode.prompt_cache import PromptCache
+from light_tts.server.decode_process import DecodeServer, load_decode_model
+from light_tts.server.io_struct import DecodeStartReq, SpeechTokensOutput
+from light_tts.server.ipc import Endpoints, bind_pull
+from light_tts.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+    torch.set_flush_denormal(True)
+    try:
+        yield flow, hift, StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _voices(flow, prompt_lens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, flow.vocab_size, (n,), generator=g), torch.randn(2 * n, 80, generator=g),
+             torch.randn(192, generator=g)) for n in prompt_lens]
+
+
+def _tokens(flow, n, seed):
+    return torch.randint(0, flow.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(model, frames=None, solver=None):
+    """The fused estimator, eager; with a prompt cache of `frames` frames unless None."""
+    flow, hift, _ = model
+    engine = DecodeEngine(flow, hift)
+    step = FusedEstimator(flow.decoder.estimator)
+    engine.flow.solver = solver(step) if solver else EagerSolver(flow.decoder, step, 10)
+    if frames is not None:
+        engine.flow.prompt_cache = PromptCache(step, 10, frames, flow.token_mel_ratio, flow.pre_lookahead_len,
+                                               flow.encoder.static_chunk_size, "cpu", torch.float32)
+    return engine
+
+
+def _streams(model, engine, requests):
+    """Every (voice, tokens, stream) request decoded in lockstep; audio chunks per request."""
+    flow, hift, schedule = model
+    decoders = []
+    for (pt, pf, emb), tokens, stream in requests:
+        d = StreamingDecoder(Token2Wav(flow, hift, pt, pf, emb, schedule, seed=0), stream=stream)
+        d.feed(tokens)
+        d.end()
+        decoders.append(d)
+    out = [[] for _ in decoders]
+    while any(d.ready for d in decoders):
+        rows, owners = [], []
+        for i, d in enumerate(decoders):
+            chunk = d.next_chunk() if d.ready else None
+            if chunk is not None:
+                rows.append((d.t2w, chunk))
+                owners.append(i)
+        for i, audio in zip(owners, engine.run(rows)):
+            assert not isinstance(audio, Exception), audio
+            out[i].append(audio)
+    return out
+
+
+@torch.inference_mode()
+def test_estimator_continues_a_recorded_prefix():
+    """At the estimator level, on an estimator whose attention width (2 heads x 32) differs from its
+    channels (32): record frames [0, 12), then compute [12, 20) from the cache = the whole 20."""
+    from light_tts.decode.batched_flow import FrameAttention
+    from light_tts.decode.prompt_cache import Recorder
+    from light_tts.models.flow.estimator import CausalConditionalDecoder
+    torch.manual_seed(0)
+    est = CausalConditionalDecoder(in_channels=320, out_channels=80, channels=(32,), attention_head_dim=32,
+                                   n_blocks=2, num_mid_blocks=2, num_heads=2, static_chunk_size=6).eval()
+    for p in est.parameters():
+        p.add_(0.05 * torch.randn_like(p))   # nonzero biases and norms
+    fused = FusedEstimator(est)
+    cache = PromptCache(fused, 1, 40, 2, 3, 3, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x, mu, cond = (torch.randn(2, 80, 20, generator=g) for _ in range(3))
+    t, spks = torch.rand(2, generator=g), torch.randn(2, 80, generator=g)
+    rows = lambda *v: torch.tensor(v, dtype=torch.int32)
+
+    def run(lo, hi, **kw):
+        mask = torch.ones(2, 1, hi - lo)
+        fa = FrameAttention(rows(hi - lo, hi - lo), rows(1, 1), **kw, branch_rows=1)
+        return fused(x[:, :, lo:hi], mask, mu[:, :, lo:hi], t, spks, cond[:, :, lo:hi], fa)
+
+    whole = run(0, 20, prefix_start=rows(0, 0), prefix_len=rows(0, 0))
+    entry = cache._allocate(b"voice", 12, set())
+    entry.start = 5   # not at slot 0
+    record = Recorder.for_entries(cache, [entry], 1, 12)
+    run(0, 12, prefix_start=rows(0, 0), prefix_len=rows(0, 0), record=record)
+    record.finish([entry])
+    ctx = cache.context([entry], 1)
+    rest = run(12, 20, prefix_start=rows(5, 5), prefix_len=rows(12, 12), cache=cache,
+               ctx=torch.cat([ctx[:, :, 0], ctx[:, :, 1]]))
+    assert float(whole.abs().max()) > 0.1
+    torch.testing.assert_close(rest, whole[:, :, 12:], rtol=1e-5, atol=1e-5)
+
+
+def test_stable_frames_follow_the_chunk_rule(model):
+    cache = _engine(model, frames=10).flow.prompt_cache
+    # frame f depends on the tokens before 25 (f // 50 + 1) + 3: whole 50-frame chunks whose
+    # tokens and 3 look-ahead tokens all lie in the prompt
+    assert [cache.stable_frames(p) for p in (27, 28, 52, 53, 125, 123)] == [0, 50, 50, 100, 200, 200]
+
+
+@pytest.fixture(scope="module")
+def mixed(model):
+    flow = model[0]
+    a, b, c, short = _voices(flow, [63, 30, 80, 20])
+    # voice a twice, a prompt under one chunk, a non-streaming request of a cached voice (a
+    # stream's final chunk has full attention too, as the official: it never uses the cache)
+    return [(a, _tokens(flow, 90, 1), True), (b, _tokens(flow, 70, 2), True), (c, _tokens(flow, 80, 3), True),
+            (a, _tokens(flow, 60, 4), True), (short, _tokens(flow, 50, 5), True), (a, _tokens(flow, 45, 6), False)]
+
+
+def test_streams_with_the_cache_equal_the_streams_without(model, mixed):
+    flow, hift, schedule = model
+    plain = _streams(model, _engine(model), mixed)
+    engine = _engine(model, frames=1000)
+    cached = _streams(model, engine, mixed)
+    cache = engine.flow.prompt_cache
+    # voices a, b, c filled once each; a's second request and a's second chunk reuse a
+    assert cache.misses == 3 and cache.hits == 2
+    assert sorted(e.frames for e in cache.entries.values()) == [50, 100, 150]
+    for got, want, (voice, tokens, stream) in zip(cached, plain, mixed):
+        assert len(got) == len(want)
+        np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=0, atol=ATOL)
+        ref = stream_chunks(iter(tokens), Token2Wav(flow, hift, *voice, schedule, seed=0), stream)
+        np.testing.assert_allclose(np.concatenate(got), np.concatenate(list(ref)), rtol=0, atol=ATOL)
+
+
+@torch.inference_mode()
+def test_the_comparison_sees_a_wrong_cache(model, mixed):
+    """Keys 1% off, or the conv context zeroed (what a cache without it would compute), move the
+    mels well past the tolerance above: the equality is not vacuous."""
+    flow, hift, schedule = model
+    engine = _engine(model, frames=1000)
+    voice, tokens, _ = mixed[0]
+    t2w = Token2Wav(flow, hift, *voice, schedule, seed=0)
+    rows = [(t2w, Chunk(torch.tensor(tokens[:schedule.first_hop(voice[0].numel()) + 3]), 0, False, True))]
+    want = engine.flow(rows)[0]
+    entry = next(iter(engine.flow.prompt_cache.entries.values()))
+    assert entry.frames == 100 and float(want.abs().max()) > 0.1
+    saved = entry.ctx.clone()
+    entry.ctx.zero_()
+    assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
+    entry.ctx.copy_(saved)
+    engine.flow.prompt_cache.kv.mul_(1.01)
+    assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
+
+
+def test_eviction_and_a_voice_without_room(model):
+    flow = model[0]
+    a, b, c = _voices(flow, [63, 30, 80], seed=7)
+    engine = _engine(model, frames=160)
+    cache = engine.flow.prompt_cache
+    # 60 tokens: each has a streaming chunk (the final chunk has full attention: never cached)
+    _streams(model, engine, [(a, _tokens(flow, 60, 1), True), (b, _tokens(flow, 60, 2), True)])
+    assert sorted(e.frames for e in cache.entries.values()) == [50, 100]
+    # c (150 frames) beside a in one batch: a is in use, so only b can go, which is not enough:
+    # c runs uncached and still equals the uncached engine
+    requests = [(a, _tokens(flow, 60, 3), True), (c, _tokens(flow, 60, 4), True)]
+    got = _streams(model, engine, requests)
+    want = _streams(model, _engine(model), requests)
+    assert sorted(e.frames for e in cache.entries.values()) == [100]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
+    # alone, c takes the room of the least recently used voice
+    _streams(model, engine, [(c, _tokens(flow, 60, 5), True)])
+    assert sorted(e.frames for e in cache.entries.values()) == [150]
+
+
+def test_graph_solver_buffers_carry_the_prefixes(model, mixed):
+    """GraphSolver's bucketed static buffers (rows to a power of two, frames to the bucket, the
+    prefixes and conv context among them) and its fill passes (the recorder's static tensors),
+    replayed eagerly: same audio."""
+    flow = model[0]
+
+    class EagerReplay:   # stands in for a captured graph: re-runs the captured function
+        def __init__(self, fn, output):
+            self.fn, self.output = fn, output
+
+        def replay(self):
+            out = self.fn()
+            if out is not None:
+                self.output.copy_(out)
+
+        def pool(self):
+            return None
+
+    class ReplaySolver(GraphSolver):
+        def capture_fn(self, fn):
+            out = fn()
+            return EagerReplay(fn, out), out
+
+    def solver(step):
+        return ReplaySolver(flow.decoder, step, max_batch_size=8, frame_bucket=64)
+
+    engine = _engine(model, frames=1000, solver=solver)
+    got = _streams(model, engine, mixed)
+    want = _streams(model, _engine(model), mixed)
+    solver = engine.flow.solver
+    # the padded path ran, for chunks and for fills
+    assert not solver.failed and any(key[0] > 1 for key in solver.graphs if key[0] != "fill")
+    assert any(key[0] == "fill" for key in solver.graphs)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
+    # a later fill of another size is a new capture, whose warm-up runs must not touch the cached
+    # voices: voice a (slots from 0) still decodes as without the cache
+    fills = sum(key[0] == "fill" for key in solver.graphs)
+    cache = engine.flow.prompt_cache
+    kept = {e.start: cache.kv[e.start:e.start + e.frames].clone() for e in cache.entries.values()}
+    d, = _voices(flow, [130], seed=3)
+    later = [(d, _tokens(flow, 60, 7), True), (mixed[0][0], _tokens(flow, 60, 8), True)]
+    got = _streams(model, engine, later)
+    assert sum(key[0] == "fill" for key in solver.graphs) == fills + 1
+    for start, kv in kept.items():
+        assert torch.equal(cache.kv[start:start + kv.size(0)], kv)
+    for g, w in zip(got, _streams(model, _engine(model), later)):
+        np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
+
+
+def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_path):
+    flow, hift, _ = model
+    (pt, pf, emb), = _voices(flow, [63], seed=11)
+    endpoints = Endpoints(root=str(tmp_path), encode_num=1, decode_num=1)
+    endpoints.create()
+    ctx = zmq.Context()
+    pull = bind_pull(ctx, endpoints.http("test"))
+    engine = _engine(model, frames=500)
+    server = DecodeServer(endpoints, 0, flow, hift, ctx=ctx, engine=engine)
+    try:
+        server.on_start(DecodeStartReq(rid="r1", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
+                                       num_pieces=1, prompt_speech_tokens=pt.numpy(), prompt_feat=pf.numpy(),
+                                       embedding=emb.numpy()))
+        server.step()   # nothing to decode yet: the voice is filled now
+        cache = engine.flow.prompt_cache
+        assert cache.misses == 1 and len(cache.entries) == 1 and not server.to_warm
+        server.on_tokens(SpeechTokensOutput(rid="r1", tokens=_tokens(flow, 60, 1), piece=0, piece_done=True,
+                                            finished=True))
+        while server.states:
+            server.step()
+        assert cache.misses == 1 and cache.hits >= 1     # its chunks found the voice cached
+    finally:
+        server.send_to_http.close()
+        server.recv_from_peers.close()
+        pull.close()
+        ctx.term()
+        endpoints.remove()
