@@ -170,6 +170,40 @@ def test_the_comparison_sees_a_wrong_cache(model, mixed):
     assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
 
 
+def test_split_by_frames_cuts_where_padding_costs_more_than_a_call():
+    from light_tts.decode.batched_flow import split_by_frames
+    exact = lambda rows, frames: (rows, frames)
+    assert split_by_frames([300] * 8, exact) == [list(range(8))]
+    # 63 first chunks after a cached prompt and one final chunk: two calls
+    assert split_by_frames([100] * 63 + [800], exact) == [list(range(63)), [63]]
+    # two rows: padding 700 frames is cheaper than another call
+    assert sorted(map(sorted, split_by_frames([800, 100], exact))) == [[0, 1]]
+    # buckets count: rows to a power of two make 33 rows cost 64
+    pow2 = lambda rows, frames: (1 << (rows - 1).bit_length(), frames)
+    assert [len(g) for g in split_by_frames([100] * 32 + [120], pow2, 0)] == [32, 1]
+
+
+def test_split_batches_equal_one_batch(model, mixed):
+    """The engine's rows split into several solver calls (every split worth it at no call cost)
+    decode exactly as one padded call per engine call."""
+    flow = model[0]
+
+    class Counting(EagerSolver):
+        def __call__(self, batch):
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.run(batch)
+
+    engines = []
+    for cost in (0, 10 ** 9):
+        engine = _engine(model, frames=1000, solver=lambda step: Counting(flow.decoder, step, 10))
+        engine.flow.split_cost = cost
+        engines.append(engine)
+    split, one = (_streams(model, e, mixed) for e in engines)
+    for got, want in zip(split, one):
+        np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=0, atol=ATOL)
+    assert engines[0].flow.solver.calls > engines[1].flow.solver.calls   # the rows were split
+
+
 def test_eviction_and_a_voice_without_room(model):
     flow = model[0]
     a, b, c = _voices(flow, [63, 30, 80], seed=7)

@@ -155,6 +155,36 @@ def euler_cfg(step: Callable, x: torch.Tensor, batch: FlowBatch, t_span: torch.T
     return x.float()
 
 
+# What one more solver call costs, in row x frame units of estimator work: on an H200 a call is
+# ~27 ms of fixed cost (the launches of 10 Euler steps) and ~0.015 ms per padded row-frame
+# (docs/benchmarks.md). A smaller value splits more often.
+SPLIT_COST_ROW_FRAMES = 2000
+
+
+def split_by_frames(frames: Sequence[int], bucket: Callable[[int, int], tuple[int, int]],
+                    call_cost: int = SPLIT_COST_ROW_FRAMES) -> list[list[int]]:
+    """Rows (their computed frames) -> groups of row indices, one solver call each. A call costs
+    what its padded (bucketed) rows x frames cost, so one long row (a stream's final chunk) in a
+    batch of short ones (first chunks after a cached prompt) makes them all long. Sorted by
+    frames, the rows are cut where the padding saved is worth more than another call (dynamic
+    programming over the cut points)."""
+    order = sorted(range(len(frames)), key=lambda i: frames[i])
+    n = len(order)
+    best = [0] + [None] * n        # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            b, t = bucket(j - i, frames[order[j - 1]])
+            cost = best[i] + call_cost + b * t
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class EagerSolver:
     """Runs euler_cfg on exactly the batch it gets (no buckets)."""
 
@@ -219,6 +249,7 @@ class BatchedFlow:
         self.solver = solver or EagerSolver(flow.decoder, self.estimator, n_timesteps)
         self.encoder = RowEncoder(flow)   # build_engine swaps in cuda_graph.GraphEncoder on CUDA
         self.prompt_cache = None          # prompt_cache.PromptCache (fused estimator only; build_engine)
+        self.split_cost = SPLIT_COST_ROW_FRAMES
 
     @property
     def dtype(self) -> torch.dtype:
@@ -281,22 +312,30 @@ class BatchedFlow:
             batch.bias = attention_bias(frame_mask, stream.bool(), self.chunk_frames, dtype)
         return batch
 
-    def prepare(self, rows: Sequence) -> FlowBatch:
+    def prepare(self, rows: Sequence) -> list[tuple[list[int], FlowBatch]]:
+        """The rows' solver batches: one encoder call for all, then groups of similar length
+        (`split_by_frames`), each a padded FlowBatch with the indices of its rows."""
         enc, frames = self.encode_rows(rows)
         cache = self.prompt_cache
-        prefixes = cache.prefixes(self, [(t2w, c.streaming) for t2w, c in rows]) if cache is not None else [None] * len(rows)
+        prefixes = cache.prefixes(self, [(t2w, c.streaming) for t2w, c in rows]) if cache is not None \
+            else [None] * len(rows)
         skip = [e.frames if e else 0 for e in prefixes]
-        feats = [t2w.prompt_feat[0, s:] for (t2w, _), s in zip(rows, skip)]
-        emb = torch.cat([t2w.embedding for t2w, _ in rows], dim=0)
-        batch = self.make_batch([enc[i, :, s:f] for i, (s, f) in enumerate(zip(skip, frames))], feats, emb,
-                                [c.streaming for _, c in rows], prefixes)
-        batch.frames, batch.prompt_frames = frames, [t2w.prompt_feat.size(1) for t2w, _ in rows]
-        return batch
+        out = []
+        for group in split_by_frames([f - s for f, s in zip(frames, skip)], self.solver.bucket, self.split_cost):
+            sub = [rows[i] for i in group]
+            emb = torch.cat([t2w.embedding for t2w, _ in sub], dim=0)
+            batch = self.make_batch([enc[i, :, skip[i]:frames[i]] for i in group],
+                                    [rows[i][0].prompt_feat[0, skip[i]:] for i in group], emb,
+                                    [c.streaming for _, c in sub], [prefixes[i] for i in group])
+            batch.frames = [frames[i] for i in group]
+            batch.prompt_frames = [t2w.prompt_feat.size(1) for t2w, _ in sub]
+            out.append((group, batch))
+        return out
 
     @torch.inference_mode()
     def __call__(self, rows: Sequence) -> list:
         """Per row the mel, or the exception that failed that row alone (e.g. a bad token id in
-        its encoder); the others still run as one batch."""
+        its encoder); the others still run together."""
         out: list = [None] * len(rows)
         good = []
         for i, (t2w, chunk) in enumerate(rows):
@@ -306,11 +345,11 @@ class BatchedFlow:
             except Exception as e:
                 out[i] = e
         if good:
-            batch = self.prepare([rows[i] for i in good])
-            mel = self.solver(batch)
-            for j, i in enumerate(good):
-                s = batch.skipped[j]
-                out[i] = mel[j:j + 1, :, batch.prompt_frames[j] - s:batch.frames[j] - s]
+            for group, batch in self.prepare([rows[i] for i in good]):
+                mel = self.solver(batch)
+                for j, g in enumerate(group):
+                    s = batch.skipped[j]
+                    out[good[g]] = mel[j:j + 1, :, batch.prompt_frames[j] - s:batch.frames[j] - s]
         return out
 
     def check_row(self, t2w, chunk) -> None:
