@@ -51,7 +51,7 @@ echo "per process at ready (nvidia-smi, empty where the container hides pids): u
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true
 python3 scripts/benchmark.py --url http://127.0.0.1:$PORT --concurrency $LEVELS --fixed_speech_tokens 250 \
   --stream both --warmup 2 --json ${OUT:-/tmp}/benchmark.json "${PROMPT[@]}"
-curl -s http://127.0.0.1:$PORT/metrics | grep -E "^lighttts_llm_(max_batch_size|kv_total)" || true
+curl -s http://127.0.0.1:$PORT/metrics | grep -E "^lighttts_(llm_(max_batch_size|kv_total)|decode_prompt_cache)" || true
 echo "per process after the load (nvidia-smi):"
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader || true
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null

@@ -87,10 +87,10 @@ def test_plan_from_the_flags_and_the_model(tiny_model_dir):
     from light_tts.models.cosyvoice2 import CosyVoice2Model
     flags = ["--model_dir", tiny_model_dir, "--gpu_memory_limit_gb", "6", "--data_type", "bf16",
              "--max_total_token_num", "4096", "--max_req_total_len", "2048", "--batch_max_tokens", "2048"]
-    # the decode share must hold the prompt cache: the default 2 GB does not fit beside the rest
+    # the decode share must hold the prompt cache: 2 GB does not fit beside the rest
     with pytest.raises(gm.GpuMemoryError, match="--decode_prompt_cache_gb"):
-        gm.plan_for(parse_args(flags), 0, 1)
-    assert gm.prompt_cache_bytes(parse_args(flags + ["--load_trt", "True"])) == 0   # TensorRT: no cache
+        gm.plan_for(parse_args(flags + ["--decode_prompt_cache_gb", "2"]), 0, 1)
+    assert gm.prompt_cache_bytes(parse_args(flags + ["--decode_prompt_cache_gb", "2", "--load_trt", "True"])) == 0
     args = parse_args(flags + ["--decode_prompt_cache_gb", "1"])
     need = gm.llm_need_for(args, 2)
     llm = CosyVoice2Model.from_pretrained(tiny_model_dir, components=("llm",)).llm

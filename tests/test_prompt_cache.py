@@ -19,7 +19,7 @@ from light_tts.decode.fused_estimator import FusedEstimator
 from light_tts.decode.prompt_cache import PromptCache
 from light_tts.server.decode_process import DecodeServer, load_decode_model
 from light_tts.server.io_struct import DecodeStartReq, SpeechTokensOutput
-from light_tts.server.ipc import Endpoints, bind_pull
+from light_tts.server.ipc import Endpoints, bind_pull, read_stats
 from light_tts.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
 ATOL = 1e-5
@@ -296,6 +296,11 @@ def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_p
         while server.states:
             server.step()
         assert cache.misses == 1 and cache.hits >= 1     # its chunks found the voice cached
+        server._last_stats = float("-inf")
+        server.maybe_write_stats()                       # what /metrics shows
+        stats = read_stats(endpoints)["decode:0"]
+        assert (stats["prompt_cache_misses"], stats["prompt_cache_hits"], stats["prompt_cache_voices"]) == \
+            (1, cache.hits, 1)
     finally:
         server.send_to_http.close()
         server.recv_from_peers.close()

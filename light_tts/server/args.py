@@ -146,11 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(--disable_fused_estimator); ignored with --load_trt")
     _flag(g, "--disable_fused_estimator", "on a GPU, run the flow estimator module by module instead of the fused "
                                           "one (same math up to rounding; for comparison and triage)")
-    g.add_argument("--decode_prompt_cache_gb", type=float, default=2.0,
+    g.add_argument("--decode_prompt_cache_gb", type=float, default=0.0,
                    help="GPU memory (GB) of each decode process's prompt cache: per voice, the flow's prompt frames "
-                        "that no generated token changes, computed once (~1.15 MB per frame in fp16/bf16, ~230 MB "
-                        "for a 5 s prompt), so a streaming chunk computes only its own frames. 0 = off; fused "
-                        "estimator only (not with --load_trt or --disable_fused_estimator)")
+                        "that no generated token changes, computed once (2.3 MB per frame in fp16/bf16, 0.46 GB "
+                        "for a 5 s prompt), so a streaming chunk computes only its own frames. Pays off when "
+                        "decode is the bottleneck and voices repeat; 0 = off (default); fused estimator only "
+                        "(not with --load_trt or --disable_fused_estimator)")
     g.add_argument("--decode_first_hop", type=int, default=0,
                    help="speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
                         "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from the official)")

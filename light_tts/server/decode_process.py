@@ -338,10 +338,14 @@ class DecodeServer:
         self._last_stats = now
         for rid in [r for r, t in self.aborted.items() if now - t > ABORT_MEMORY_SECONDS]:
             del self.aborted[rid]
-        write_stats(self.endpoints, self.stage, {"active": len(self.states), "chunks": self.chunks,
-                                                 "audio_seconds": round(self.audio_seconds, 3),
-                                                 "aborted": self.aborted_count, "errors": self.errors,
-                                                 "batch_sizes": dict(sorted(self.batch_sizes.items()))})
+        stats = {"active": len(self.states), "chunks": self.chunks, "audio_seconds": round(self.audio_seconds, 3),
+                 "aborted": self.aborted_count, "errors": self.errors,
+                 "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+        cache = self.engine.flow.prompt_cache
+        if cache is not None:
+            stats.update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses,
+                         prompt_cache_voices=len(cache.entries))
+        write_stats(self.endpoints, self.stage, stats)
 
 
 def load_decode_model(model_dir: str, device: str, data_type: str):

@@ -57,11 +57,15 @@ class StageCollector:
                                ("rejected", "requests the LLM refused (too long)")):
             if llm.get(key) is not None:
                 yield GaugeMetricFamily(f"lighttts_llm_{key}", help_text, value=float(llm[key]))
-        active = GaugeMetricFamily("lighttts_decode_active", "requests held by a decode process", labels=["stage"])
-        for stage, s in stats.items():
-            if stage.startswith("decode") and "active" in s:
-                active.add_metric([stage], float(s["active"]))
-        yield active
+        for key, help_text in (("active", "requests held by a decode process"),
+                               ("prompt_cache_hits", "streaming rows that found their voice's prompt frames cached"),
+                               ("prompt_cache_misses", "voices whose prompt frames were computed into the cache"),
+                               ("prompt_cache_voices", "voices in the prompt cache")):
+            family = GaugeMetricFamily(f"lighttts_decode_{key}", help_text, labels=["stage"])
+            for stage, s in stats.items():
+                if stage.startswith("decode") and key in s:
+                    family.add_metric([stage], float(s[key]))
+            yield family
 
 
 class Metrics:
