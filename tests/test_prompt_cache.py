@@ -18,7 +18,7 @@ from light_tts.decode.engine import DecodeEngine
 from light_tts.decode.fused_estimator import FusedEstimator
 from light_tts.decode.prompt_cache import PromptCache
 from light_tts.server.decode_process import DecodeServer, load_decode_model
-from light_tts.server.io_struct import DecodeStartReq, SpeechTokensOutput
+from light_tts.server.io_struct import AbortReq, DecodeStartReq, SpeechTokensOutput
 from light_tts.server.ipc import Endpoints, bind_pull, read_stats
 from light_tts.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
@@ -212,17 +212,30 @@ def test_eviction_and_a_voice_without_room(model):
     # 60 tokens: each has a streaming chunk (the final chunk has full attention: never cached)
     _streams(model, engine, [(a, _tokens(flow, 60, 1), True), (b, _tokens(flow, 60, 2), True)])
     assert sorted(e.frames for e in cache.entries.values()) == [50, 100]
-    # c (150 frames) beside a in one batch: a is in use, so only b can go, which is not enough:
-    # c runs uncached and still equals the uncached engine
+    # c (150 frames) beside a in one batch: a is in use, so c cannot fit even with b gone (b is
+    # kept): c runs uncached and still equals the uncached engine
     requests = [(a, _tokens(flow, 60, 3), True), (c, _tokens(flow, 60, 4), True)]
     got = _streams(model, engine, requests)
     want = _streams(model, _engine(model), requests)
-    assert sorted(e.frames for e in cache.entries.values()) == [100]
+    assert sorted(e.frames for e in cache.entries.values()) == [50, 100]
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
     # alone, c takes the room of the least recently used voice
     _streams(model, engine, [(c, _tokens(flow, 60, 5), True)])
     assert sorted(e.frames for e in cache.entries.values()) == [150]
+
+
+def test_a_failed_fill_leaves_its_rows_uncached_and_the_batch_running(model, mixed, caplog):
+    engine = _engine(model, frames=1000)
+    cache = engine.flow.prompt_cache
+
+    def broken(flow, items):
+        raise RuntimeError("out of memory (simulated)")
+    cache._fill = broken
+    got = _streams(model, engine, mixed)
+    for g, w in zip(got, _streams(model, _engine(model), mixed)):
+        np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
+    assert not cache.entries and cache.misses == 0 and "filling" in caplog.text
 
 
 def test_graph_solver_buffers_carry_the_prefixes(model, mixed):
@@ -290,7 +303,15 @@ def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_p
                                        embedding=emb.numpy()))
         server.step()   # nothing to decode yet: the voice is filled now
         cache = engine.flow.prompt_cache
-        assert cache.misses == 1 and len(cache.entries) == 1 and not server.to_warm
+        assert cache.misses == 1 and len(cache.entries) == 1 and not server.to_warm and cache.hits == 0
+        # a request aborted before the decode process is idle is not warmed
+        (other,) = _voices(flow, [80], seed=12)
+        server.on_start(DecodeStartReq(rid="r2", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
+                                       num_pieces=1, prompt_speech_tokens=other[0].numpy(),
+                                       prompt_feat=other[1].numpy(), embedding=other[2].numpy()))
+        server.on_abort(AbortReq(rid="r2"))
+        server.step()
+        assert cache.misses == 1 and not server.to_warm
         server.on_tokens(SpeechTokensOutput(rid="r1", tokens=_tokens(flow, 60, 1), piece=0, piece_done=True,
                                             finished=True))
         while server.states:

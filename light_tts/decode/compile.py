@@ -17,7 +17,8 @@ log = logging.getLogger("lighttts")
 
 WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt + sentence so far)
 WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
-WARM_FILL_FRAMES = (100, 200, 300, 400, 500, 600)       # prompt-cache fills: prompts of 2-12 s
+WARM_FILL_FRAMES = (100, 200, 300, 400)                 # prompt-cache fills: prompts of 2-8 s ...
+WARM_FILL_VOICES = (1, 2, 4, 8)                         # ... of up to prompt_cache.FILL_ROWS voices
 
 
 def compile_engine(engine, estimator: bool = True):
@@ -71,7 +72,7 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         log.info("decode warm-up: batch %d done (%d of %d batch sizes) after %.0f s", b, n, len(buckets),
                  time.perf_counter() - t0)
     if flow.prompt_cache is not None:   # one-voice fill passes (a new voice's first request)
-        flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES)
+        flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES, WARM_FILL_VOICES)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

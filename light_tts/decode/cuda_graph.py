@@ -73,8 +73,9 @@ class GraphCache:
             self.graphs.popitem(last=False)
         return self.graphs[key]
 
-    def graph_for(self, key, like, what: str):
-        """The entry of `key` (captured now if new), or None once a capture has failed."""
+    def graph_for(self, key, like, what: str, flag: str = "failed"):
+        """The entry of `key` (captured now if new), or None once a capture has failed (which sets
+        the attribute `flag`: the runner checks it before asking again)."""
         entry = self.graphs.get(key)
         if entry is not None:
             self.graphs.move_to_end(key)
@@ -85,7 +86,7 @@ class GraphCache:
             raise
         except Exception as e:
             log.warning("%s CUDA graph capture failed (%s); it runs eagerly from now on", what, e)
-            self.failed = True
+            setattr(self, flag, True)
             return None
 
 
@@ -105,6 +106,7 @@ class GraphSolver(GraphCache, EagerSolver):
         self.frame_bucket = frame_bucket
         self.max_frames = -(-max_frames // frame_bucket) * frame_bucket
         self.init_graphs(pool)
+        self.fill_failed = False
         self.buffers: dict = {}
         self.capture_seconds = 0.0
 
@@ -188,7 +190,9 @@ class GraphSolver(GraphCache, EagerSolver):
     def run_recording(self, batch: FlowBatch, record) -> None:
         """A prompt-cache fill pass (prompt_cache.py), from a graph for small batches."""
         key = ("fill", batch.mu.size(0), batch.mu.size(2))   # prompt_cache.FILL_ROWS voices at most
-        entry = self.graph_for(key, (batch, record), "prompt cache fill") if self.graphable(*key[1:]) else None
+        entry = None
+        if not self.fill_failed and self.graphable(*key[1:]):   # a failed fill capture leaves the rest on graphs
+            entry = self.graph_for(key, (batch, record), "prompt cache fill", flag="fill_failed")
         if entry is None:
             return self.run(batch, record)
         graph, (inputs, static), _ = entry

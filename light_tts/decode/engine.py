@@ -64,7 +64,7 @@ class DecodeEngine:
         if cache is None:
             return 0
         misses = cache.misses
-        cache.prefixes(self.flow, [(t, True) for t in t2ws])
+        cache.prefixes(self.flow, [(t, True) for t in t2ws], count=False)
         return cache.misses - misses
 
 

@@ -156,7 +156,8 @@ class PromptCache:
     def _allocate(self, key: bytes, frames: int, pinned: set) -> Optional[Entry]:
         """Slots for `frames` consecutive frames (first fit), dropping least recently used entries
         not in `pinned` until they fit; None if they cannot."""
-        if frames > self.capacity:
+        # fragmentation aside, the pinned entries must leave room: else evicting the rest is no use
+        if frames + sum(self.entries[k].frames for k in pinned if k in self.entries) > self.capacity:
             return None
         while True:
             start = self._first_fit(sorted((e.start, e.start + e.frames) for e in self.entries.values()), frames)
@@ -179,10 +180,10 @@ class PromptCache:
             start = max(start, hi)
         return start if self.capacity - start >= frames else None
 
-    def prefixes(self, flow, rows: Sequence) -> list[Optional[Entry]]:
+    def prefixes(self, flow, rows: Sequence, count: bool = True) -> list[Optional[Entry]]:
         """Per (Token2Wav, streaming) row its entry, or None (not streaming, prompt under one
-        chunk, no room); the entries missing are filled first, in one pass (batched_flow.BatchedFlow
-        `flow`)."""
+        chunk, no room, its fill failed); the entries missing are filled first, in one pass
+        (batched_flow.BatchedFlow `flow`). count=False: hits are not counted (an early fill)."""
         out: list = [None] * len(rows)
         pinned: set = set()
         fill: dict = {}   # key -> (entry, Token2Wav)
@@ -199,19 +200,19 @@ class PromptCache:
                 if entry is None:
                     continue
                 fill[key] = (entry, t2w)
-                self.misses += 1
             else:   # cached, or filled for an earlier row of this batch
-                self.hits += 1
+                self.hits += count
                 self.entries.move_to_end(key)
             pinned.add(key)
             out[j] = entry
         if fill:
             try:
                 self._fill(flow, list(fill.values()))
-            except Exception:
-                for key in fill:
-                    self.entries.pop(key, None)
-                raise
+                self.misses += len(fill)
+            except Exception as e:   # those rows run without the cache; the batch goes on
+                log.warning("prompt cache: filling %d voice(s) failed (%s); their rows run uncached", len(fill), e)
+                failed = {id(self.entries.pop(key)) for key in fill}
+                out = [None if x is not None and id(x) in failed else x for x in out]
         return out
 
     @torch.inference_mode()
@@ -235,12 +236,15 @@ class PromptCache:
             record.finish(entries)
 
     @torch.inference_mode()
-    def warm_up(self, flow, frames: Sequence[int]) -> None:
-        """Run (capture) the one-voice fill pass for these frame counts, writing only the trash slot."""
-        for n in frames:
-            mu = torch.zeros(flow.flow.output_size, n, device=self.kv.device, dtype=self.kv.dtype)
-            emb = torch.zeros(1, flow.flow.spk_embed_affine_layer.in_features, device=self.kv.device,
-                              dtype=self.kv.dtype)
-            batch = flow.make_batch([mu], [mu.new_zeros(0, mu.size(0))], emb, [True], [None])
-            batch.ctx, batch.cache = None, None
-            flow.solver.run_recording(batch, Recorder.for_entries(self, [], batch.mu.size(0), batch.mu.size(2)))
+    def warm_up(self, flow, frames: Sequence[int], voices: Sequence[int]) -> None:
+        """Run (capture) the fill passes of these frame counts and voice counts, writing only the
+        trash slot."""
+        dev, dtype = self.kv.device, self.kv.dtype
+        for rows in voices:
+            for n in frames:
+                mu = torch.zeros(flow.flow.output_size, n, device=dev, dtype=dtype)
+                emb = torch.zeros(rows, flow.flow.spk_embed_affine_layer.in_features, device=dev, dtype=dtype)
+                batch = flow.make_batch([mu] * rows, [mu.new_zeros(0, mu.size(0))] * rows, emb, [True] * rows,
+                                        [None] * rows)
+                batch.ctx, batch.cache = None, None
+                flow.solver.run_recording(batch, Recorder.for_entries(self, [], batch.mu.size(0), batch.mu.size(2)))

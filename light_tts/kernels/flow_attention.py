@@ -48,7 +48,7 @@ def _flow_attention_kernel(Q, K, V, O, Lengths, Streaming, PStart, PLen, KPool, 
     r = tl.program_id(0)
     h = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
-    n = tl.load(Lengths + r)
+    n = tl.minimum(tl.load(Lengths + r), T)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)

@@ -144,7 +144,8 @@ class DecodeServer:
     def init_state(self) -> None:
         self.states: dict[str, DecodeState] = {}        # insertion order = arrival order
         self.aborted: dict[str, float] = {}             # rid -> time of an abort without state
-        self.to_warm: deque = deque()                   # streaming requests' Token2Wav, voice maybe not cached
+        # (rid, Token2Wav) of new streaming requests whose voice may not be cached (newest kept)
+        self.to_warm: deque = deque(maxlen=4 * self.max_batch_size)
         self.handlers = {DecodeStartReq: self.on_start, SpeechTokensOutput: self.on_tokens, AbortReq: self.on_abort}
         self.chunks = 0
         self.audio_seconds = 0.0
@@ -222,7 +223,13 @@ class DecodeServer:
         """Idle: cache the prompt frames of the voices of new streaming requests now, while the LLM
         makes their first tokens, so that their first chunk computes only its own frames
         (decode/prompt_cache.py). A failure here only costs that later (the chunk fills it)."""
-        t2ws = [self.to_warm.popleft() for _ in range(min(len(self.to_warm), self.max_batch_size))]
+        t2ws = []
+        while self.to_warm and len(t2ws) < self.max_batch_size:
+            rid, t2w = self.to_warm.popleft()
+            if rid in self.states:   # not finished, failed or aborted meanwhile
+                t2ws.append(t2w)
+        if not t2ws:
+            return
         try:
             self.engine.warm_prompts(t2ws)
         except Exception as e:
@@ -267,7 +274,7 @@ class DecodeServer:
         state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
         self.states[req.rid] = state
         if req.stream and self.engine.flow.prompt_cache is not None:
-            self.to_warm.append(state.pieces[0].t2w)
+            self.to_warm.append((req.rid, state.pieces[0].t2w))
 
     def on_tokens(self, msg: SpeechTokensOutput) -> None:
         state = self.states.get(msg.rid)
