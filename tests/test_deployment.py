@@ -261,7 +261,10 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
         assert decoders == {"lighttts::decode:0", "lighttts::decode:1"}, decoders
         master = int(open(os.path.join(tmp, "light-tts.pid")).read())
         assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()
-        resp = synth(f"http://127.0.0.1:{port}")
+        try:
+            resp = synth(f"http://127.0.0.1:{port}")
+        except httpx.TimeoutException as e:   # say where it stopped: the instance's log
+            raise AssertionError(f"{e!r}; log:\n" + open(os.path.join(tmp, "light-tts.log")).read()[-6000:]) from e
         assert resp.status_code == 200 and wav_info(resp.content)[0] == 24000, resp.text
         log = open(os.path.join(tmp, "light-tts.log")).read()
         assert "Booting worker" in log and "uvicorn.workers.UvicornWorker" in log, log[-2000:]
