@@ -186,6 +186,7 @@ class TTSSocket:
             async for out in utt.outputs():
                 if isinstance(out, ErrorOutput):
                     status = out.status
+                    self.release(utt)
                     await self.error(out.status, out.message, final=True, utterance=utt.index)
                     break
                 if out.pcm:
@@ -197,6 +198,7 @@ class TTSSocket:
                     utt.chunks += 1
                     utt.samples += len(out.pcm) // 2
                 if out.finished:
+                    self.release(utt)
                     await self.send.json({"type": "done", "utterance": utt.index, "chunks": utt.chunks,
                                           "audio_seconds": round(utt.samples / SAMPLE_RATE, 3)})
                     break
@@ -208,9 +210,14 @@ class TTSSocket:
         finally:
             self.api.metrics.done(endpoint, status, audio_seconds=utt.samples / SAMPLE_RATE,
                                   wall=time.time() - utt.t_start)
+            self.release(utt)
             await utt.request.close()
-            if self.utt is utt:
-                self.utt = None
+
+    def release(self, utt: Utterance) -> None:
+        """The socket is free for the next start once the client can see `utt` ended: before its
+        final event is sent, not after the request's close, which the client may well outrun."""
+        if self.utt is utt:
+            self.utt = None
 
     async def interrupt(self) -> None:
         utt = self.utt
