@@ -57,8 +57,8 @@ def run(script, *args, env, timeout=240):
                           timeout=timeout, cwd=ROOT)
 
 
-def synth(url, n=10, text="Deployment test sentence."):
-    return httpx.post(url + "/inference_zero_shot", timeout=120,
+def synth(url, n=10, text="Deployment test sentence.", timeout=120):
+    return httpx.post(url + "/inference_zero_shot", timeout=timeout,
                       data={"prompt_text": PROMPT_TEXT, "tts_text": text, "fixed_speech_tokens": str(n)},
                       files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
 
@@ -261,11 +261,14 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
         assert decoders == {"lighttts::decode:0", "lighttts::decode:1"}, decoders
         master = int(open(os.path.join(tmp, "light-tts.pid")).read())
         assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()
-        try:
-            resp = synth(f"http://127.0.0.1:{port}")
-        except httpx.TimeoutException as e:   # say where it stopped: the instance's log
-            raise AssertionError(f"{e!r}; log:\n" + open(os.path.join(tmp, "light-tts.log")).read()[-6000:]) from e
-        assert resp.status_code == 200 and wav_info(resp.content)[0] == 24000, resp.text
+        # several requests, so both workers of the --preload master serve some (a worker whose
+        # replies went elsewhere used to hang its requests)
+        for _ in range(6):
+            try:
+                resp = synth(f"http://127.0.0.1:{port}", timeout=30)
+            except httpx.TimeoutException as e:   # say where it stopped: the instance's log
+                raise AssertionError(f"{e!r}; log:\n" + open(os.path.join(tmp, "light-tts.log")).read()[-6000:]) from e
+            assert resp.status_code == 200 and wav_info(resp.content)[0] == 24000, resp.text
         log = open(os.path.join(tmp, "light-tts.log")).read()
         assert "Booting worker" in log and "uvicorn.workers.UvicornWorker" in log, log[-2000:]
         assert run("deploy.sh", "status", env=env, timeout=30).returncode == 0

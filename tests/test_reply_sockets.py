@@ -70,3 +70,37 @@ def test_http_workers_bounded_by_the_open_reply_sockets(tmp_path):
     assert parse_args(["--model_dir", str(tmp_path), "--httpserver_workers", str(MAX_HTTP_WORKERS)])
     with pytest.raises(SystemExit):
         parse_args(["--model_dir", str(tmp_path), "--httpserver_workers", str(MAX_HTTP_WORKERS + 1)])
+
+
+def _start_in_child(client, conn):
+    import asyncio
+
+    async def run():
+        await client.start()
+        conn.send((os.getpid(), client.reply_addr, client.new_rid()))
+        await client.stop()
+    asyncio.run(run())
+
+
+def test_workers_forked_from_one_client_get_their_own_reply_address(tmp_path):
+    """gunicorn --preload builds the app, and its BackendClient, in the master and forks the
+    workers from it: each must still bind a reply address of its own, or the last to bind gets
+    every worker's replies and the others' requests hang."""
+    import multiprocessing as mp
+    from light_tts.server.http.manager import BackendClient
+    from light_tts.server.ipc import Endpoints
+    endpoints = Endpoints(root=str(tmp_path), encode_num=1, decode_num=1)
+    endpoints.create()
+    client = BackendClient(endpoints)            # in the "master"
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    workers = [ctx.Process(target=_start_in_child, args=(client, send)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    got = [recv.recv() for _ in workers]
+    for w in workers:
+        w.join(30)
+    assert [w.exitcode for w in workers] == [0, 0]
+    (pid_a, addr_a, rid_a), (pid_b, addr_b, rid_b) = got
+    assert addr_a != addr_b and rid_a.split("-")[0] != rid_b.split("-")[0]
+    assert f"http-{pid_a:x}" in addr_a and f"http-{pid_b:x}" in addr_b   # the tag names its own worker

@@ -42,8 +42,12 @@ class BackendClient:
     def __init__(self, endpoints: Endpoints, max_in_flight: int = 256):
         self.endpoints = endpoints
         self.max_in_flight = max_in_flight
-        # rid = <instance-unique worker tag>-<counter>: never reused while the instance lives
-        self.tag = worker_tag()
+        # rid = <instance-unique worker tag>-<counter>: never reused while the instance lives. The
+        # tag (and the reply address named by it) is drawn in start(), in the worker: under
+        # gunicorn --preload this object is built in the master, and workers forked from it
+        # would share one tag, bind one reply address, and the last to bind would get every
+        # worker's replies (the others' requests would hang).
+        self.tag = ""
         self._seq = itertools.count()
         self._encode_rr = itertools.count()
         self.states: dict[str, ReqState] = {}
@@ -56,6 +60,7 @@ class BackendClient:
         if self._started:
             return
         self._started = True
+        self.tag = worker_tag()
         self.ctx = zmq.asyncio.Context()
         self.reply_addr = self.endpoints.http(self.tag)
         self.recv_from_backend = self.ctx.socket(zmq.PULL)
