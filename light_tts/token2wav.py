@@ -10,6 +10,7 @@ cross-faded with a Hamming window.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -84,8 +85,6 @@ class Token2Wav:
                  seed: Optional[int] = None):
         p = next(flow.parameters())
         self.flow, self.hift, self.schedule = flow, hift, schedule
-        # the voice's identity for the decode engine's prompt cache (decode/prompt_cache.py)
-        self.voice_key = voice_key(prompt_tokens, prompt_feat, embedding)
         self.device, self.dtype = p.device, p.dtype
         self.prompt_tokens = prompt_tokens.reshape(1, -1).to(self.device, torch.int32)
         self.prompt_feat = prompt_feat.reshape(1, -1, prompt_feat.shape[-1]).to(self.device, self.dtype)
@@ -96,6 +95,12 @@ class Token2Wav:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
+
+    @functools.cached_property
+    def voice_key(self) -> bytes:
+        """The voice's identity for the decode engine's prompt cache (decode/prompt_cache.py);
+        computed on first use, so a server without the cache never hashes prompts."""
+        return voice_key(self.prompt_tokens, self.prompt_feat, self.embedding)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, token_offset: int, finalize: bool, streaming: bool,

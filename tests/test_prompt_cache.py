@@ -112,7 +112,7 @@ def test_estimator_continues_a_recorded_prefix():
     record.finish([entry])
     ctx = cache.context([entry], 1)
     rest = run(12, 20, prefix_start=rows(5, 5), prefix_len=rows(12, 12), cache=cache,
-               ctx=torch.cat([ctx[:, :, 0], ctx[:, :, 1]]))
+               ctx=ctx.flatten(0, 1))
     assert float(whole.abs().max()) > 0.1
     torch.testing.assert_close(rest, whole[:, :, 12:], rtol=1e-5, atol=1e-5)
 

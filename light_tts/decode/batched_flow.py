@@ -112,7 +112,7 @@ class FlowBatch:
     streaming: torch.Tensor     # (B,) int32
     prefix_start: torch.Tensor  # (B,) int32
     prefix_len: torch.Tensor    # (B,) int32
-    ctx: Optional[torch.Tensor] = None    # (B, steps, 2, ctx_size): per CFG branch (prompt cache on)
+    ctx: Optional[torch.Tensor] = None    # (2, B, steps, ctx_size): per CFG branch (prompt cache on)
     bias: Optional[torch.Tensor] = None   # (B, 1, T, T): estimators that take a dense bias
     cache: Optional[object] = None
     frames: Sequence[int] = ()          # real frames per row, prefix included
@@ -139,7 +139,7 @@ def euler_cfg(step: Callable, x: torch.Tensor, batch: FlowBatch, t_span: torch.T
         attention = lambda i: bias_in
     else:
         rows = [two(t) for t in (batch.lengths, batch.streaming, batch.prefix_start, batch.prefix_len)]
-        ctx = None if batch.ctx is None else torch.cat([batch.ctx[:, :, 0], batch.ctx[:, :, 1]], dim=0)
+        ctx = None if batch.ctx is None else batch.ctx.flatten(0, 1)   # the doubled batch's rows
         attention = lambda i: FrameAttention(*rows, branch_rows=b, step=i, ctx=ctx, cache=batch.cache, record=record)
     w = cfg_rate
     t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]
@@ -282,13 +282,13 @@ class BatchedFlow:
         return bool(getattr(self.solver.step, "frame_attention", False))
 
     def make_batch(self, mu_rows: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], emb: torch.Tensor,
-                   streaming: Sequence[bool], prefixes: Sequence, bucket: bool = True) -> FlowBatch:
+                   streaming: Sequence[bool], prefixes: Sequence) -> FlowBatch:
         """The padded FlowBatch of rows given as their computed frames: mu_rows[i] (80, n_i), the
         prompt condition feats[i] (frames, 80) counted from the row's first computed frame, the
         speaker embeddings (B, 192), and per row its cached prefix (prompt_cache.Entry) or None."""
         rows = len(mu_rows)
         n = [m.size(1) for m in mu_rows]
-        b, t = self.solver.bucket(rows, max(n)) if bucket else (rows, max(n))
+        b, t = self.solver.bucket(rows, max(n))
         dev, dtype = mu_rows[0].device, mu_rows[0].dtype
         mu = torch.zeros(b, mu_rows[0].size(0), t, device=dev, dtype=dtype)
         cond = torch.zeros_like(mu)

@@ -121,7 +121,7 @@ class GraphSolver(GraphCache, EagerSolver):
         c = like.mu.size(1)
         return {"mu": (rows, c, frames), "mask": (rows, 1, frames), "spks": (rows, c), "cond": (rows, c, frames),
                 "lengths": (rows,), "streaming": (rows,), "prefix_start": (rows,), "prefix_len": (rows,),
-                "ctx": (rows, *tuple(like.ctx.shape[1:])) if like.ctx is not None else None,
+                "ctx": (2, rows, *tuple(like.ctx.shape[2:])) if like.ctx is not None else None,
                 "bias": (rows, 1, frames, frames)}[name]
 
     def _inputs(self, rows: int, frames: int, like: FlowBatch) -> FlowBatch:
@@ -246,7 +246,7 @@ class GraphEncoder(GraphCache, RowEncoder):
     def capture(self, key: tuple[int, int], device: torch.device):
         inputs = self.buffers(key, device)
         ids, n, lens, streaming = inputs
-        graph, mu = capture_graph(lambda: RowEncoder.__call__(self, ids, n, lens, key[1], streaming), self.pool)
+        graph, mu = self.capture_fn(lambda: RowEncoder.__call__(self, ids, n, lens, key[1], streaming))
         return self.keep(key, graph, inputs, mu)
 
     def __call__(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
@@ -294,7 +294,7 @@ class GraphHift(GraphCache, BatchedHift):
 
     def capture(self, key: tuple[int, int], like: torch.Tensor):
         inputs = self.buffers(key, like)
-        graph, wav = capture_graph(lambda: self.masked(*inputs), self.pool)
+        graph, wav = self.capture_fn(lambda: self.masked(*inputs))
         return self.keep(key, graph, inputs, wav)
 
     def network(self, mel: torch.Tensor, source: torch.Tensor, lengths: torch.Tensor, equal: bool) -> torch.Tensor:

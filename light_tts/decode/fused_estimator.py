@@ -73,12 +73,14 @@ class FusedEstimator(nn.Module):
             if stage.resample is not None:
                 convs.append(stage.resample)
         convs.append(estimator.final_block.block[0])
+        pads = {conv.kernel_size[0] - 1 for conv in convs}
+        if len(pads) != 1:
+            raise ValueError(f"the fused estimator expects one causal kernel size, got paddings {sorted(pads)}")
+        self.ctx_pad = pads.pop()   # the prompt cache keeps this many input frames per conv
         self.ctx_offset, size = {}, 0
         for conv in convs:
-            pad = conv.kernel_size[0] - 1
-            if pad:
-                self.ctx_offset[id(conv)] = size
-                size += conv.in_channels * pad
+            self.ctx_offset[id(conv)] = size
+            size += conv.in_channels * self.ctx_pad
         self.ctx_size = size
         self._no_pool: dict = {}
         # (stage, block) -> [Wq; Wk; Wv]; one (n_stages * C, time_dim) projection for every resnet

@@ -42,7 +42,7 @@ FILL_ROWS = 8   # voices per fill pass (the solver's graphs cover up to this man
 class Entry:
     start: int               # first pool slot
     frames: int              # cached frames (a multiple of the estimator's chunk)
-    ctx: torch.Tensor        # (steps, 2, ctx_size) conv context after the last cached frame
+    ctx: torch.Tensor        # (2 CFG branches, steps, ctx_size) conv context after the last cached frame
 
 
 def voice_key(*tensors: torch.Tensor) -> bytes:
@@ -99,10 +99,9 @@ class Recorder:
 
     def finish(self, entries: Sequence[Entry]) -> None:
         """Hand each entry its conv context (after the pass)."""
-        b = self.ctx.size(0) // 2
+        by_branch = self.ctx.view(2, -1, *self.ctx.shape[1:])
         for i, e in enumerate(entries):
-            e.ctx[:, 0] = self.ctx[i]
-            e.ctx[:, 1] = self.ctx[b + i]
+            e.ctx.copy_(by_branch[:, i])
 
 
 class PromptCache:
@@ -119,7 +118,7 @@ class PromptCache:
         self.n_steps = n_steps
         self.heads, self.head_dim = est.heads, est.head_dim
         self.ctx_size = est.ctx_size
-        self.ctx_pad = 2   # every causal conv of the estimator has kernel 3
+        self.ctx_pad = est.ctx_pad
         self.capacity = int(capacity_frames)
         self.trash = self.capacity   # one more slot: where a fill pass writes its padding frames
         self.kv = torch.zeros(self.capacity + 1, n_steps, 2, est.n_layers, 2, est.inner, device=device, dtype=dtype)
@@ -146,11 +145,12 @@ class PromptCache:
         return self.kv[:, step, :, layer, 0].view(shape), self.kv[:, step, :, layer, 1].view(shape)
 
     def context(self, prefixes: Sequence[Optional[Entry]], rows: int) -> torch.Tensor:
-        """(rows, steps, 2, ctx_size): each row's entry's context, zeros for rows without one."""
-        out = torch.zeros(rows, self.n_steps, 2, self.ctx_size, device=self.kv.device, dtype=self.kv.dtype)
+        """(2 CFG branches, rows, steps, ctx_size): each row's entry's context, zeros for rows without
+        one (flattened over the first two dims, the rows of the CFG-doubled batch)."""
+        out = torch.zeros(2, rows, self.n_steps, self.ctx_size, device=self.kv.device, dtype=self.kv.dtype)
         for i, e in enumerate(prefixes):
             if e is not None:
-                out[i] = e.ctx
+                out[:, i] = e.ctx
         return out
 
     def _allocate(self, key: bytes, frames: int, pinned: set) -> Optional[Entry]:
@@ -162,7 +162,7 @@ class PromptCache:
         while True:
             start = self._first_fit(sorted((e.start, e.start + e.frames) for e in self.entries.values()), frames)
             if start is not None:
-                entry = Entry(start, frames, torch.zeros(self.n_steps, 2, self.ctx_size, device=self.kv.device,
+                entry = Entry(start, frames, torch.zeros(2, self.n_steps, self.ctx_size, device=self.kv.device,
                                                          dtype=self.kv.dtype))
                 self.entries[key] = entry
                 return entry
