@@ -82,7 +82,7 @@ class Token2Wav:
 
     def __init__(self, flow, hift, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
                  embedding: torch.Tensor, schedule: StreamSchedule = StreamSchedule(),
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, voice: Optional[bytes] = None):
         p = next(flow.parameters())
         self.flow, self.hift, self.schedule = flow, hift, schedule
         self.device, self.dtype = p.device, p.dtype
@@ -95,6 +95,8 @@ class Token2Wav:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
+        if voice is not None:   # the caller hashed the voice already (decode_process: once per request)
+            self.voice_key = voice
 
     @functools.cached_property
     def voice_key(self) -> bytes:

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     flow = CosyVoice2Model.from_pretrained(args.model_dir, device="cuda", dtype=dtype, components=("flow",)).flow
     decoder = flow.decoder.estimator
     builders = {"plain": BiasEstimator, "fused": FusedEstimator}
+    unknown = set(args.estimators.split(",")) - set(builders)
+    if unknown:
+        p.error(f"--estimators: unknown {sorted(unknown)}; choose from {sorted(builders)}")
     print(f"# flow estimator on {torch.cuda.get_device_name()} ({args.dtype}), "
           f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.1f} M parameters\n")
     print("| estimator | requests x frames | rows | eager ms / call | CUDA graph ms / call |")

@@ -107,9 +107,10 @@ def test_the_flag_parses(tmp_path):
     assert parse_args(base + ["--gpu_memory_limit_gb", "22"]).gpu_memory_limit_gb == 22.0
     assert parse_args(base + ["--gpu_memory_limit_gb", "10.5"]).gpu_memory_limit_gb == 10.5
     assert parse_args(base + ["--gpu_memory_limit_gb", ""]).gpu_memory_limit_gb == 0.0   # an empty env-file key
-    for bad in ("-1", "lots", "nan"):
-        with pytest.raises(SystemExit):
-            parse_args(base + ["--gpu_memory_limit_gb", bad])
+    for flag in ("--gpu_memory_limit_gb", "--decode_prompt_cache_gb"):
+        for bad in ("-1", "lots", "nan"):
+            with pytest.raises(SystemExit):
+                parse_args(base + [flag, bad])
 
 
 def test_no_cap_at_zero_or_on_a_cpu(tmp_path):

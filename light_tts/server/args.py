@@ -23,14 +23,15 @@ def str2bool(value) -> bool:
 
 
 def gigabytes(value) -> float:
-    """--gpu_memory_limit_gb: a number >= 0; empty (an unset env-file key) is 0, no cap."""
+    """A size in GB (--gpu_memory_limit_gb, --decode_prompt_cache_gb): a number >= 0; empty (an unset
+    env-file key) is 0, meaning no cap / off."""
     text = str(value).strip()
     try:
         gb = float(text) if text else 0.0
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GB, got {value!r}") from None
     if not gb >= 0:   # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no cap), got {value!r}")
+        raise argparse.ArgumentTypeError(f"must be a number of GB >= 0, got {value!r}")
     return gb
 
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(--disable_fused_estimator); ignored with --load_trt")
     _flag(g, "--disable_fused_estimator", "on a GPU, run the flow estimator module by module instead of the fused "
                                           "one (same math up to rounding; for comparison and triage)")
-    g.add_argument("--decode_prompt_cache_gb", type=float, default=0.0,
+    g.add_argument("--decode_prompt_cache_gb", type=gigabytes, default=0.0,
                    help="GPU memory (GB) of each decode process's prompt cache: per voice, the flow's prompt frames "
                         "that no generated token changes, computed once (2.3 MB per frame in fp16/bf16, 0.46 GB "
                         "for a 5 s prompt), so a streaming chunk computes only its own frames. Pays off when "

@@ -84,6 +84,7 @@ class DecodeState:
     input_done: bool = False                       # the LLM sent finished=True
     first_audio_at: Optional[float] = None         # time.monotonic() of its first audio (sent with req.marks)
     audio_out_s: float = 0.0                       # seconds of audio sent so far
+    voice: Optional[bytes] = None                  # prompt_cache.voice_key (only with the prompt cache)
 
     @property
     def ready(self) -> bool:
@@ -170,7 +171,7 @@ class DecodeServer:
             self.warm_prompts()
         self.finish_completed()
         self.maybe_write_stats()
-        if block and not batch:
+        if block and not batch and not self.to_warm:
             self.recv_from_peers.poll(POLL_MS)
 
     def dispatch(self, msg) -> None:
@@ -272,6 +273,8 @@ class DecodeServer:
         self.check_conditioning(req)
         state = DecodeState(req=req)
         state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
+        if self.engine.flow.prompt_cache is not None:   # the voice's key, hashed once for every sentence
+            state.voice = state.pieces[0].t2w.voice_key
         self.states[req.rid] = state
         if req.stream and self.engine.flow.prompt_cache is not None:
             self.to_warm.append((req.rid, state.pieces[0].t2w))
@@ -293,7 +296,7 @@ class DecodeServer:
             if msg.finished:
                 state.input_done = True
             else:
-                state.pieces.append(self.new_piece(state.req))
+                state.pieces.append(self.new_piece(state.req, state.voice))
         if not state.audio_sent and "tokens_ready" not in state.req.marks and state.ready:
             state.req.marks["tokens_ready"] = time.time()   # the first chunk can run
 
@@ -319,13 +322,18 @@ class DecodeServer:
         if req.stream and req.speed != 1.0:
             raise ValueError("speed other than 1.0 works only without streaming")
 
-    def new_piece(self, req: DecodeStartReq):
+    def new_piece(self, req: DecodeStartReq, voice: Optional[bytes] = None):
+        """The decoder of one sentence. With the prompt cache and no `voice` yet, the voice's key is
+        hashed here, from the host tensors (no copy back from the GPU)."""
         import torch
+        from light_tts.decode.prompt_cache import voice_key
         from light_tts.token2wav import StreamingDecoder, Token2Wav
-        t2w = Token2Wav(self.flow, self.hift, torch.from_numpy(np.asarray(req.prompt_speech_tokens)),
+        conditioning = (torch.from_numpy(np.asarray(req.prompt_speech_tokens)),
                         torch.from_numpy(np.asarray(req.prompt_feat, dtype=np.float32)),
-                        torch.from_numpy(np.asarray(req.embedding, dtype=np.float32)),
-                        self.schedule, seed=req.seed)
+                        torch.from_numpy(np.asarray(req.embedding, dtype=np.float32)))
+        if voice is None and self.engine.flow.prompt_cache is not None:
+            voice = voice_key(*conditioning)
+        t2w = Token2Wav(self.flow, self.hift, *conditioning, self.schedule, seed=req.seed, voice=voice)
         return StreamingDecoder(t2w, req.stream, req.speed)
 
     def fail(self, rid: str, reply_to: Optional[str], exc: Exception) -> None:

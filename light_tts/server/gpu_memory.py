@@ -197,13 +197,9 @@ def processes_on_gpu(gpu: int, num_gpus: int, decode_process_num: int, encode_pr
 def checkpoint_elements(path: str) -> int:
     """Parameters stored in a .pt state dict, shared storages counted once (memory-mapped: no
     weights are read)."""
-    import torch
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:   # the legacy (non-zip) format cannot be memory-mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    from light_tts.models.loading import read_state_dict
     seen, n = set(), 0
-    for t in sd.values():
+    for t in read_state_dict(path).values():
         storage = t.untyped_storage()
         if storage.data_ptr() in seen:
             continue

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from light_tts.server.io_struct import FIRST_CHUNK_MARKS
 from light_tts.server.ipc import Endpoints, read_stats, stage_health
@@ -61,7 +61,8 @@ class StageCollector:
                                ("prompt_cache_hits", "streaming rows that found their voice's prompt frames cached"),
                                ("prompt_cache_misses", "voices whose prompt frames were computed into the cache"),
                                ("prompt_cache_voices", "voices in the prompt cache")):
-            family = GaugeMetricFamily(f"lighttts_decode_{key}", help_text, labels=["stage"])
+            kind = CounterMetricFamily if key in ("prompt_cache_hits", "prompt_cache_misses") else GaugeMetricFamily
+            family = kind(f"lighttts_decode_{key}", help_text, labels=["stage"])
             for stage, s in stats.items():
                 if stage.startswith("decode") and key in s:
                     family.add_metric([stage], float(s[key]))
