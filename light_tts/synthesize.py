@@ -17,15 +17,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
 from light_tts.frontend.audio import AudioError
 from light_tts.frontend.frontend import Frontend
 from light_tts.frontend.voice_cache import Voice
 from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.models.loading import ModelLoadError
-from light_tts.token2wav import StreamSchedule, Token2Wav, pcm16_bytes, stream_chunks
+from light_tts.models.token2wav import StreamSchedule, Token2Wav, stream_chunks
 
 MODES = ("zero_shot", "cross_lingual", "instruct2")
-SAMPLE_RATE = 24000
 
 
 def synthesize_piece(model: CosyVoice2Model, voice: Voice, text_ids: list[int], *, mode: str = "zero_shot",

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
-from light_tts.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
-from light_tts.decode.batched_hift import BatchedHift  # noqa: E402
-from light_tts.decode.engine import DecodeEngine  # noqa: E402
-from light_tts.server.decode_process import load_decode_model  # noqa: E402
-from light_tts.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
+from light_tts.server.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
+from light_tts.server.decode.batched_hift import BatchedHift  # noqa: E402
+from light_tts.server.decode.engine import DecodeEngine  # noqa: E402
+from light_tts.server.decode.process import load_decode_model  # noqa: E402
+from light_tts.models.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
 
 MODE_PARTS = {"eager", "graphs", "fused", "compile", "eager_small", "cache"}
 AUDIO_S_PER_CHUNK = 1.0   # 25 tokens x 2 frames x 480 samples / 24 kHz
@@ -94,28 +94,28 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
     engine.flow.prompt_cache = None
     if "fused" in mode:
         if "fused" not in compiled:
-            from light_tts.decode.fused_estimator import FusedEstimator
+            from light_tts.server.decode.fused_estimator import FusedEstimator
             compiled["fused"] = FusedEstimator(flow.decoder.estimator)
         step = compiled["fused"]
         if "cache" in mode:
             if "cache" not in compiled:
-                from light_tts.decode.prompt_cache import PromptCache
+                from light_tts.server.decode.prompt_cache import PromptCache
                 compiled["cache"] = PromptCache.for_flow(flow, step, 10, cache_gb)
             engine.flow.prompt_cache = compiled["cache"]
     if "graphs" in mode and "eager_small" not in mode:
-        from light_tts.decode.cuda_graph import GraphHift
+        from light_tts.server.decode.cuda_graph import GraphHift
         engine.hift = GraphHift(engine.hift.hift, max_batch)
     else:
         engine.hift = BatchedHift(engine.hift.hift)
     if "compile" in mode:
         if "step" not in compiled:
-            from light_tts.decode.compile import compile_engine
+            from light_tts.server.decode.compile import compile_engine
             compiled["step"] = compile_engine(engine)
             compiled["hift"] = (engine.hift.decode_equal, engine.hift.decode_masked)
         step = compiled["step"]
         engine.hift.decode_equal, engine.hift.decode_masked = compiled["hift"]
     if "graphs" in mode:
-        from light_tts.decode.cuda_graph import GraphEncoder, GraphSolver
+        from light_tts.server.decode.cuda_graph import GraphEncoder, GraphSolver
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch)
     else:
         engine.flow.solver = EagerSolver(flow.decoder, step, 10)

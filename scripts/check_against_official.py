@@ -20,7 +20,7 @@ and compares, fp32 on CPU:
   b. flow.inference: non-streaming finalize, streaming chunk, streaming finalize
   c. hift.inference with and without cache_source, same seed
   d. whole token2wav: the official tts() loop (stream and not; its llm_job replaced by one that
-     posts a fixed token list) vs light_tts.token2wav.Token2Wav + stream_chunks.
+     posts a fixed token list) vs light_tts.models.token2wav.Token2Wav + stream_chunks.
 
 Import-only stubs (never used for math): torchaudio, whisper, pyarrow, pyworld, librosa, matplotlib (the official
 yaml also builds training-only objects: the HiFiGan discriminators construct torchaudio Spectrogram
@@ -102,7 +102,7 @@ from cosyvoice.cli.model import CosyVoice2Model as OffModel  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 from light_tts.frontend.tokenizer import CosyVoice2Tokenizer  # noqa: E402
 from light_tts.frontend.features import whisper_log_mel, kaldi_fbank  # noqa: E402
-from light_tts.token2wav import Token2Wav, StreamSchedule, stream_chunks  # noqa: E402
+from light_tts.models.token2wav import Token2Wav, StreamSchedule, stream_chunks  # noqa: E402
 
 torch.set_num_threads(2)
 logging.getLogger().setLevel(logging.WARNING)

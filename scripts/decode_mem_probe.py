@@ -5,7 +5,7 @@
         python scripts/decode_mem_probe.py --model_dir /path/to/tiny --requests 600 --every 50 --malloc_stats
     (the second: the libraries' default cache sizes, as before bound_cpu_caches; docs/reliability.md "Soak")
 
-Runs the decode server's own loop (light_tts.server.decode_process.DecodeServer.step: messages,
+Runs the decode server's own loop (light_tts.server.decode.process.DecodeServer.step: messages,
 one batched engine call, finished requests) with the sockets replaced by lists, set up as
 run_decode_process sets up a CPU decode process (bound_cpu_caches, threads, flush-denormal):
 `--concurrency` requests are in flight at once, each with `--min_tokens`..`--max_tokens` speech
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     caches = dp.bound_cpu_caches()   # as run_decode_process, before torch runs a convolution
     import numpy as np
     import torch
-    from light_tts.decode.engine import build_engine
+    from light_tts.server.decode.engine import build_engine
     from light_tts.server.io_struct import AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput
 
     if a.mmap_threshold:

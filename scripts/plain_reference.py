@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmark import PROMPT_TEXT, PROMPT_WAV, TEXTS  # noqa: E402
 from light_tts.frontend.frontend import Frontend  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
-from light_tts.synthesize import SAMPLE_RATE, synthesize  # noqa: E402
+from light_tts.audio_out import SAMPLE_RATE  # noqa: E402
+from light_tts.synthesize import synthesize  # noqa: E402
 
 
 def one(model, frontend, prompt: bytes, prompt_text: str, text: str, stream: bool, tokens: int, seed: int) -> dict:

@@ -6,7 +6,7 @@ torch profiler. Prints markdown tables.
 
 A shape RxT is R requests (2R estimator rows with classifier-free guidance) of T frames.
 --estimators plain,fused profiles the module-by-module forward and the fused one
-(light_tts/decode/fused_estimator.py) on the same weights and inputs.
+(light_tts/server/decode/fused_estimator.py) on the same weights and inputs.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from light_tts.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias  # noqa: E402
-from light_tts.decode.fused_estimator import FusedEstimator  # noqa: E402
+from light_tts.server.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias  # noqa: E402
+from light_tts.server.decode.fused_estimator import FusedEstimator  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 from light_tts.models.flow.masks import valid_mask  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The decode process bounds oneDNN's and ideep's caches of convolution setups (CPU memory growth
 under varying shapes: docs/reliability.md, "Soak"); an operator's own value wins."""
-from light_tts.server.decode_process import CPU_CACHE_ENV, bound_cpu_caches
+from light_tts.server.decode.process import CPU_CACHE_ENV, bound_cpu_caches
 
 
 def test_sets_both_capacities_when_unset():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from light_tts.decode.batched_flow import BiasEstimator
-from light_tts.decode.engine import DecodeEngine
-from light_tts.decode.placement import decode_device, physical_gpu, visible_gpus
-from light_tts.server.decode_process import load_decode_model
-from light_tts.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
+from light_tts.server.decode.batched_flow import BiasEstimator
+from light_tts.server.decode.engine import DecodeEngine
+from light_tts.server.decode.placement import decode_device, physical_gpu, visible_gpus
+from light_tts.server.decode.process import load_decode_model
+from light_tts.models.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,9 +91,9 @@ def test_batched_equals_each_alone_and_the_streaming_reference(model):
 def test_bucket_padding_is_invisible(model):
     """CUDA graphs pad rows to a power of two, frames to FRAME_BUCKET and the encoder's tokens to
     FRAME_BUCKET / 2: same mels (run eagerly here)."""
-    from light_tts.decode.batched_flow import BatchedFlow, EagerSolver, RowEncoder
-    from light_tts.decode.cuda_graph import GraphEncoder, GraphSolver
-    from light_tts.token2wav import Chunk
+    from light_tts.server.decode.batched_flow import BatchedFlow, EagerSolver, RowEncoder
+    from light_tts.server.decode.cuda_graph import GraphEncoder, GraphSolver
+    from light_tts.models.token2wav import Chunk
 
     class PaddedEager(GraphSolver):   # GraphSolver's buckets, EagerSolver's execution (no CUDA here)
         __call__ = EagerSolver.__call__
@@ -132,8 +132,8 @@ def test_bucket_padding_is_invisible(model):
 def test_hift_bucket_padding_is_invisible(model):
     """GraphHift pads rows to a power of two and mel frames to HIFT_FRAME_BUCKET and always runs the
     masked network: same audio and excitation as BatchedHift (run eagerly here)."""
-    from light_tts.decode.batched_hift import BatchedHift
-    from light_tts.decode.cuda_graph import HIFT_FRAME_BUCKET, GraphHift
+    from light_tts.server.decode.batched_hift import BatchedHift
+    from light_tts.server.decode.cuda_graph import HIFT_FRAME_BUCKET, GraphHift
 
     class EagerReplay:   # stands in for a captured graph: the masked network on the static buffers
         def __init__(self, hift, inputs, wav):
@@ -166,8 +166,8 @@ def test_hift_bucket_padding_is_invisible(model):
 
 
 def test_a_failed_graph_capture_falls_back_to_eager_but_out_of_memory_surfaces(model):
-    from light_tts.decode.batched_hift import BatchedHift
-    from light_tts.decode.cuda_graph import GraphHift
+    from light_tts.server.decode.batched_hift import BatchedHift
+    from light_tts.server.decode.cuda_graph import GraphHift
 
     class Failing(GraphHift):
         error = RuntimeError("capture not supported here")
@@ -217,7 +217,7 @@ def test_smaller_first_hop_realigns_with_the_official_schedule(model):
 
 def test_onnx_export_matches_pytorch(model, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from light_tts.decode.onnx_export import INPUT_NAMES, example_inputs, export_estimator
+    from light_tts.server.decode.onnx_export import INPUT_NAMES, example_inputs, export_estimator
     flow, _, _ = model
     est = BiasEstimator(flow.decoder.estimator).eval()
     path = export_estimator(est, str(tmp_path / "estimator.onnx"))

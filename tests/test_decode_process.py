@@ -15,11 +15,12 @@ import zmq
 
 from light_tts.frontend.frontend import Frontend
 from light_tts.server.args import parse_args
-from light_tts.server.decode_process import cpu_threads, load_decode_model, run_decode_process
+from light_tts.server.decode.process import cpu_threads, load_decode_model, run_decode_process
 from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
                                         sock_recv, sock_send)
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats, stage_health
-from light_tts.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, pcm16_bytes, stream_chunks
+from light_tts.audio_out import pcm16_bytes
+from light_tts.models.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -263,7 +264,7 @@ def _assert_pcm_close(got: bytes, ref: bytes, steps: int = 2) -> None:
 
 def _state(rid, sent_s=None, started=0.0, stream=True):
     """A DecodeState that has sent sent_s seconds of audio since `started` (None: nothing yet)."""
-    from light_tts.server.decode_process import DecodeState
+    from light_tts.server.decode.process import DecodeState
     s = DecodeState(req=DecodeStartReq(rid=rid, reply_to="x", stream=stream, prompt_speech_tokens=np.zeros(1, np.int32),
                                        prompt_feat=np.zeros((2, 80), np.float32), embedding=np.zeros(192, np.float32)))
     if sent_s is not None:
@@ -272,7 +273,7 @@ def _state(rid, sent_s=None, started=0.0, stream=True):
 
 
 def test_pick_batch_serves_first_chunks_before_streams_with_audio_to_spare():
-    from light_tts.server.decode_process import URGENT_SLACK_S, pick_batch
+    from light_tts.server.decode.process import URGENT_SLACK_S, pick_batch
     now = 100.0
     relaxed = _state("relaxed", sent_s=5.0, started=now - 1.0)                  # 4 s buffered
     dry = _state("dry", sent_s=2.0, started=now - 2.0 + URGENT_SLACK_S / 2)     # about to run dry

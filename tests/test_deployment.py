@@ -20,6 +20,8 @@ import yaml
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, live_processes, stage_pids, wav_info
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 SCRIPTS = os.path.join(ROOT, "scripts")
 CONFIGS = os.path.join(ROOT, "configs")
 PROMPT = open(PROMPT_WAV, "rb").read()

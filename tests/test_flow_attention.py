@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from light_tts.kernels import reference
 from light_tts.kernels.flow_attention import flow_attention as triton_flow_attention
-from light_tts.decode.batched_flow import attention_bias
+from light_tts.server.decode.batched_flow import attention_bias
 from light_tts.models.flow.masks import valid_mask
 
 CHUNK = 8

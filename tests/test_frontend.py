@@ -11,7 +11,7 @@ import torch
 from light_tts.frontend.audio import AudioError
 from light_tts.frontend.features import kaldi_fbank, whisper_log_mel
 from light_tts.frontend.frontend import Frontend, PromptLimits
-from light_tts.frontend.voice_cache import Voice, VoiceCache, load_spk2info, save_spk2info, voice_key
+from light_tts.frontend.voice_cache import Voice, VoiceCache, load_spk2info, save_spk2info, upload_key
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PROMPT = open(os.path.join(FIXTURES, "prompt_en.wav"), "rb").read()
@@ -94,7 +94,7 @@ def test_voice_cache_is_lru_bounded():
         cache.put(k, _voice(5))
     assert cache.voice("alice") is not None and cache.voice_ids() == ["alice"]
     assert cache.unregister("alice") and cache.voice("alice") is None and not cache.unregister("alice")
-    assert voice_key(b"x", "t") != voice_key(b"x", "u") != voice_key(b"y", "t")
+    assert upload_key(b"x", "t") != upload_key(b"x", "u") != upload_key(b"y", "t")
 
 
 def test_spk2info_round_trip_in_the_official_shape(tmp_path, frontend, tiny_model_dir):

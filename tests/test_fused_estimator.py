@@ -1,4 +1,4 @@
-"""The fused flow estimator (light_tts.decode.fused_estimator) and its frame_norm kernel.
+"""The fused flow estimator (light_tts.server.decode.fused_estimator) and its frame_norm kernel.
 
 - FusedEstimator equals the module-by-module BiasEstimator on the same weights and inputs (fp32, the
   plain-PyTorch frame_norm; the same mask given as a FrameAttention, not a dense bias): a padded batch with streaming and full-attention rows and an empty
@@ -13,8 +13,8 @@ import contextlib
 import pytest
 import torch
 
-from light_tts.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias
-from light_tts.decode.fused_estimator import FusedEstimator
+from light_tts.server.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias
+from light_tts.server.decode.fused_estimator import FusedEstimator
 from light_tts.kernels import dispatch
 from light_tts.kernels import reference as ref
 from light_tts.models.flow.estimator import CausalConditionalDecoder

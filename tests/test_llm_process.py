@@ -16,7 +16,7 @@ from light_tts.server import io_struct
 from light_tts.server.args import parse_args
 from light_tts.server.io_struct import AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensOutput
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats
-from light_tts.server.llm_process import run_llm_process
+from light_tts.server.llm.process import run_llm_process
 
 REPLY = "w0"
 

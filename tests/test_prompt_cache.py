@@ -1,4 +1,4 @@
-"""The decode engine's prompt cache (light_tts.decode.prompt_cache) on the tiny model, CPU, fp32.
+"""The decode engine's prompt cache (light_tts.server.decode.prompt_cache) on the tiny model, CPU, fp32.
 
 A streaming row that continues its voice's cached prompt frames must give the mels and audio the
 uncached engine gives (and the plain streaming reference), whatever else shares its batch: other
@@ -12,15 +12,15 @@ import pytest
 import torch
 import zmq
 
-from light_tts.decode.batched_flow import EagerSolver
-from light_tts.decode.cuda_graph import GraphSolver
-from light_tts.decode.engine import DecodeEngine
-from light_tts.decode.fused_estimator import FusedEstimator
-from light_tts.decode.prompt_cache import PromptCache
-from light_tts.server.decode_process import DecodeServer, load_decode_model
+from light_tts.server.decode.batched_flow import EagerSolver
+from light_tts.server.decode.cuda_graph import GraphSolver
+from light_tts.server.decode.engine import DecodeEngine
+from light_tts.server.decode.fused_estimator import FusedEstimator
+from light_tts.server.decode.prompt_cache import PromptCache
+from light_tts.server.decode.process import DecodeServer, load_decode_model
 from light_tts.server.io_struct import AbortReq, DecodeStartReq, SpeechTokensOutput
 from light_tts.server.ipc import Endpoints, bind_pull, read_stats
-from light_tts.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
+from light_tts.models.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
 ATOL = 1e-5
 
@@ -84,8 +84,8 @@ def _streams(model, engine, requests):
 def test_estimator_continues_a_recorded_prefix():
     """At the estimator level, on an estimator whose attention width (2 heads x 32) differs from its
     channels (32): record frames [0, 12), then compute [12, 20) from the cache = the whole 20."""
-    from light_tts.decode.batched_flow import FrameAttention
-    from light_tts.decode.prompt_cache import Recorder
+    from light_tts.server.decode.batched_flow import FrameAttention
+    from light_tts.server.decode.prompt_cache import Recorder
     from light_tts.models.flow.estimator import CausalConditionalDecoder
     torch.manual_seed(0)
     est = CausalConditionalDecoder(in_channels=320, out_channels=80, channels=(32,), attention_head_dim=32,
@@ -171,7 +171,7 @@ def test_the_comparison_sees_a_wrong_cache(model, mixed):
 
 
 def test_split_by_frames_cuts_where_padding_costs_more_than_a_call():
-    from light_tts.decode.batched_flow import split_by_frames
+    from light_tts.server.decode.batched_flow import split_by_frames
     exact = lambda rows, frames: (rows, frames)
     assert split_by_frames([300] * 8, exact) == [list(range(8))]
     # 63 first chunks after a cached prompt and one final chunk: two calls

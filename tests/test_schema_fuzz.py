@@ -21,6 +21,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 PROMPT = open(PROMPT_WAV, "rb").read()
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
 

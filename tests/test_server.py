@@ -14,6 +14,8 @@ from light_tts.server.io_struct import FIRST_CHUNK_MARKS
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, Server, wav_info
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 PROMPT = open(PROMPT_WAV, "rb").read()
 N = 30                        # speech tokens per request: 30 tokens = 60 mel frames = 1.2 s
 SAMPLES = N * 960             # 24 kHz samples for N tokens

@@ -7,8 +7,11 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server, descendants, free_port
+
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
 
 PROMPT = open(PROMPT_WAV, "rb").read()
 

@@ -9,6 +9,8 @@ import pytest
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 PROMPT = open(PROMPT_WAV, "rb").read()
 KEY = {"Authorization": "Bearer s3cret"}
 

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from server_util import ROOT, server_env
+
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
 
 SOAK = os.path.join(ROOT, "scripts", "soak.py")
 

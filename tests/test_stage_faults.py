@@ -14,6 +14,8 @@ import pytest
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server, descendants
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 PROMPT = open(PROMPT_WAV, "rb").read()
 
 

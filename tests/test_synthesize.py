@@ -9,7 +9,7 @@ import torch
 from light_tts.frontend.frontend import Frontend
 from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.synthesize import main, synthesize_piece
-from light_tts.token2wav import StreamSchedule, Token2Wav, stream_chunks
+from light_tts.models.token2wav import StreamSchedule, Token2Wav, stream_chunks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PROMPT_WAV = os.path.join(FIXTURES, "prompt_en.wav")

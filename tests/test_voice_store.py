@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from light_tts.frontend.voice_cache import Voice
-from light_tts.server.voice_store import VoiceStore
+from light_tts.server.encode.voice_store import VoiceStore
 
 
 def voice(seed):

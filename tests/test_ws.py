@@ -15,6 +15,8 @@ from websockets.sync.client import connect
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, Server, server_env
 
+pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
+
 PROMPT = open(PROMPT_WAV, "rb").read()
 LONG_TEXT = ("Streaming speech starts while the sentence is still being written, one small piece at a time, "
              "so the listener hears the first words almost at once; the rest follows as the model writes it, "

@@ -22,7 +22,7 @@ from light_tts.frontend.audio import AudioError, load_audio
 from light_tts.frontend.features import align_feat_and_tokens, kaldi_fbank, prompt_mel_24k, whisper_log_mel
 from light_tts.frontend.text import normalize_text
 from light_tts.frontend.tokenizer import CosyVoice2Tokenizer
-from light_tts.frontend.voice_cache import Voice, VoiceCache, load_spk2info, voice_key
+from light_tts.frontend.voice_cache import Voice, VoiceCache, load_spk2info, upload_key
 from light_tts.models.loading import require_file
 
 
@@ -87,7 +87,7 @@ class Frontend:
 
     def encode_voice(self, audio: bytes, prompt_text: str, *, use_cache: bool = True) -> Voice:
         """Encode a prompt recording and its transcript (cached by audio hash + text)."""
-        key = voice_key(audio, prompt_text)
+        key = upload_key(audio, prompt_text)
         if use_cache:
             hit = self.cache.get(key)
             if hit is not None:

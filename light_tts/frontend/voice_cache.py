@@ -29,7 +29,7 @@ class Voice:
         return sum(a.nbytes for a in (self.prompt_text_ids, self.speech_tokens, self.embedding, self.prompt_feat))
 
 
-def voice_key(audio: bytes, prompt_text: str) -> str:
+def upload_key(audio: bytes, prompt_text: str) -> str:
     h = hashlib.sha256(audio)
     h.update(b"\0" + prompt_text.encode("utf-8"))
     return h.hexdigest()

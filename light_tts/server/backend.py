@@ -28,12 +28,12 @@ BACKEND_ARGS_ENV = "LIGHTTTS_BACKEND_ARGS"
 def _target(stage: str) -> tuple[Callable, tuple]:
     kind, _, idx = stage.partition(":")
     if kind == "encode":
-        from light_tts.server.encode_process import run_encode_process
+        from light_tts.server.encode.process import run_encode_process
         return run_encode_process, (int(idx),)
     if kind == "llm":
-        from light_tts.server.llm_process import run_llm_process
+        from light_tts.server.llm.process import run_llm_process
         return run_llm_process, ()
-    from light_tts.server.decode_process import run_decode_process
+    from light_tts.server.decode.process import run_decode_process
     return run_decode_process, (int(idx),)
 
 

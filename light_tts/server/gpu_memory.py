@@ -185,8 +185,8 @@ def plan_gpu(limit: int, *, has_llm: bool, n_decode: int, n_encode: int = 0, llm
 def processes_on_gpu(gpu: int, num_gpus: int, decode_process_num: int, encode_process_num: int,
                      encode_cuda: bool) -> tuple[bool, int, int]:
     """(LLM here?, decode processes here, encode processes here): the LLM and the encode stage
-    use GPU 0 (stage_device(0)); decode i uses GPU i % num_gpus (light_tts.decode.placement)."""
-    from light_tts.decode.placement import decode_device
+    use GPU 0 (stage_device(0)); decode i uses GPU i % num_gpus (light_tts.server.decode.placement)."""
+    from light_tts.server.decode.placement import decode_device
     here = f"cuda:{gpu}"
     n_decode = sum(decode_device(i, num_gpus) == here for i in range(decode_process_num))
     return gpu == 0, n_decode, encode_process_num if (encode_cuda and gpu == 0) else 0

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
+from light_tts.audio_out import SAMPLE_RATE, wav_header
 from light_tts.server.http.manager import BackendClient, Overloaded
 from light_tts.server.http.metrics import Metrics
 from light_tts.server.http.ws import TTSSocket, lighttts_bistream
@@ -28,7 +29,6 @@ from light_tts.server.io_struct import AudioOutput, ErrorOutput, VoiceOutput
 from light_tts.server.ipc import Endpoints
 
 log = logging.getLogger("lighttts")
-SAMPLE_RATE = 24000
 VOICE_ID = re.compile(r"^[A-Za-z0-9_.\-\u4e00-\u9fff]{1,64}$")
 
 
@@ -36,13 +36,6 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def wav_header(data_bytes: Optional[int]) -> bytes:
-    """RIFF header of 24 kHz mono PCM16; unknown length (streaming) writes the maximum sizes."""
-    size = 0xFFFFFFFF - 36 if data_bytes is None else data_bytes
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", min(36 + size, 0xFFFFFFFF), b"WAVE", b"fmt ", 16, 1, 1,
-                       SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16, b"data", size)
 
 
 HEALTH_PATHS = ("/healthz", "/health", "/liveness", "/readiness")

@@ -19,11 +19,11 @@ from typing import Optional
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from light_tts.audio_out import SAMPLE_RATE
 from light_tts.server.http.manager import Overloaded
 from light_tts.server.io_struct import ErrorOutput
 
 log = logging.getLogger("lighttts")
-SAMPLE_RATE = 24000
 
 
 class ProtocolError(Exception):

@@ -1,1 +1,1 @@
-"""Insides of the LLM stage process (light_tts.server.llm_process)."""
+"""Insides of the LLM stage process (light_tts.server.llm.process)."""

@@ -1,6 +1,6 @@
 """The LLM stage's engine: router, token-slot KV pool, batched forward and sampling.
 
-No sockets here (light_tts.server.llm_process owns them), so the engine is testable in-process.
+No sockets here (light_tts.server.llm.process owns them), so the engine is testable in-process.
 
 Per request (LLMReq) and per text piece (sentence) it generates what `Qwen2LM.inference(piece,
 prompt_text_ids, prompt_speech_tokens, seed=..., max_new_tokens=..., fixed_new_tokens=...)`

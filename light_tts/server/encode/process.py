@@ -28,7 +28,7 @@ from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, L
 from light_tts.server.gpu_memory import encode_cuda_budget
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
 from light_tts.server.stage import stage_device, start_stage
-from light_tts.server.voice_store import VoiceStore
+from light_tts.server.encode.voice_store import VoiceStore
 
 log = logging.getLogger("lighttts")
 EMPTY = np.zeros(0, dtype=np.int32)

@@ -11,6 +11,7 @@ cross-faded with a Hamming window.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from light_tts.decode.prompt_cache import voice_key
+
+def conditioning_digest(*tensors: torch.Tensor) -> bytes:
+    """A digest of a voice's flow conditioning (prompt tokens, prompt features, speaker embedding):
+    the key of the decode engine's prompt cache."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu()
+        t = (t.long() if not t.is_floating_point() else t.float()).contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,6 @@ class StreamSchedule:
             yield hop
 
 
-def pcm16_bytes(audio: np.ndarray) -> bytes:
-    """float [-1, 1] -> little-endian int16 bytes (the wire and WAV format)."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-
-
 def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Cross-fade the start of `new` with the end of `old` (overlap = half the window)."""
     n = window.shape[0] // 2
@@ -96,13 +102,13 @@ class Token2Wav:
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
         if voice is not None:   # the caller hashed the voice already (decode_process: once per request)
-            self.voice_key = voice
+            self.conditioning_key = voice
 
     @functools.cached_property
-    def voice_key(self) -> bytes:
+    def conditioning_key(self) -> bytes:
         """The voice's identity for the decode engine's prompt cache (decode/prompt_cache.py);
         computed on first use, so a server without the cache never hashes prompts."""
-        return voice_key(self.prompt_tokens, self.prompt_feat, self.embedding)
+        return conditioning_digest(self.prompt_tokens, self.prompt_feat, self.embedding)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, token_offset: int, finalize: bool, streaming: bool,
@@ -122,7 +128,7 @@ class Token2Wav:
     def run(self, chunk: "Chunk") -> torch.Tensor:
         return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
 
-    # The two halves around the vocoder, shared with the batched engine (light_tts.decode.engine).
+    # The two halves around the vocoder, shared with the batched engine (light_tts.server.decode.engine).
 
     def hift_input(self, mel: torch.Tensor, token_offset: int, finalize: bool,
                    speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

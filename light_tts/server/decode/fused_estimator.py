@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from light_tts.decode.batched_flow import FrameAttention, check_single_resolution
+from light_tts.server.decode.batched_flow import FrameAttention, check_single_resolution
 from light_tts.kernels.dispatch import flow_attention, frame_norm
 from light_tts.models.fusion import fuse_linears
 from light_tts.models.flow.unet_blocks import sinusoidal_time_embedding

@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from light_tts.decode.batched_flow import EagerSolver, FlowBatch, RowEncoder
-from light_tts.decode.batched_hift import BatchedHift
+from light_tts.server.decode.batched_flow import EagerSolver, FlowBatch, RowEncoder
+from light_tts.server.decode.batched_hift import BatchedHift
 
 log = logging.getLogger("lighttts")
 

@@ -42,7 +42,7 @@ def _resblock(block: nn.Module, x: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 class BatchedHift:
     def __init__(self, hift: nn.Module):
         self.hift = hift
-        # the network parts (no RNG, no per-row Python): what light_tts.decode.compile replaces
+        # the network parts (no RNG, no per-row Python): what light_tts.server.decode.compile replaces
         self.decode_equal = hift.decode
         self.decode_masked = self._decode_masked
 

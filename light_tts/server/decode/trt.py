@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from light_tts.decode.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_estimator
+from light_tts.server.decode.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_estimator
 
 log = logging.getLogger("lighttts")
 

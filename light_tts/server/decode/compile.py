@@ -35,8 +35,8 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
             hift_frames: Sequence[int] = WARM_HIFT_FRAMES) -> float:
     """Run the encoder and the solver for every batch bucket x frame bucket and HiFT for every batch
     bucket."""
-    from light_tts.decode.batched_flow import FlowBatch
-    from light_tts.decode.cuda_graph import batch_buckets
+    from light_tts.server.decode.batched_flow import FlowBatch
+    from light_tts.server.decode.cuda_graph import batch_buckets
     t0 = time.perf_counter()
     flow = engine.flow
     p = next(flow.flow.parameters())

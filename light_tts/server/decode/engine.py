@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from light_tts.decode.batched_flow import BatchedFlow, EagerSolver
-from light_tts.decode.batched_hift import BatchedHift
+from light_tts.server.decode.batched_flow import BatchedFlow, EagerSolver
+from light_tts.server.decode.batched_hift import BatchedHift
 
 log = logging.getLogger("lighttts")
 
@@ -81,7 +81,7 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     engine = DecodeEngine(flow, hift)
     graphs = on_cuda and cuda_graph
     if graphs:
-        from light_tts.decode.cuda_graph import GraphEncoder, GraphHift
+        from light_tts.server.decode.cuda_graph import GraphEncoder, GraphHift
         # one memory pool for every decode graph: they replay one after the other and their outputs
         # are copied out at once, so their intermediates share memory (only the outputs add up)
         pool = torch.cuda.graph_pool_handle()
@@ -93,18 +93,18 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         log.warning("--decode_prompt_cache_gb %g ignored: the prompt cache needs the fused estimator on a GPU "
                     "(not --load_trt, --disable_fused_estimator or a CPU)", prompt_cache_gb)
     if fused:
-        from light_tts.decode.fused_estimator import FusedEstimator
+        from light_tts.server.decode.fused_estimator import FusedEstimator
         step = FusedEstimator(flow.decoder.estimator)
         if prompt_cache_gb > 0:
-            from light_tts.decode.prompt_cache import PromptCache
+            from light_tts.server.decode.prompt_cache import PromptCache
             engine.flow.prompt_cache = PromptCache.for_flow(flow, step, engine.flow.solver.n_timesteps, prompt_cache_gb)
     if load_trt:
-        from light_tts.decode.trt import TrtEstimator
+        from light_tts.server.decode.trt import TrtEstimator
         step = TrtEstimator.load_or_build(engine.flow.estimator, model_dir, data_type, device,
                                           max_batch_size=2 * max_batch_size)
     elif load_jit:
         if on_cuda:
-            from light_tts.decode.compile import compile_engine
+            from light_tts.server.decode.compile import compile_engine
             # Inductor did not speed up the estimator inside a CUDA graph (docs/benchmarks.md);
             # the fused one is already the faster graph, so only HiFT is compiled with it.
             compiled = compile_engine(engine, estimator=not fused)
@@ -112,11 +112,11 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         else:
             log.info("--load_jit: torch.compile skipped on the CPU (eager decode)")
     if graphs and not load_trt:
-        from light_tts.decode.cuda_graph import GraphSolver
+        from light_tts.server.decode.cuda_graph import GraphSolver
         engine.flow.solver = GraphSolver(flow.decoder, step, max_batch_size=max_batch_size, pool=pool)
     else:
         engine.flow.solver = EagerSolver(flow.decoder, step, engine.flow.solver.n_timesteps)
     if warmup and on_cuda:
-        from light_tts.decode.compile import warm_up
+        from light_tts.server.decode.compile import warm_up
         warm_up(engine, max_batch_size)
     return engine

@@ -25,7 +25,6 @@ never use the cache.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,17 +42,6 @@ class Entry:
     start: int               # first pool slot
     frames: int              # cached frames (a multiple of the estimator's chunk)
     ctx: torch.Tensor        # (2 CFG branches, steps, ctx_size) conv context after the last cached frame
-
-
-def voice_key(*tensors: torch.Tensor) -> bytes:
-    """A digest of a voice's conditioning (prompt tokens, prompt features, speaker embedding)."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.detach().cpu()
-        t = (t.long() if not t.is_floating_point() else t.float()).contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.digest()
 
 
 def frame_bytes(estimator, n_steps: int, dtype: torch.dtype) -> int:
@@ -193,7 +181,7 @@ class PromptCache:
             frames = self.stable_frames(t2w.prompt_tokens.size(1))
             if frames == 0:
                 continue
-            key = t2w.voice_key
+            key = t2w.conditioning_key
             entry = self.entries.get(key)
             if entry is None:
                 entry = self._allocate(key, frames, pinned)

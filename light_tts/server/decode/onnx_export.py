@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from light_tts.decode.batched_flow import BiasEstimator, attention_bias
+from light_tts.server.decode.batched_flow import BiasEstimator, attention_bias
 from light_tts.models.flow.masks import valid_mask
 
 INPUT_NAMES = ("x", "mask", "mu", "t", "spks", "cond", "attn_bias")

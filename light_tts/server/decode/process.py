@@ -8,7 +8,7 @@ Per request it keeps the conditioning and a queue of sentences, each a Streaming
 fresh Token2Wav (the official decodes every sentence with its own tts() call: new HiFT cache,
 same seed). The loop: take every waiting message, then compute the next chunk of up to
 --decode_max_batch_size ready requests in ONE batched flow call and ONE batched HiFT call
-(light_tts.decode.engine; served requests move to the back so none starves; waiting first chunks
+(light_tts.server.decode.engine; served requests move to the back so none starves; waiting first chunks
 run before the later chunks of streams with audio to spare: pick_batch), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready.
 
@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import zmq
 
+from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
 from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
                                         drain)
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, write_stats
@@ -38,7 +39,6 @@ from light_tts.server.stage import start_stage, stage_dtype
 
 log = logging.getLogger("lighttts")
 
-SAMPLE_RATE = 24000
 POLL_MS = 100              # longest block on the socket while idle
 STATS_SECONDS = 0.5
 ABORT_MEMORY_SECONDS = 30.0  # an abort may overtake its DecodeStartReq (different senders): remember it
@@ -84,7 +84,7 @@ class DecodeState:
     input_done: bool = False                       # the LLM sent finished=True
     first_audio_at: Optional[float] = None         # time.monotonic() of its first audio (sent with req.marks)
     audio_out_s: float = 0.0                       # seconds of audio sent so far
-    voice: Optional[bytes] = None                  # prompt_cache.voice_key (only with the prompt cache)
+    voice: Optional[bytes] = None                  # Token2Wav.conditioning_key (only with the prompt cache)
 
     @property
     def ready(self) -> bool:
@@ -130,8 +130,8 @@ class DecodeServer:
         self.init_state()
 
     def init_model(self, flow, hift, engine, first_hop: int) -> None:
-        from light_tts.decode.engine import DecodeEngine
-        from light_tts.token2wav import StreamSchedule
+        from light_tts.server.decode.engine import DecodeEngine
+        from light_tts.models.token2wav import StreamSchedule
         self.flow, self.hift = flow, hift
         self.engine = engine or DecodeEngine(flow, hift)
         self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=first_hop)
@@ -237,7 +237,6 @@ class DecodeServer:
             log.warning("prompt cache warm-up failed: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
 
     def process_results(self, results) -> None:
-        from light_tts.token2wav import pcm16_bytes
         for state, out in results:
             rid = state.req.rid
             if self.states.get(rid) is not state:
@@ -274,7 +273,7 @@ class DecodeServer:
         state = DecodeState(req=req)
         state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
         if self.engine.flow.prompt_cache is not None:   # the voice's key, hashed once for every sentence
-            state.voice = state.pieces[0].t2w.voice_key
+            state.voice = state.pieces[0].t2w.conditioning_key
         self.states[req.rid] = state
         if req.stream and self.engine.flow.prompt_cache is not None:
             self.to_warm.append((req.rid, state.pieces[0].t2w))
@@ -326,13 +325,12 @@ class DecodeServer:
         """The decoder of one sentence. With the prompt cache and no `voice` yet, the voice's key is
         hashed here, from the host tensors (no copy back from the GPU)."""
         import torch
-        from light_tts.decode.prompt_cache import voice_key
-        from light_tts.token2wav import StreamingDecoder, Token2Wav
+        from light_tts.models.token2wav import StreamingDecoder, Token2Wav, conditioning_digest
         conditioning = (torch.from_numpy(np.asarray(req.prompt_speech_tokens)),
                         torch.from_numpy(np.asarray(req.prompt_feat, dtype=np.float32)),
                         torch.from_numpy(np.asarray(req.embedding, dtype=np.float32)))
         if voice is None and self.engine.flow.prompt_cache is not None:
-            voice = voice_key(*conditioning)
+            voice = conditioning_digest(*conditioning)
         t2w = Token2Wav(self.flow, self.hift, *conditioning, self.schedule, seed=req.seed, voice=voice)
         return StreamingDecoder(t2w, req.stream, req.speed)
 
@@ -374,15 +372,15 @@ def load_decode_model(model_dir: str, device: str, data_type: str):
 
 
 def decode_device(index: int) -> str:
-    """Device of decode process `index`: GPU index % visible GPUs (light_tts.decode.placement)."""
+    """Device of decode process `index`: GPU index % visible GPUs (light_tts.server.decode.placement)."""
     import torch
-    from light_tts.decode.placement import decode_device as assign
+    from light_tts.server.decode.placement import decode_device as assign
     return assign(index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 def check_trt_available() -> None:
     """--load_trt needs the tensorrt package: say what to install, before loading anything."""
-    from light_tts.decode.trt import require_tensorrt
+    from light_tts.server.decode.trt import require_tensorrt
     require_tensorrt()
 
 
@@ -398,8 +396,8 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
             log.error("%s", e)
             raise SystemExit(3)
     import torch
-    from light_tts.decode.engine import build_engine
-    from light_tts.decode.placement import physical_gpu
+    from light_tts.server.decode.engine import build_engine
+    from light_tts.server.decode.placement import physical_gpu
     from light_tts.server.gpu_memory import cap_memory_or_exit, log_reserved, out_of_memory_hint
     device = decode_device(index)
     if device == "cpu":
