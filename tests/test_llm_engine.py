@@ -5,7 +5,7 @@ import torch
 
 from light_tts.kernels import dispatch, reference
 from light_tts.models.cosyvoice2 import CosyVoice2Model
-from light_tts.server.llm.engine import LLMEngine
+from light_tts.server.llm.engine import LLMEngine, TokenOutput
 from light_tts.server.llm.mem_manager import KVPool, KVPoolFull
 from light_tts.server.llm.model_runner import ModelRunner
 from light_tts.server.llm.req_manager import ReqManager
@@ -80,6 +80,19 @@ def test_engine_equals_inference_with_staggered_arrivals(lm, greedy):
     assert max(r.batch_size for r in results if r.kind == "decode") >= 3
     assert eng.prefix.hits > 0
     assert_pool_free(eng)
+
+
+def test_outputs_are_token_records(lm):
+    """One TokenOutput per request and step: a token per step, the piece's last one marks it done,
+    the request's last one marks it finished."""
+    eng = engine(lm)
+    eng.add(make_req("a", [text(2), text(1)], seed=1, fixed_speech_tokens=3))
+    outs = []
+    while eng.running or eng.waiting:
+        outs += eng.step().outputs
+    assert all(isinstance(o, TokenOutput) and o.rid == "a" and len(o.tokens) == 1 for o in outs)
+    assert [(o.piece, o.piece_done, o.finished) for o in outs] == \
+        [(0, False, False)] * 2 + [(0, True, False)] + [(1, False, False)] * 2 + [(1, True, True)]
 
 
 def test_prefix_cache_hit_equals_miss(lm):

@@ -35,12 +35,11 @@ A step is a prefill step or a decode step (LightLLM's continuous batching):
 A finished piece frees its slots at once; the next piece is prefilled at the next step. Abort and
 errors free everything the request holds at once.
 
-Bistream requests (LLMReq.bistream; text arrives later through add_text) follow
-light_tts.models.bistream.BistreamPolicy, the same rules as Qwen2LM.inference_bistream: each input
-the policy asks for (the prompt mix, 5 text tokens after a fill, the final text + task) is a
-prefill that extends the request's KV; its speech tokens are decode steps like any other; after a
-fill it waits for text holding its KV and row but out of every forward, so it never holds up the
-batch. Admission reserves --bistream_max_len tokens for it (its length is unknown up front).
+Requests are Sequences of two kinds (light_tts.server.llm.sequence): SentenceSequence (all text
+known up front, the pieces above) and BistreamSequence (text streamed in through add_text; each
+input the bistream rules ask for is a prefill that extends its KV; after a fill it waits for text
+holding its KV and row but out of every forward, so it never holds up the batch). The engine
+schedules and runs both through one interface; the kind-specific rules live in sequence.py.
 """
 from __future__ import annotations
 
@@ -54,90 +53,38 @@ from typing import Optional
 import numpy as np
 import torch
 
-from light_tts.models.bistream import SPEECH, BistreamPolicy
-from light_tts.server.io_struct import LLMReq, SpeechTokensOutput
+from light_tts.server.io_struct import LLMReq
 from light_tts.server.llm.mem_manager import KVPool
 from light_tts.server.llm.model_runner import ModelRunner
-from light_tts.server.llm.prefix_cache import PrefixCache, PrefixEntry
+from light_tts.server.llm.prefix_cache import PrefixCache
 from light_tts.server.llm.req_manager import ReqManager
-from light_tts.server.llm.router import Load, estimated_peak, expected_new_tokens
-from light_tts.server.llm.sampler import Sampler, SampleRow
+from light_tts.server.llm.router import estimated_peak
+from light_tts.server.llm.sampler import Sampler
+from light_tts.server.llm.sequence import (LAST, SPEAK, WAIT, LengthExceeded, SeqConfig, Sequence,
+                                           sequence_kind)
 
 log = logging.getLogger("lighttts")
 
-# Length bounds of a piece in speech tokens per text token: Qwen2LM.inference's defaults, which
-# are the official CosyVoice2 inference values.
-MIN_TOKEN_TEXT_RATIO = 2.0
-MAX_TOKEN_TEXT_RATIO = 20.0
+__all__ = ["LLMEngine", "Sequence", "StepResult", "TokenOutput"]
+
 # (requests, tokens each) of the start-up prefill warm-up: single and packed batches, token counts
 # on and off multiples of 16 (Triton specialises integer arguments on that).
 WARM_PREFILL = ((1, 200), (2, 37), (4, 201), (16, 150))
 
 
-class LengthExceeded(Exception):
-    """A bistream request outgrew its length bound (answered 413)."""
-
-
-@dataclass
-class PiecePlan:
-    text_ids: list
-    input_len: int      # sos + prompt text + piece text + task id + prompt speech tokens
-    min_len: int        # eos is masked before this many tokens
-    max_len: int        # at most this many tokens (exactly this many with fixed_speech_tokens)
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One LLMReq inside the engine."""
-    req: LLMReq
-    plans: list
-    seed: int
-    order: int                                   # arrival number (admission / pause order)
+@dataclass(slots=True)
+class TokenOutput:
+    """One request's new speech tokens of one step (the LLM process batches them per decoder)."""
+    rid: str
+    tokens: list                 # new speech token ids of text piece `piece`
     piece: int = 0
-    decoded: list = field(default_factory=list)  # tokens of the current piece
-    generator: Optional[torch.Generator] = None  # exact sampler: the piece's RNG
-    row: Optional[int] = None                    # req_to_token row, from admission to the end
-    own_start: int = 0                           # positions own_start..seq_len-1 own their slots
-    prefix: Optional[PrefixEntry] = None         # shared prefix slots in use
-    seq_len: int = 0                             # positions in the pool; 0 = the piece needs a prefill
-    next_token: Optional[int] = None             # sampled, not yet fed
-    paused: bool = False                         # KV dropped mid-piece; resume with decoded tokens
-    prompt_text: list = field(default_factory=list)
-    prompt_speech: list = field(default_factory=list)
-    policy: Optional[BistreamPolicy] = None      # bistream requests only
-    fed: list = field(default_factory=list)      # bistream: items in the KV (replayed after a pause)
-    replay: list = field(default_factory=list)   # bistream: items to prefill again after a pause
-    replay_ready: bool = False                   # ... ending in a token to draw after (paused mid-run)
-    final_tokens: int = 0                        # bistream: tokens drawn after finish
-
-    @property
-    def rid(self) -> str:
-        return self.req.rid
-
-    @property
-    def fixed(self) -> bool:
-        return self.req.fixed_speech_tokens is not None
-
-    @property
-    def decoding(self) -> bool:
-        """In the next decode step (a bistream request waiting for text holds KV but is not)."""
-        return self.seq_len > 0 and (self.policy is None or self.next_token is not None)
-
-    @property
-    def needs_prefill(self) -> bool:
-        if self.policy is not None:   # a request paused while waiting for text replays once text comes
-            return (bool(self.replay) and self.replay_ready) or self.policy.has_input
-        return self.seq_len == 0
-
-    def prefill_len(self) -> int:
-        if self.policy is not None:
-            return len(self.replay) + (len(self.policy.lm_input) if self.policy.has_input else 0)
-        return self.plans[self.piece].input_len + len(self.decoded)
+    piece_done: bool = False     # piece `piece` has ended (eos or length limit)
+    finished: bool = False       # the whole request has ended
 
 
 @dataclass
 class StepResult:
-    outputs: list = field(default_factory=list)    # SpeechTokensOutput, at most one per request
+    outputs: list = field(default_factory=list)    # TokenOutput, at most one per request
     finished: list = field(default_factory=list)   # Sequences whose last piece ended this step
     errors: list = field(default_factory=list)     # (Sequence, message, status): dropped, answered
     admitted: list = field(default_factory=list)   # Sequences admitted this step (route them first)
@@ -157,7 +104,15 @@ class LLMEngine:
                  bistream_max_len: int = 3000):
         self.llm = llm                                  # light_tts.models.llm.Qwen2LM, eval mode
         self.device = llm.llm_embedding.weight.device
-        cfg = llm.llm.model.model.config
+        self.init_limits(max_total_token_num, max_req_total_len, running_max_req_size, batch_max_tokens,
+                         router_max_wait_tokens, router_token_ratio, router_max_new_token_len, bistream_max_len)
+        self.init_memory(int8_kv, prefix_cache_entries)
+        self.init_sampler(sampler, greedy)
+        self.init_graphs(cuda_graph, graph_max_batch_size, graph_max_len_in_batch)
+        self.init_queues()
+
+    def init_limits(self, max_total_token_num, max_req_total_len, running_max_req_size, batch_max_tokens,
+                    router_max_wait_tokens, router_token_ratio, router_max_new_token_len, bistream_max_len) -> None:
         self.max_total_token_num = int(max_total_token_num)
         self.max_req_total_len = int(max_req_total_len)
         self.running_max_req_size = int(running_max_req_size)
@@ -168,26 +123,40 @@ class LLMEngine:
         self.bistream_max_len = min(int(bistream_max_len), self.max_req_total_len)
         if self.max_req_total_len > self.max_total_token_num or self.batch_max_tokens < self.max_req_total_len:
             raise ValueError("need max_req_total_len <= max_total_token_num and batch_max_tokens >= max_req_total_len")
+        self.seq_cfg = SeqConfig(llm=self.llm, vocab_size=self.llm.llm.model.model.config.vocab_size,
+                                 speech_token_size=self.llm.speech_token_size,
+                                 max_req_total_len=self.max_req_total_len, bistream_max_len=self.bistream_max_len,
+                                 router_max_new_token_len=self.router_max_new_token_len)
 
+    def init_memory(self, int8_kv: bool, prefix_cache_entries: int) -> None:
+        cfg = self.llm.llm.model.model.config
         self.pool = KVPool(self.max_total_token_num, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                           llm.llm_embedding.weight.dtype, self.device, int8=int8_kv)
+                           self.llm.llm_embedding.weight.dtype, self.device, int8=int8_kv)
         self.reqs = ReqManager(self.running_max_req_size, self.max_req_total_len, self.pool.pad_slot, self.device)
         self.prefix = PrefixCache(self.pool, prefix_cache_entries)
-        self.runner = ModelRunner(llm, self.pool, self.reqs)
+        self.runner = ModelRunner(self.llm, self.pool, self.reqs)
+
+    def init_sampler(self, sampler: str, greedy: bool) -> None:
         if sampler == "auto":
             sampler = os.environ.get("LIGHTTTS_SAMPLER") or ("batched" if self.device.type == "cuda" else "exact")
-        self.sampler = Sampler(llm.speech_token_size, mode=sampler, greedy=greedy, **llm.sampling)
-        self.graphs = None
-        if cuda_graph and self.device.type == "cuda":
-            from light_tts.server.llm.cuda_graph import try_capture
-            self.graphs = try_capture(self.runner, graph_max_batch_size, min(graph_max_len_in_batch, self.max_req_total_len),
-                                      None if self.sampler.per_request_rng else self.sampler)
-        if self.device.type == "cuda":
-            try:
-                self.warm_up_prefill()
-            except Exception as e:  # noqa: BLE001 - a speed-up only: serve without it
-                log.warning("prefill warm-up failed, serving without it: %s: %s", type(e).__name__, e)
+        self.sampler = Sampler(self.llm.speech_token_size, mode=sampler, greedy=greedy, **self.llm.sampling)
 
+    def init_graphs(self, cuda_graph: bool, graph_max_batch_size: int, graph_max_len_in_batch: int) -> None:
+        """Decode CUDA graphs and the prefill warm-up (CUDA only)."""
+        self.graphs = None
+        if self.device.type != "cuda":
+            return
+        if cuda_graph:
+            from light_tts.server.llm.cuda_graph import try_capture
+            max_len = min(graph_max_len_in_batch, self.max_req_total_len)
+            self.graphs = try_capture(self.runner, graph_max_batch_size, max_len,
+                                      None if self.sampler.per_request_rng else self.sampler)
+        try:
+            self.warm_up_prefill()
+        except Exception as e:  # noqa: BLE001 - a speed-up only: serve without it
+            log.warning("prefill warm-up failed, serving without it: %s: %s", type(e).__name__, e)
+
+    def init_queues(self) -> None:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []             # admitted, in admission order
         self.wait_steps = 0                            # decode steps since new requests were last considered
@@ -237,71 +206,13 @@ class LLMEngine:
 
     # ---- requests in ------------------------------------------------------------------------
 
-    def plan(self, req: LLMReq) -> list[PiecePlan]:
-        """Length bounds per piece, as Qwen2LM.inference computes them."""
-        prompt = 2 + len(req.prompt_text_ids) + len(req.prompt_speech_tokens)
-        plans = []
-        for piece in req.text_pieces:
-            ids = [int(t) for t in piece]
-            min_len, max_len = self.llm.length_bounds(len(ids), MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO)
-            if req.fixed_speech_tokens is not None:
-                min_len = max_len = int(req.fixed_speech_tokens)
-            elif req.max_speech_tokens is not None:
-                max_len = min(max_len, int(req.max_speech_tokens))
-            plans.append(PiecePlan(ids, prompt + len(ids), min_len, max(0, max_len)))
-        return plans
-
     def check(self, req: LLMReq) -> Optional[str]:
         """Why `req` can never run (the caller answers 400), or None."""
-        if req.bistream:
-            return self._check_bistream(req)
-        if not req.text_pieces:
-            return "no text to speak"
-        return self._check_ids(req) or self._check_length(req)
-
-    def _check_bistream(self, req: LLMReq) -> Optional[str]:
-        if req.fixed_speech_tokens is not None:
-            return "fixed_speech_tokens is not available for bistream requests (use max_speech_tokens)"
-        bad = self._check_ids(req)
-        if bad:
-            return bad
-        prompt = 2 + len(req.prompt_text_ids) + len(req.prompt_speech_tokens)
-        if prompt + 16 > self.bistream_max_len:   # room for at least one 15-token run and its fill
-            return (f"prompt too long for bistream: {prompt} tokens (prompt text {len(req.prompt_text_ids)} + prompt "
-                    f"speech {len(req.prompt_speech_tokens)} + 2) leaves no room in --bistream_max_len "
-                    f"{self.bistream_max_len}")
-        return None
-
-    def _check_ids(self, req: LLMReq) -> Optional[str]:
-        vocab = self.llm.llm.model.model.config.vocab_size
-        for name, ids, limit in (("text", [t for p in req.text_pieces for t in p], vocab),
-                                 ("prompt text", _ids(req.prompt_text_ids), vocab),
-                                 ("prompt speech", _ids(req.prompt_speech_tokens), self.llm.speech_token_size)):
-            bad = [int(t) for t in ids if not 0 <= int(t) < limit]
-            if bad:
-                return f"{name} token id {bad[0]} out of range [0, {limit})"
-        return None
-
-    def _check_length(self, req: LLMReq) -> Optional[str]:
-        plans = self.plan(req)
-        worst = max(plans, key=lambda p: p.input_len + p.max_len)
-        need = worst.input_len + worst.max_len
-        if need > self.max_req_total_len:
-            return (f"request too long: {need} tokens (prompt text {len(req.prompt_text_ids)} + text piece "
-                    f"{len(worst.text_ids)} + prompt speech {len(req.prompt_speech_tokens)} + 2 special + up to "
-                    f"{worst.max_len} speech tokens) exceeds --max_req_total_len {self.max_req_total_len}")
-        return None
+        return sequence_kind(req).check(req, self.seq_cfg)
 
     def add(self, req: LLMReq) -> Sequence:
         seed = int(req.seed) if req.seed is not None else random.SystemRandom().randrange(2**63)
-        # a bistream request is one open-ended piece; its length bound is --bistream_max_len
-        plans = [PiecePlan([], 0, 0, self.bistream_max_len)] if req.bistream else self.plan(req)
-        seq = Sequence(req=req, plans=plans, seed=seed, order=self._arrivals,
-                       prompt_text=_ids(req.prompt_text_ids), prompt_speech=_ids(req.prompt_speech_tokens))
-        if req.bistream:
-            seq.policy = BistreamPolicy(seq.prompt_text, seq.prompt_speech, self.llm.speech_token_size,
-                                        self.llm.mix_ratio)
-            seq.generator = self._new_generator(seq.seed)   # one RNG for the whole utterance
+        seq = sequence_kind(req)(req, self.seq_cfg, seed, self._arrivals, self._new_generator(seed))
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -309,13 +220,7 @@ class LLMEngine:
     def add_text(self, rid: str, tokens: list, finish: bool) -> bool:
         """More text (and/or its end) for bistream request `rid`; False if it is not here (ended)."""
         seq = self.find(rid)
-        if seq is None or seq.policy is None:
-            return False
-        vocab = self.llm.llm.model.model.config.vocab_size
-        seq.policy.add_text([int(t) for t in tokens if 0 <= int(t) < vocab])
-        if finish:
-            seq.policy.finish()
-        return True
+        return seq is not None and seq.add_text(tokens, finish)
 
     def find(self, rid: str) -> Optional[Sequence]:
         return next((s for s in (*self.waiting, *self.running) if s.rid == rid), None)
@@ -340,27 +245,9 @@ class LLMEngine:
     def is_busy(self) -> bool:
         return self.kv_used() >= self.router_token_ratio * self.max_total_token_num
 
-    def load(self, seq: Sequence, busy: bool) -> Load:
-        """The request's KV load for the admission estimate (light_tts.server.llm.router)."""
-        if seq.policy is not None:   # its length is unknown: reserve the bistream bound
-            has = seq.seq_len + (seq.prefill_len() if seq.needs_prefill else 0)
-            est = expected_new_tokens(self.bistream_max_len - has, 0, fixed=False, busy=busy,
-                                      router_max_new_token_len=self.router_max_new_token_len)
-            return Load(has=has, left=max(0, est))
-        plan = seq.plans[seq.piece]
-        produced = len(seq.decoded)
-        est = expected_new_tokens(plan.max_len, produced, fixed=seq.fixed, busy=busy,
-                                  router_max_new_token_len=self.router_max_new_token_len)
-        has = seq.seq_len if seq.decoding else plan.input_len + produced
-        later = [(p.input_len, expected_new_tokens(p.max_len, 0, fixed=seq.fixed, busy=busy,
-                                                   router_max_new_token_len=self.router_max_new_token_len))
-                 for p in seq.plans[seq.piece + 1:]]
-        return Load(has=has, left=max(0, est - produced), later=max((i + e for i, e in later), default=0),
-                    steps=sum(e for _, e in later))
-
     def estimated_peak(self, extra: tuple = ()) -> int:
         busy = self.is_busy()
-        return estimated_peak([self.load(s, busy) for s in (*self.running, *extra)])
+        return estimated_peak([s.load(busy) for s in (*self.running, *extra)])
 
     def _available(self) -> int:
         return self.pool.num_free + self.prefix.evictable_tokens()
@@ -377,26 +264,24 @@ class LLMEngine:
             res.paused += 1
         budget, room = self.batch_max_tokens, self._available()
         batch: list[Sequence] = []
-        for seq in [s for s in self.running if s.needs_prefill]:
-            if seq.policy is None and seq.plans[seq.piece].max_len <= 0:
-                continue                                   # ends without a forward (_skip_empty)
+        pending = [s for s in self.running if s.needs_prefill and not s.empty]   # empty: _skip_empty
+        for seq in pending:
             need = seq.prefill_len()
             if need > budget or need > room:
                 break                                      # keep the order: earlier requests first
             batch.append(seq)
             budget -= need
             room -= need
-        if not admit or len(batch) < sum(1 for s in self.running if s.needs_prefill and
-                                         (s.policy is not None or s.plans[s.piece].max_len > 0)):
+        if not admit or len(batch) < len(pending):
             return batch                                   # admitted work is still waiting: admit nothing new
         busy = self.is_busy()
-        loads = [self.load(s, busy) for s in self.running]
+        loads = [s.load(busy) for s in self.running]
         while self.waiting and len(self.running) < self.running_max_req_size:
             seq = self.waiting[0]
             need = seq.prefill_len() if seq.needs_prefill else 0
             if need > budget or need > room:
                 break
-            loads.append(self.load(seq, busy))
+            loads.append(seq.load(busy))
             if estimated_peak(loads) > self.max_total_token_num:
                 loads.pop()
                 break
@@ -404,7 +289,7 @@ class LLMEngine:
             seq.row = self.reqs.alloc()
             self.running.append(seq)
             res.admitted.append(seq)
-            if need > 0 and seq.plans[0].max_len > 0:
+            if need > 0 and not seq.empty:
                 batch.append(seq)
                 budget -= need
                 room -= need
@@ -439,8 +324,7 @@ class LLMEngine:
     def _skip_empty(self, res: StepResult) -> None:
         """Pieces with nothing to generate (max length 0) end without a forward."""
         for seq in list(self.running):
-            while (seq in self.running and seq.policy is None and not seq.decoding
-                   and seq.plans[seq.piece].max_len <= 0):
+            while seq in self.running and not seq.decoding and seq.empty:
                 self._end_piece(seq, [], res)
 
     def _prefill(self, batch: list, res: StepResult) -> None:
@@ -485,47 +369,23 @@ class LLMEngine:
         self._sample(placed, logits, res)
 
     def _place(self, seq: Sequence):
-        """Slots (in req_to_token) and input rows of a piece's prefill. Returns (x [n_new, D], n_new,
-        total, the prefix key to insert after the forward or None)."""
-        if seq.policy is not None:
-            return self._place_bistream(seq)
-        plan = seq.plans[seq.piece]
-        if seq.paused:
-            seq.paused = False                     # resume: prompt + the tokens so far, same sampler state
-        else:
-            seq.decoded = []
-            seq.generator = self._new_generator(seq.seed)   # the seed re-applied per piece
-        lm_input = self.llm.build_lm_input(plan.text_ids, seq.prompt_text, seq.prompt_speech)[0]
-        if seq.decoded:
-            fed = torch.tensor(seq.decoded, dtype=torch.long, device=self.device)
-            lm_input = torch.cat((lm_input, self.llm.speech_embedding(fed)))
-        total = lm_input.shape[0]
-        key = tuple(seq.prompt_text)
+        """Slots (in req_to_token) and input rows of the sequence's next prefill. Returns (x [n_new, D],
+        n_new, total, the prefix key to insert after the forward or None)."""
+        x, past, key = seq.prefill_input()
         entry = self.prefix.lookup(key) if key else None
         seq.prefix = entry                         # released by _free_piece, even if the alloc fails
-        past = entry.num_tokens if entry is not None else 0
-        n_new = total - past
+        if entry is not None:                      # a key comes only with past == 0: the entry is the start
+            past = entry.num_tokens
+            x = x[past:]
+        n_new = x.shape[0]
         own = self._alloc(n_new)
         if entry is not None:
             self.reqs.write(seq.row, 0, entry.slots)
-        seq.own_start, seq.seq_len = past, total
+        seq.own_start = entry.num_tokens if entry is not None else 0
+        seq.seq_len = past + n_new
         self.reqs.write(seq.row, past, own)
         insert = key if key and entry is None and self.prefix.enabled else None
-        return lm_input[past:], n_new, total, insert
-
-    def _place_bistream(self, seq: Sequence):
-        """Extend the request's KV by the policy's next input (or, after a pause, everything again)."""
-        items = seq.replay + (seq.policy.next_input() if seq.policy.has_input else [])
-        seq.replay, seq.replay_ready, seq.paused = [], False, False
-        past, n_new = seq.seq_len, len(items)
-        if past + n_new > self.bistream_max_len:
-            raise LengthExceeded(f"the utterance outgrew --bistream_max_len {self.bistream_max_len} tokens of "
-                                 f"prompt, text and speech; send finish sooner or raise the limit")
-        own = self._alloc(n_new)
-        self.reqs.write(seq.row, past, own)
-        seq.own_start, seq.seq_len = 0, past + n_new
-        seq.fed += items
-        return self.llm.embed_items(items), n_new, seq.seq_len, None
+        return x, n_new, seq.seq_len, insert
 
     def _new_generator(self, seed: int) -> Optional[torch.Generator]:
         """The exact sampler's per-request RNG (None for the batched sampler and greedy)."""
@@ -545,7 +405,7 @@ class LLMEngine:
         if not self.pool.can_alloc(need):
             self.prefix.evict(need)
         while not self.pool.can_alloc(len(decoding)):
-            # bistream requests idling on text first (they make no progress), then the most recently
+            # requests idling on text first (they make no progress), then the most recently
             # admitted decoding request; the last decoding one always keeps going
             idle = self._idle_holders()
             victims = idle or (decoding if len(decoding) > 1 else [])
@@ -560,8 +420,6 @@ class LLMEngine:
             slots = self.pool.alloc(len(decoding))
             for seq in decoding:
                 seq.seq_len += 1
-                if seq.policy is not None:
-                    seq.fed.append((SPEECH, seq.next_token))
             tokens = [s.next_token for s in decoding]
             rows = [s.row for s in decoding]
             lens = [s.seq_len for s in decoding]
@@ -583,21 +441,9 @@ class LLMEngine:
         self._sample(decoding, logits, res, rows_forced, drawn)
 
     def _sample_rows(self, batch: list) -> tuple[list, list]:
-        """The sampler's row of every entry, and the token a bistream policy forces at it (a scheduled
-        fill: nothing is drawn for it, so the exact sampler's RNG does not advance) or None."""
-        rows, forced = [], []
-        for seq in batch:
-            if seq.policy is not None:
-                forced.append(seq.policy.forced_token())
-                rows.append(SampleRow(decoded=seq.policy.out, ignore_eos=seq.policy.ignore_eos, block_stops=False,
-                                      generator=seq.generator, seed=seq.seed, counter=len(seq.policy.out)))
-            else:
-                forced.append(None)
-                plan = seq.plans[seq.piece]
-                rows.append(SampleRow(decoded=seq.decoded, ignore_eos=len(seq.decoded) < plan.min_len,
-                                      block_stops=seq.fixed, generator=seq.generator, seed=seq.seed,
-                                      counter=(seq.piece << 24) | len(seq.decoded)))
-        return rows, forced
+        """The sampler's row of every entry, and the token imposed at it (nothing is drawn for it, so
+        the exact sampler's RNG does not advance) or None."""
+        return [s.sample_row() for s in batch], [s.forced_token() for s in batch]
 
     def _sample(self, batch: list, logits: torch.Tensor, res: StepResult, rows_forced: Optional[tuple] = None,
                 drawn: Optional[torch.Tensor] = None) -> None:
@@ -622,55 +468,24 @@ class LLMEngine:
                 self._fail(seq, f"LLM sampling failed: {type(e).__name__}: {e}", res)
             return
         for seq, token in zip(batch, tokens):
-            if seq.policy is not None:
-                self._bistream_token(seq, token, res)
+            try:
+                verdict = seq.accept(token)
+            except LengthExceeded as e:
+                self._fail(seq, str(e), res, status=413)
                 continue
-            plan = seq.plans[seq.piece]
-            if token >= self.llm.speech_token_size:  # a stop token: not emitted
-                self._end_piece(seq, [], res)
-                continue
-            seq.decoded.append(token)
-            if len(seq.decoded) >= plan.max_len:
-                self._end_piece(seq, [token], res)
-            else:
+            if verdict == SPEAK:
                 seq.next_token = token
-                res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=[token], piece=seq.piece))
-
-    def _bistream_token(self, seq: Sequence, token: int, res: StepResult) -> None:
-        final = seq.policy.final
-        verdict = seq.policy.on_token(token)
-        if verdict == "end":
-            self._end_piece(seq, [], res)
-        elif verdict == "speech":
-            seq.policy.next_input()                          # this token is fed by the next decode step
-            seq.final_tokens += final
-            cap = self._final_cap(seq)
-            if final and seq.final_tokens >= cap:
-                self._end_piece(seq, [token], res)
-            elif seq.seq_len + 1 > self.bistream_max_len:
-                if final:
-                    self._end_piece(seq, [token], res)
-                else:
-                    self._fail(seq, f"the utterance outgrew --bistream_max_len {self.bistream_max_len} tokens "
-                                    f"before finish; send finish sooner or raise the limit", res, status=413)
-            else:
-                seq.next_token = token
-                res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=[token]))
-        else:  # "wait": a fill; the KV stays, the request leaves the decode batch until its next input
-            seq.next_token = None
-
-    def _final_cap(self, seq: Sequence) -> int:
-        """Tokens after finish: 20 x the utterance's text tokens (the unistream bound), max_speech_tokens."""
-        cap = max(1, int(MAX_TOKEN_TEXT_RATIO * seq.policy.new_text_tokens))
-        if seq.req.max_speech_tokens is not None:
-            cap = min(cap, int(seq.req.max_speech_tokens))
-        return cap
+                res.outputs.append(TokenOutput(seq.rid, [token], seq.piece))
+            elif verdict == WAIT:                       # holds its KV, out of the decode batch until its next input
+                seq.next_token = None
+            else:                                       # STOP: the token is not emitted; LAST: it is
+                self._end_piece(seq, [token] if verdict == LAST else [], res)
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
     def _idle_holders(self) -> list:
-        """Bistream requests holding KV while out of every forward (waiting for text or a prefill)."""
-        return [s for s in self.running if s.policy is not None and s.seq_len > 0 and not s.decoding]
+        """Requests holding KV while out of every forward (a bistream request waiting for text)."""
+        return [s for s in self.running if s.seq_len > 0 and not s.decoding]
 
     def _free_piece(self, seq: Sequence) -> None:
         """Give back the piece's KV: own slots to the pool, the prefix reference to the cache."""
@@ -684,14 +499,11 @@ class LLMEngine:
         seq.next_token = None
 
     def _pause(self, seq: Sequence) -> None:
-        if seq.policy is not None:   # replay everything it had fed (and the token it was about to feed)
-            seq.replay_ready = seq.decoding
-            seq.replay = seq.fed + ([(SPEECH, seq.next_token)] if seq.decoding else [])
-            seq.fed = []
+        held = seq.seq_len
+        seq.on_pause()                 # before the KV goes: it may replay what it had fed
         self._free_piece(seq)
-        seq.paused = True
         self.num_paused += 1
-        log.info("paused %s (KV pool full): %d tokens kept, resumed at a later prefill", seq.rid, len(seq.decoded))
+        log.info("paused %s (KV pool full): %d KV tokens freed, prefilled again at a later step", seq.rid, held)
 
     def _drop(self, seq: Sequence) -> None:
         self._free_piece(seq)
@@ -702,16 +514,12 @@ class LLMEngine:
 
     def _end_piece(self, seq: Sequence, tokens: list, res: StepResult) -> None:
         self._free_piece(seq)
-        last = seq.piece + 1 >= len(seq.plans)
-        res.outputs.append(SpeechTokensOutput(rid=seq.rid, tokens=tokens, piece=seq.piece,
-                                              piece_done=True, finished=last))
+        piece = seq.piece
+        last = not seq.next_piece()    # the next piece is prefilled at the next prefill step
+        res.outputs.append(TokenOutput(seq.rid, tokens, piece, True, last))
         if last:
             self._drop(seq)
             res.finished.append(seq)
-        else:
-            seq.piece += 1  # prefilled at the next prefill step
-            seq.decoded = []
-            seq.paused = False
 
     def _fail(self, seq: Sequence, message: str, res: StepResult, status: int = 500) -> None:
         if seq in self.running:
@@ -733,9 +541,3 @@ class LLMEngine:
                     prefix_entries=len(self.prefix.entries), paused=self.num_paused,
                     cuda_graphs=len(self.graphs.graphs) if self.graphs is not None else 0,
                     sampler=self.sampler.mode, kv_int8=self.pool.int8)
-
-
-def _ids(a) -> list:
-    if a is None:
-        return []
-    return np.asarray(a).reshape(-1).astype(np.int64).tolist()
