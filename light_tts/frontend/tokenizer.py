@@ -120,7 +120,6 @@ class CosyVoice2Tokenizer:
 
         self.skip_special_tokens = skip_special_tokens
         self.eos_token_id = tok.token_to_id(COSYVOICE2_EOS_TOKEN)
-        self.special_token_ids = {c: tok.token_to_id(c) for c in COSYVOICE2_ADDITIONAL_TOKENS}
 
     def _add(self, token: AddedToken, special: bool) -> None:
         if special:

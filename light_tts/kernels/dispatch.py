@@ -35,10 +35,6 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
-def get_backend() -> str:
-    return _backend
-
-
 def _find_triton(name: str) -> Optional[Callable]:
     """The Triton implementation of `name`, or None (cached)."""
     if name in _triton:

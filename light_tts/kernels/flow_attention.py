@@ -1,6 +1,6 @@
 """flow_attention: the flow estimator's self-attention for a padded batch of rows, with the
 chunk mask as a rule instead of a dense (B, 1, T, T) bias, and an optional cached prefix per row
-read from the prompt cache's pool (decode/prompt_cache.py).
+read from the prompt cache's pool (light_tts/server/decode/prompt_cache.py).
 
 Row r holds n_r new frames (q, k, v [B, T, H, D]; frames past n_r are padding). Before them sit
 prefix_len[r] cached frames at pool slots prefix_start[r] ...; new frame i is at absolute position

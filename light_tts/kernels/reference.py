@@ -199,7 +199,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 def frame_norm(a: torch.Tensor, out: torch.Tensor, *, delta=None, pre_bias=None, sum_out=None, weight=None,
                bias=None, eps: float = 1e-5, mish: bool = False, mask=None, post_add=None,
                mask_end: bool = False) -> torch.Tensor:
-    """The flow estimator's per-frame channel ops, fused (decode/fused_estimator.py). Tensors are
+    """The flow estimator's per-frame channel ops, fused (server/decode/fused_estimator.py). Tensors are
     [B, T, C] views (any strides), mask [B, T] of 0/1; computed in fp32, rounded once per output:
 
         s = a + delta + pre_bias             (the residual add and its pending bias)

@@ -98,7 +98,3 @@ class CosyVoice2Model:
             setattr(model, c, module)
             model.load_seconds[c] = time.perf_counter() - t0
         return model
-
-    def parameter_counts(self) -> dict:
-        return {c: sum(p.numel() for p in getattr(self, c).parameters())
-                for c in COMPONENTS if getattr(self, c) is not None}

@@ -73,7 +73,6 @@ class Qwen2LM(nn.Module):
         self.sos = 0
         self.task_id = 1
         self.eos_token = self.speech_token_size
-        self.fill_token = self.speech_token_size + 2  # bistream: "more text needed"
         self.mix_ratio = [int(r) for r in mix_ratio]
         # ras_sampling kwargs; yaml values may arrive as strings, so coerce to the default's type.
         given = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in DEFAULT_SAMPLING}}
@@ -99,9 +98,6 @@ class Qwen2LM(nn.Module):
         if last_only:
             hidden = hidden[:, -1]
         return self.llm_decoder(hidden)
-
-    def embed_speech_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.speech_embedding(tokens)
 
     def build_lm_input(self, text_ids: TokenIds, prompt_text_ids: Optional[TokenIds] = None,
                        prompt_speech_tokens: Optional[TokenIds] = None) -> torch.Tensor:

@@ -101,12 +101,12 @@ class Token2Wav:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
-        if voice is not None:   # the caller hashed the voice already (decode_process: once per request)
+        if voice is not None:   # the caller hashed the voice already (the decode process: once per request)
             self.conditioning_key = voice
 
     @functools.cached_property
     def conditioning_key(self) -> bytes:
-        """The voice's identity for the decode engine's prompt cache (decode/prompt_cache.py);
+        """The voice's identity for the decode engine's prompt cache (light_tts/server/decode/prompt_cache.py);
         computed on first use, so a server without the cache never hashes prompts."""
         return conditioning_digest(self.prompt_tokens, self.prompt_feat, self.embedding)
 

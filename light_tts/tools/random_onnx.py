@@ -34,8 +34,7 @@ IR_VERSION = 8  # loadable by older onnxruntime releases too
 CAMPPLUS_FEAT_DIM = 80
 CAMPPLUS_EMBED_DIM = 192
 SPEECH_TOKENIZER_MELS = 128
-FSQ_DIMS = 8
-SPEECH_TOKEN_VOCAB = 3 ** FSQ_DIMS  # 6561
+FSQ_DIMS = 8   # 3 ** FSQ_DIMS = 6561 speech tokens
 
 _HIDDEN = 64
 

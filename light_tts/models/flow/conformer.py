@@ -31,7 +31,7 @@ class RelPositionalEncoding(nn.Module):
         self._table: torch.Tensor | None = None  # fp32, CPU
         self._cast: dict[tuple, torch.Tensor] = {}
         # Tables replaced by a longer one stay alive: CUDA graphs captured with them
-        # (decode/cuda_graph.GraphEncoder) keep reading their memory.
+        # (light_tts.server.decode.cuda_graph.GraphEncoder) keep reading their memory.
         self._retired: list[torch.Tensor] = []
 
     def _build(self, length: int) -> torch.Tensor:

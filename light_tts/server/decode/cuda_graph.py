@@ -54,7 +54,7 @@ class GraphCache:
     """What the three graph runners share: captured graphs by bucket key in one memory pool, the
     least recently used dropped past MAX_GRAPHS, captured on first use by the runner's
     `capture(key, like)`. A failed capture switches the runner to eager for good (slower, not
-    wrong), except running out of memory, which must surface (at start, decode_process then
+    wrong), except running out of memory, which must surface (at start, the decode process then
     names the flag to change)."""
 
     def init_graphs(self, pool) -> None:
@@ -108,7 +108,6 @@ class GraphSolver(GraphCache, EagerSolver):
         self.init_graphs(pool)
         self.fill_failed = False
         self.buffers: dict = {}
-        self.capture_seconds = 0.0
 
     def bucket(self, rows: int, frames: int) -> tuple[int, int]:
         if frames > self.max_frames or rows > self.buckets[-1]:
@@ -168,7 +167,6 @@ class GraphSolver(GraphCache, EagerSolver):
         else:
             inputs = self._zeroed_inputs(*key, like)
             graph, output = self.capture_fn(lambda: EagerSolver.run(self, inputs))
-        self.capture_seconds += time.perf_counter() - t0
         log.debug("captured the flow solver for %s in %.2f s", key, time.perf_counter() - t0)
         return self.keep(key, graph, inputs, output)
 

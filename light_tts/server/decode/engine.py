@@ -1,14 +1,15 @@
 """DecodeEngine: the next chunk of many sentences -> audio, with one flow and one HiFT call.
 
-The schedule stays per sentence in token2wav.StreamingDecoder (one implementation for the
+The schedule stays per sentence in light_tts.models.token2wav.StreamingDecoder (one implementation for the
 reference and the server): the caller takes each decoder's `next_chunk()` and hands the
 (Token2Wav, Chunk) pairs here. Token2Wav keeps the per-request state (prompt, speaker, HiFT
 cache, NSF generator) and does the per-row work around the vocoder (`hift_input`,
 `hift_output`); the engine batches the two model calls in between.
 
-Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py)
-with the prompt cache (a voice's fixed prompt frames computed once: prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and the HiFT
-network (unless disabled); torch.compile of HiFT, and of the estimator
+Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py),
+with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once:
+prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
+the HiFT network (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt: it replaces the fused
 estimator and the Euler loop's graph, the loop runs eagerly around the engine, and --load_jit is
 ignored).

@@ -1,6 +1,6 @@
 """FusedEstimator: BiasEstimator's forward (same weights, same inputs, same math up to rounding) in
 about 60% of the kernels (753 instead of 1224 per call), because at small batches the estimator is launch bound: ~1200 kernels of a few
-microseconds per Euler step (docs/benchmarks.md, profile_flow.py).
+microseconds per Euler step (docs/benchmarks.md, scripts/bench/profile_flow.py).
 
 What changes against the module-by-module forward:
 - the transformer blocks keep their rows as (B, T, C) for the whole stage (no transposes around
