@@ -1,6 +1,6 @@
 """The decode stage as the server runs it: a 'spawn' process on the tiny model, real ipc sockets.
 
-The test plays the LLM (DecodeStartReq + SpeechTokensOutput over one PUSH socket, in order) and
+The test plays the LLM (DecodeStartReq + SpeechTokensBatchOutput over one PUSH socket, in order) and
 one HTTP worker (a PULL socket at its reply address). Audio must equal, bit for bit, what the
 plain reference path (`stream_chunks`) makes of the same tokens, however they are split.
 """
@@ -16,7 +16,7 @@ import zmq
 from light_tts.frontend.frontend import Frontend
 from light_tts.server.args import parse_args
 from light_tts.server.decode.process import cpu_threads, load_decode_model, run_decode_process
-from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
+from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensBatchOutput,
                                         sock_recv, sock_send)
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats, stage_health
 from light_tts.audio_out import pcm16_bytes
@@ -58,19 +58,24 @@ class Harness:
         self.push = connect_push(self.ctx, endpoints.decode(0))
         self.n = 0
 
-    def start(self, voice, stream, speed=1.0, seed=0, num_pieces=1, **override) -> str:
+    def start(self, voice, stream, speed=1.0, seed=0, **override) -> str:
         self.n += 1
         rid = f"r{self.n}"
         fields = dict(prompt_speech_tokens=voice.speech_tokens, prompt_feat=voice.prompt_feat,
                       embedding=voice.embedding)
         fields.update(override)
-        sock_send(self.push, DecodeStartReq(rid=rid, reply_to=self.reply_to, stream=stream, speed=speed, seed=seed,
-                                            num_pieces=num_pieces, **fields))
+        sock_send(self.push, DecodeStartReq(rid=rid, reply_to=self.reply_to, stream=stream, speed=speed, seed=seed, **fields))
         return rid
 
     def tokens(self, rid, tokens, piece=0, piece_done=False, finished=False):
-        sock_send(self.push, SpeechTokensOutput(rid=rid, tokens=list(tokens), piece=piece, piece_done=piece_done,
-                                                finished=finished))
+        """One request's tokens as the LLM sends them: a batch of one row."""
+        self.batch([(rid, tokens, piece, piece_done, finished)])
+
+    def batch(self, rows):
+        """One LLM step's batch: rows of (rid, tokens, piece, piece_done, finished)."""
+        rids, tokens, pieces, piece_done, finished = (list(c) for c in zip(*rows))
+        sock_send(self.push, SpeechTokensBatchOutput(rids=rids, tokens=[list(t) for t in tokens], pieces=pieces,
+                                                     piece_done=piece_done, finished=finished))
 
     def send_split(self, rid, tokens, sizes, piece=0, finished=True):
         i, k = 0, 0
@@ -185,7 +190,7 @@ def test_non_stream_with_speed_equals_reference(decoder, voice, reference):
 def test_two_sentences_in_order(decoder, voice, reference):
     h, _, _ = decoder
     a, b = _tokens(70, 4), _tokens(30, 5)
-    rid = h.start(voice, stream=True, num_pieces=2)
+    rid = h.start(voice, stream=True, )
     h.send_split(rid, a, sizes=[20], piece=0, finished=False)
     h.send_split(rid, b, sizes=[11], piece=1, finished=True)
     msgs = h.collect([rid])[rid]
@@ -223,14 +228,16 @@ def test_abort_stops_audio_and_frees_the_request(decoder, voice, reference):
 def test_errors_fail_one_request_and_the_process_keeps_serving(decoder, voice, reference):
     h, _, proc = decoder
     bad_start = h.start(voice, stream=True, prompt_feat=np.zeros((0, 80), np.float32))
-    h.tokens(bad_start, _tokens(50, 7), finished=True)                 # dropped: no state
     bad_tokens = h.start(voice, stream=True)
-    h.tokens(bad_tokens, [7000] * 50, finished=True)                   # outside the 6561-token vocabulary
     bad_piece = h.start(voice, stream=True)
-    h.tokens(bad_piece, _tokens(10, 8), piece=1, finished=True)        # sentence 1 before sentence 0
     good = h.start(voice, stream=True)
     tokens = _tokens(80, 9)
-    h.send_split(good, tokens, sizes=[33])
+    # one step's batch: a bad row fails its own request only, the rows after it still count
+    h.batch([(bad_start, _tokens(50, 7), 0, True, True),          # dropped: no state
+             (bad_tokens, [7000] * 50, 0, True, True),            # outside the 6561-token vocabulary
+             (bad_piece, _tokens(10, 8), 1, True, True),          # sentence 1 before sentence 0
+             (good, tokens[:33], 0, False, False)])
+    h.send_split(good, tokens[33:], sizes=[33])
     got = h.collect([bad_start, bad_tokens, bad_piece, good])
     for rid in (bad_start, bad_tokens, bad_piece):
         assert len(got[rid]) == 1 and isinstance(got[rid][0], ErrorOutput), got[rid]
@@ -246,10 +253,11 @@ def test_interleaved_requests_both_complete(decoder, voice, reference):
     ta, tb = _tokens(120, 10), _tokens(90, 11)
     a = h.start(voice, stream=True, seed=1)
     b = h.start(voice, stream=False, seed=2)
-    for i in range(0, 120, 15):                   # a's and b's messages alternate on the one socket
-        h.tokens(a, ta[i:i + 15], piece_done=i + 15 >= 120, finished=i + 15 >= 120)
+    for i in range(0, 120, 15):                   # one batch per LLM step: a row for each request still going
+        rows = [(a, ta[i:i + 15], 0, i + 15 >= 120, i + 15 >= 120)]
         if i < 90:
-            h.tokens(b, tb[i:i + 15], piece_done=i + 15 >= 90, finished=i + 15 >= 90)
+            rows.append((b, tb[i:i + 15], 0, i + 15 >= 90, i + 15 >= 90))
+        h.batch(rows)
     got = h.collect([a, b])
     # a and b share batched flow/HiFT calls: equal to decoding each alone up to float rounding
     # (GEMM blocking depends on the batch), i.e. within a PCM16 step or two

@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -14,11 +15,13 @@ import zmq
 from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.server import io_struct
 from light_tts.server.args import parse_args
-from light_tts.server.io_struct import AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensOutput
+from light_tts.server.io_struct import AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensBatchOutput
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats
 from light_tts.server.llm.process import run_llm_process
 
 REPLY = "w0"
+# One row of a SpeechTokensBatchOutput: one request's new tokens of one LLM step.
+Row = namedtuple("Row", "rid tokens piece piece_done finished")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def make_req(rid, pieces, *, prompt_text=(5, 6, 7), prompt_speech=(11, 12, 13, 1
              max_speech_tokens=None, fixed_speech_tokens=None):
     decode = DecodeStartReq(rid=rid, reply_to=reply_to, prompt_speech_tokens=np.array(prompt_speech, np.int32),
                             prompt_feat=np.zeros((2 * len(prompt_speech), 80), np.float32),
-                            embedding=np.zeros(192, np.float32), num_pieces=len(pieces))
+                            embedding=np.zeros(192, np.float32))
     return LLMReq(rid=rid, reply_to=reply_to, text_pieces=[list(p) for p in pieces],
                   prompt_text_ids=np.array(prompt_text, np.int32), prompt_speech_tokens=np.array(prompt_speech, np.int32),
                   decode=decode, seed=seed, max_speech_tokens=max_speech_tokens,
@@ -108,7 +111,8 @@ class Harness:
                 del os.environ["CUDA_VISIBLE_DEVICES"]
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved
-        self.msgs = []  # (source, message) in arrival order per source
+        self.msgs = []     # (source, message) in arrival order per source; a batch as its Rows
+        self.batches = []  # (source, SpeechTokensBatchOutput) as received
 
     def send(self, msg):
         io_struct.sock_send(self.to_llm, msg)
@@ -129,7 +133,11 @@ class Harness:
             assert time.monotonic() < deadline, "timed out waiting for the LLM process"
             for s, _ in poller.poll(100):
                 for m in io_struct.drain(s):
-                    self.msgs.append((socks[s], m))
+                    if isinstance(m, SpeechTokensBatchOutput):
+                        self.batches.append((socks[s], m))
+                        self.msgs += [(socks[s], Row(*row)) for row in m.rows()]
+                    else:
+                        self.msgs.append((socks[s], m))
 
     def settle(self, seconds):
         end = time.monotonic() + seconds
@@ -149,7 +157,7 @@ class Harness:
         return [(src, m) for src, m in self.msgs if m.rid == rid]
 
     def finished(self, rid):
-        return any(isinstance(m, SpeechTokensOutput) and m.finished or isinstance(m, ErrorOutput)
+        return any(isinstance(m, Row) and m.finished or isinstance(m, ErrorOutput)
                    for _, m in self.of(rid))
 
     def close(self):
@@ -177,7 +185,7 @@ def test_process_concurrent_requests_equal_reference_and_balance_decoders(server
              server.req("r5", [text(1)], seed=15)]
     for r in first:
         server.send(r)
-    server.pump(lambda: sum(isinstance(m, SpeechTokensOutput) for _, m in server.msgs) >= 6)
+    server.pump(lambda: sum(isinstance(m, Row) for _, m in server.msgs) >= 6)
     for r in later:  # arrive while the first ones are decoding
         server.send(r)
     reqs = first + later
@@ -191,7 +199,7 @@ def test_process_concurrent_requests_equal_reference_and_balance_decoders(server
         used |= srcs
         assert isinstance(msgs[0][1], DecodeStartReq)              # conditioning first
         outs = [m for _, m in msgs[1:]]
-        assert all(isinstance(m, SpeechTokensOutput) for m in outs)
+        assert all(isinstance(m, Row) for m in outs)
         assert [m.piece for m in outs if m.piece_done] == list(range(len(r.text_pieces)))
         assert [m.finished for m in outs] == [False] * (len(outs) - 1) + [True]
         got = [[] for _ in r.text_pieces]
@@ -202,7 +210,7 @@ def test_process_concurrent_requests_equal_reference_and_balance_decoders(server
         else:
             assert got == reference(lm, r), r.rid
     assert used == {"decode0", "decode1"}
-    r4 = [m for _, m in server.of("r4") if isinstance(m, SpeechTokensOutput)]
+    r4 = [m for _, m in server.of("r4") if isinstance(m, Row)]
     assert sum(len(m.tokens) for m in r4) == 17  # fixed_speech_tokens gives exactly N
 
     stats = server.wait_stats(lambda s: s.get("finished") == 5)
@@ -216,7 +224,7 @@ def test_process_rejects_too_long_aborts_and_survives_bad_requests(server, lm):
     server.send(server.req("bad", [[10**6]], max_speech_tokens=5))      # out-of-vocabulary id: 400
     server.send(server.req("slow", [text(5)], fixed_speech_tokens=300))
     server.pump(lambda: server.finished("big") and server.finished("bad")
-                and sum(len(m.tokens) for _, m in server.of("slow") if isinstance(m, SpeechTokensOutput)) >= 5)
+                and sum(len(m.tokens) for _, m in server.of("slow") if isinstance(m, Row)) >= 5)
     (src, err), = server.of("big")
     assert src == "http" and err.status == 400 and "max_req_total_len" in err.message and err.stage == "llm"
     (src, err), = server.of("bad")
@@ -231,8 +239,35 @@ def test_process_rejects_too_long_aborts_and_survives_bad_requests(server, lm):
     server.settle(0.3)
     assert len(server.of("slow")) == n and not server.finished("slow")
     assert n - 1 < 300 and not server.of("early")
-    got = [m.tokens for _, m in server.of("after") if isinstance(m, SpeechTokensOutput)]
+    got = [m.tokens for _, m in server.of("after") if isinstance(m, Row)]
     assert [t for ts in got for t in ts] == reference(lm, server.req("after", [text(2)], seed=3, max_speech_tokens=10))[0]
 
     stats = server.wait_stats(lambda s: s.get("running") == 0 and s.get("aborted") == 2)
     assert stats["rejected"] == 2 and stats["errors"] == 0 and stats["waiting"] == 0 and stats["kv_used"] == 0
+
+
+def test_process_sends_one_token_batch_per_decoder_per_step(server, lm):
+    """Tokens go to a decoder as at most one SpeechTokensBatchOutput per LLM step, a row per request
+    of that decoder, each rid's DecodeStartReq first; the tokens per rid still equal the reference."""
+    before = server.wait_stats(lambda s: s.get("running") == 0 and s.get("waiting") == 0, timeout=120)
+    first_batch = len(server.batches)
+    reqs = [server.req(f"b{i}", [text(3, 100 + 10 * i)], seed=20 + i, fixed_speech_tokens=12 + i) for i in range(6)]
+    for r in reqs:
+        server.send(r)
+    server.pump(lambda: all(server.finished(r.rid) for r in reqs))
+    after = server.wait_stats(lambda s: s.get("finished") == before["finished"] + len(reqs) and s.get("running") == 0)
+    steps = after["steps"] - before["steps"]
+
+    batches = server.batches[first_batch:]
+    for src in ("decode0", "decode1"):
+        mine = [b for s, b in batches if s == src]
+        assert 0 < len(mine) <= steps, (src, len(mine), steps)          # at most one per step
+        assert any(len(b.rids) > 1 for b in mine)                         # requests share a message
+        assert all(len(set(b.rids)) == len(b.rids) for b in mine)         # a row per request
+    for r in reqs:
+        msgs = server.of(r.rid)
+        (src,) = {s for s, _ in msgs}
+        assert isinstance(msgs[0][1], DecodeStartReq), r.rid              # conditioning first, same socket
+        rows = [m for _, m in msgs[1:]]
+        assert all(isinstance(m, Row) for m in rows) and rows[-1].finished
+        assert [t for m in rows for t in m.tokens] == reference(lm, r)[0], r.rid

@@ -18,7 +18,7 @@ from light_tts.server.decode.engine import DecodeEngine
 from light_tts.server.decode.fused_estimator import FusedEstimator
 from light_tts.server.decode.prompt_cache import PromptCache
 from light_tts.server.decode.process import DecodeServer, load_decode_model
-from light_tts.server.io_struct import AbortReq, DecodeStartReq, SpeechTokensOutput
+from light_tts.server.io_struct import AbortReq, DecodeStartReq, SpeechTokensBatchOutput
 from light_tts.server.ipc import Endpoints, bind_pull, read_stats
 from light_tts.models.token2wav import Chunk, StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
 
@@ -298,27 +298,26 @@ def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_p
     engine = _engine(model, frames=500)
     server = DecodeServer(endpoints, 0, flow, hift, ctx=ctx, engine=engine)
     try:
-        server.on_start(DecodeStartReq(rid="r1", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
-                                       num_pieces=1, prompt_speech_tokens=pt.numpy(), prompt_feat=pf.numpy(),
-                                       embedding=emb.numpy()))
+        server.handle_start(DecodeStartReq(rid="r1", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
+                                           prompt_speech_tokens=pt.numpy(), prompt_feat=pf.numpy(),
+                                           embedding=emb.numpy()))
         server.step()   # nothing to decode yet: the voice is filled now
         cache = engine.flow.prompt_cache
         assert cache.misses == 1 and len(cache.entries) == 1 and not server.to_warm and cache.hits == 0
         # a request aborted before the decode process is idle is not warmed
         (other,) = _voices(flow, [80], seed=12)
-        server.on_start(DecodeStartReq(rid="r2", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
-                                       num_pieces=1, prompt_speech_tokens=other[0].numpy(),
-                                       prompt_feat=other[1].numpy(), embedding=other[2].numpy()))
-        server.on_abort(AbortReq(rid="r2"))
+        server.handle_start(DecodeStartReq(rid="r2", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
+                                           prompt_speech_tokens=other[0].numpy(),
+                                           prompt_feat=other[1].numpy(), embedding=other[2].numpy()))
+        server.handle_abort(AbortReq(rid="r2"))
         server.step()
         assert cache.misses == 1 and not server.to_warm
-        server.on_tokens(SpeechTokensOutput(rid="r1", tokens=_tokens(flow, 60, 1), piece=0, piece_done=True,
-                                            finished=True))
+        server.handle_tokens(SpeechTokensBatchOutput(rids=["r1"], tokens=[_tokens(flow, 60, 1)], pieces=[0],
+                                                     piece_done=[True], finished=[True]))
         while server.states:
             server.step()
         assert cache.misses == 1 and cache.hits >= 1     # its chunks found the voice cached
-        server._last_stats = float("-inf")
-        server.maybe_write_stats()                       # what /metrics shows
+        server.publish_stats()                           # what /metrics shows
         stats = read_stats(endpoints)["decode:0"]
         assert (stats["prompt_cache_misses"], stats["prompt_cache_hits"], stats["prompt_cache_voices"]) == \
             (1, cache.hits, 1)

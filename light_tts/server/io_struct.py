@@ -1,12 +1,17 @@
-"""Every message that crosses a process boundary, and the only code that touches the wire.
+"""Every message that crosses a process boundary, the one error type that carries an HTTP status,
+and the only code that touches the wire.
 
 Data flow (DESIGN §2):
 
     HTTP worker --TTSReq--> encode --LLMReq (carries DecodeStartReq)--> LLM
-    LLM --DecodeStartReq, then SpeechTokensOutput...--> decode (one PUSH socket: ordered)
+    LLM --DecodeStartReq, then SpeechTokensBatchOutput per step--> decode (one PUSH socket: ordered)
     decode --AudioOutput...--> the HTTP worker named by `reply_to`
     any stage --ErrorOutput--> the HTTP worker named by `reply_to`
     HTTP worker --AbortReq--> LLM and every decode process (and the encode process of a bistream)
+
+The LLM sends each decode process at most one SpeechTokensBatchOutput per step: parallel lists
+with one row per request of that decoder that made tokens in the step. A request's DecodeStartReq
+goes out on the same socket before the batch of the step that admitted it.
 
 Bistream (text streamed in, WebSocket): the TTSReq has bistream=True and no text; the HTTP worker
 then sends TextPieceReq to the same encode process (one PUSH socket: in order after the TTSReq),
@@ -17,6 +22,10 @@ Requests carry `rid` (unique for the life of the instance, across HTTP workers) 
 (the ipc address of the asking HTTP worker's PULL socket), so any number of HTTP workers share one
 backend and every reply reaches the worker that asked. Names end in Req (asks for work) or Output
 (a result); `_check_names` enforces it at import. Payloads are pickled; arrays travel as numpy.
+
+Errors: RequestError(status, message) is raised by a stage's handler or by the HTTP and WebSocket
+front ends; a stage turns it into an ErrorOutput with that status (light_tts.server.stage.Dispatcher),
+the front ends into the response the client sees.
 
 First-chunk marks: DecodeStartReq.marks collects when the request passed each point on its way to
 its first audio (FIRST_CHUNK_MARKS, time.time() on the one host all stages share): encode stamps the
@@ -37,6 +46,14 @@ import zmq
 # The points of a request's way to its first audio, in order (see "First-chunk marks" above).
 FIRST_CHUNK_MARKS = ("http", "encode_start", "encode_done", "prefill_start", "prefill_done", "tokens_ready",
                      "decode_start", "decode_done")
+
+
+class RequestError(Exception):
+    """A request cannot be served: `status` is the HTTP status its client gets, `message` says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(kw_only=True)
@@ -111,7 +128,6 @@ class DecodeStartReq(BaseReq):
     stream: bool = False
     speed: float = 1.0
     seed: Optional[int] = None
-    num_pieces: int = 1                       # sentences; each is decoded and finalised in turn
     created: float = 0.0
     marks: dict = field(default_factory=dict)  # FIRST_CHUNK_MARKS reached so far
 
@@ -138,12 +154,31 @@ class TextTokensReq:
 
 
 @dataclass(kw_only=True)
-class SpeechTokensOutput:
-    rid: str
-    tokens: list                              # new speech token ids of sentence `piece`
-    piece: int = 0
-    piece_done: bool = False                  # sentence `piece` has ended (eos or length limit)
-    finished: bool = False                    # the whole request has ended
+class SpeechTokensBatchOutput:
+    """One LLM step's new speech tokens for the requests of one decode process: row i is request
+    rids[i], its new tokens of sentence pieces[i], whether that sentence ended (piece_done[i]) and
+    whether the whole request ended (finished[i]). At most one row per request."""
+    rids: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)      # list[int] per row
+    pieces: list = field(default_factory=list)
+    piece_done: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+
+    def append(self, out) -> None:
+        """Add a row from one request's step output (the LLM engine's TokenOutput: rid, tokens, piece,
+        piece_done, finished)."""
+        self.rids.append(out.rid)
+        self.tokens.append(out.tokens)
+        self.pieces.append(out.piece)
+        self.piece_done.append(out.piece_done)
+        self.finished.append(out.finished)
+
+    def rows(self):
+        """(rid, tokens, piece, piece_done, finished) per row; ValueError if the lists differ in length."""
+        columns = (self.rids, self.tokens, self.pieces, self.piece_done, self.finished)
+        if len({len(c) for c in columns}) != 1:
+            raise ValueError(f"ragged SpeechTokensBatchOutput: column lengths {[len(c) for c in columns]}")
+        return zip(*columns)
 
 
 # ---- any stage -> HTTP ------------------------------------------------------------------------

@@ -1,8 +1,14 @@
 """Decode stage: speech tokens -> 24 kHz PCM16 chunks, sent straight to the asking HTTP worker.
 
-One process per `--decode_process_num`; decode i runs on GPU i % num_gpus (CPU when none). It
-receives on its own PULL socket, from the LLM (DecodeStartReq, then SpeechTokensOutput of that
-request, in order, over one PUSH socket) and from the HTTP workers (AbortReq).
+    LLM  ──DecodeStartReq, SpeechTokensBatchOutput, AbortReq──> [recv_from_peers]  decode i
+    HTTP ──AbortReq──────────────────────────────────────────>
+    decode i [send_to_http] ──AudioOutput, ErrorOutput──> the HTTP worker named by reply_to
+
+One process per `--decode_process_num`; decode i runs on GPU i % num_gpus (CPU when none). From
+the LLM, over one PUSH socket and so in order, it gets a request's DecodeStartReq before any of
+its tokens, and at most one SpeechTokensBatchOutput per LLM step: a row of new tokens per request
+(handle_tokens walks the rows; a bad row fails only its own request, by the Dispatcher's rule in
+light_tts.server.stage, as does a bad message: ErrorOutput 500 "decode failed: ...", state dropped).
 
 Per request it keeps the conditioning and a queue of sentences, each a StreamingDecoder over a
 fresh Token2Wav (the official decodes every sentence with its own tts() call: new HiFT cache,
@@ -12,11 +18,8 @@ same seed). The loop: take every waiting message, then compute the next chunk of
 run before the later chunks of streams with audio to spare: pick_batch), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready.
 
-Start (the launcher, from a 'spawn' context):
-
-    ctx.Process(target=run_decode_process, args=(args, endpoints, i), daemon=True).start()
-
-torch and the model code are imported inside functions: the launcher imports this module only to
+The launcher (light_tts.server.backend) starts run_decode_process in a 'spawn' process. torch and
+the model code are imported inside functions: the launcher imports this module only to
 name the entry point and must stay light.
 """
 from __future__ import annotations
@@ -32,15 +35,13 @@ import numpy as np
 import zmq
 
 from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
-from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput,
-                                        drain)
+from light_tts.server.io_struct import AbortReq, AudioOutput, DecodeStartReq, SpeechTokensBatchOutput, drain
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, write_stats
-from light_tts.server.stage import start_stage, stage_dtype
+from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, start_stage, stage_dtype
 
 log = logging.getLogger("lighttts")
 
 POLL_MS = 100              # longest block on the socket while idle
-STATS_SECONDS = 0.5
 ABORT_MEMORY_SECONDS = 30.0  # an abort may overtake its DecodeStartReq (different senders): remember it
 # A stream with less audio buffered at its client than this joins a batch of first chunks (below).
 URGENT_SLACK_S = 1.0
@@ -147,12 +148,13 @@ class DecodeServer:
         self.aborted: dict[str, float] = {}             # rid -> time of an abort without state
         # (rid, Token2Wav) of new streaming requests whose voice may not be cached (newest kept)
         self.to_warm: deque = deque(maxlen=4 * self.max_batch_size)
-        self.handlers = {DecodeStartReq: self.on_start, SpeechTokensOutput: self.on_tokens, AbortReq: self.on_abort}
+        self.dispatch = Dispatcher(self.stage, {
+            DecodeStartReq: self.handle_start, SpeechTokensBatchOutput: self.handle_tokens,
+            AbortReq: self.handle_abort}, reply=self.reply, drop=self.drop_request)
         self.chunks = 0
         self.audio_seconds = 0.0
         self.aborted_count = 0
-        self.errors = 0
-        self._last_stats = 0.0
+        self.stats_ticker = Ticker(STATS_SECONDS)
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -170,21 +172,11 @@ class DecodeServer:
         elif self.to_warm:
             self.warm_prompts()
         self.finish_completed()
-        self.maybe_write_stats()
+        if self.stats_ticker.due():
+            self.forget_old_aborts()
+            self.publish_stats()
         if block and not batch and not self.to_warm:
             self.recv_from_peers.poll(POLL_MS)
-
-    def dispatch(self, msg) -> None:
-        handler = self.handlers.get(type(msg))
-        if handler is None:
-            log.warning("dropping unexpected message %s", type(msg).__name__)
-            return
-        try:
-            handler(msg)
-        except Exception as e:  # a bad message fails its request, never the process
-            state = self.states.get(msg.rid)
-            reply_to = getattr(msg, "reply_to", None) or (state.req.reply_to if state else None)
-            self.fail(msg.rid, reply_to, e)
 
     def schedule_batch(self) -> list[DecodeState]:
         """Up to max_batch_size requests with a chunk ready, one chunk each (pick_batch), in state
@@ -242,7 +234,7 @@ class DecodeServer:
             if self.states.get(rid) is not state:
                 continue  # aborted meanwhile
             if isinstance(out, Exception):
-                self.fail(rid, state.req.reply_to, out)
+                self.dispatch.fail(rid, out, state.req.reply_to)
                 continue
             if state.pieces[0].done:
                 state.pieces.popleft()
@@ -254,16 +246,16 @@ class DecodeServer:
                 if not state.audio_sent:
                     state.first_audio_at = time.monotonic()
                 state.audio_out_s += len(out) / SAMPLE_RATE
-                self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out), marks=marks))
+                self.reply(state.req.reply_to, AudioOutput(rid=rid, pcm=pcm16_bytes(out), marks=marks))
 
     def finish_completed(self) -> None:
         for rid in [rid for rid, s in self.states.items() if s.complete]:
             state = self.states.pop(rid)
-            self.send(state.req.reply_to, AudioOutput(rid=rid, pcm=b"", finished=True))
+            self.reply(state.req.reply_to, AudioOutput(rid=rid, pcm=b"", finished=True))
 
     # ---- messages ----------------------------------------------------------------------------
 
-    def on_start(self, req: DecodeStartReq) -> None:
+    def handle_start(self, req: DecodeStartReq) -> None:
         if self.aborted.pop(req.rid, None) is not None:
             log.debug("%s: start after its abort, ignored", req.rid)
             return
@@ -278,28 +270,36 @@ class DecodeServer:
         if req.stream and self.engine.flow.prompt_cache is not None:
             self.to_warm.append((req.rid, state.pieces[0].t2w))
 
-    def on_tokens(self, msg: SpeechTokensOutput) -> None:
-        state = self.states.get(msg.rid)
+    def handle_tokens(self, batch: SpeechTokensBatchOutput) -> None:
+        """One LLM step's tokens for this decoder: each row goes to its request on its own."""
+        for rid, tokens, piece, piece_done, finished in batch.rows():
+            try:
+                self.feed(rid, tokens, piece, piece_done, finished)
+            except Exception as e:  # a bad row fails its own request, not the rest of the batch
+                self.dispatch.fail(rid, e)
+
+    def feed(self, rid: str, tokens: list, piece: int, piece_done: bool, finished: bool) -> None:
+        state = self.states.get(rid)
         if state is None:
-            log.debug("%s: tokens for an unknown (aborted or failed) request dropped", msg.rid)
+            log.debug("%s: tokens for an unknown (aborted or failed) request dropped", rid)
             return
-        if state.input_done or msg.piece != state.piece:
-            raise ValueError(f"tokens for sentence {msg.piece}, expected {state.piece}"
+        if state.input_done or piece != state.piece:
+            raise ValueError(f"tokens for sentence {piece}, expected {state.piece}"
                              + (" (request already finished)" if state.input_done else ""))
         open_piece = state.pieces[-1]
-        if msg.tokens:
-            open_piece.feed(msg.tokens)
-        if msg.piece_done or msg.finished:
+        if tokens:
+            open_piece.feed(tokens)
+        if piece_done or finished:
             open_piece.end()
             state.piece += 1
-            if msg.finished:
+            if finished:
                 state.input_done = True
             else:
                 state.pieces.append(self.new_piece(state.req, state.voice))
         if not state.audio_sent and "tokens_ready" not in state.req.marks and state.ready:
             state.req.marks["tokens_ready"] = time.time()   # the first chunk can run
 
-    def on_abort(self, msg: AbortReq) -> None:
+    def handle_abort(self, msg: AbortReq) -> None:
         if self.states.pop(msg.rid, None) is not None:
             self.aborted_count += 1
             log.debug("%s: aborted", msg.rid)
@@ -334,25 +334,22 @@ class DecodeServer:
         t2w = Token2Wav(self.flow, self.hift, *conditioning, self.schedule, seed=req.seed, voice=voice)
         return StreamingDecoder(t2w, req.stream, req.speed)
 
-    def fail(self, rid: str, reply_to: Optional[str], exc: Exception) -> None:
-        self.errors += 1
-        self.states.pop(rid, None)
-        log.warning("%s: decode failed: %s", rid, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-        if reply_to:
-            self.send(reply_to, ErrorOutput(rid=rid, status=500, message=f"decode failed: {exc}", stage=self.stage))
-
-    def send(self, reply_to: str, msg) -> None:
+    def reply(self, reply_to: str, msg) -> None:
         self.send_to_http.send(reply_to, msg)
 
-    def maybe_write_stats(self) -> None:
+    def drop_request(self, rid: str) -> Optional[str]:
+        """Dispatcher hook for a failed request: drop its state; returns its reply address if held."""
+        state = self.states.pop(rid, None)
+        return state.req.reply_to if state is not None else None
+
+    def forget_old_aborts(self) -> None:
         now = time.monotonic()
-        if now - self._last_stats < STATS_SECONDS:
-            return
-        self._last_stats = now
         for rid in [r for r, t in self.aborted.items() if now - t > ABORT_MEMORY_SECONDS]:
             del self.aborted[rid]
+
+    def publish_stats(self) -> None:
         stats = {"active": len(self.states), "chunks": self.chunks, "audio_seconds": round(self.audio_seconds, 3),
-                 "aborted": self.aborted_count, "errors": self.errors,
+                 "aborted": self.aborted_count, "errors": self.dispatch.errors,
                  "batch_sizes": dict(sorted(self.batch_sizes.items()))}
         cache = self.engine.flow.prompt_cache
         if cache is not None:

@@ -1,8 +1,14 @@
 """The encode stage: validates and encodes what a request brings, then hands it to the LLM.
 
+    HTTP ──TTSReq, TextPieceReq, Voice*Req, AbortReq──> [recv_from_http]  encode
+    encode [send_to_llm]  ──LLMReq, TextTokensReq, AbortReq──> LLM
+    encode [send_to_http] ──VoiceOutput, ErrorOutput──> the HTTP worker named by reply_to
+
 TTSReq -> text normalised and split into sentences, each tokenised; the voice (prompt upload
 encoded through the frontend and its cache, or a registered voice_id) -> LLMReq whose DecodeStartReq
-carries the flow conditioning. Bad input becomes an ErrorOutput with a 4xx status and a reason.
+carries the flow conditioning. Bad input raises RequestError (undecodable prompt audio too), which
+the Dispatcher (light_tts.server.stage) answers as an ErrorOutput with its 4xx status and reason.
+One message is handled at a time, in arrival order.
 
 Bistream (TTSReq.bistream): the voice is encoded as usual and the LLMReq goes out with no text;
 the request's TextPieceReq messages then go through a TextStream (incremental normalisation that
@@ -22,23 +28,18 @@ from light_tts.frontend.audio import AudioError
 from light_tts.frontend.frontend import Frontend, PromptLimits
 from light_tts.frontend.text_stream import TextStream
 from light_tts.frontend.voice_cache import Voice
-from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, LLMReq, TextPieceReq, TextTokensReq,
+from light_tts.server.io_struct import (AbortReq, DecodeStartReq, LLMReq, RequestError, TextPieceReq, TextTokensReq,
                                         TTSReq, VoiceData, VoiceDeleteReq, VoiceOutput, VoiceRegisterReq, VoiceStoreReq,
                                         sock_recv, sock_send)
 from light_tts.server.gpu_memory import encode_cuda_budget
-from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push
-from light_tts.server.stage import stage_device, start_stage
+from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
+from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, stage_device, start_stage
 from light_tts.server.encode.voice_store import VoiceStore
 
 log = logging.getLogger("lighttts")
 EMPTY = np.zeros(0, dtype=np.int32)
 MAX_STREAMS = 4096          # bistream text states kept (far above any sane number of open sockets)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+POLL_MS = 100               # longest block on the socket (stats are published between messages)
 
 
 def to_voice_data(v: Voice) -> VoiceData:
@@ -52,7 +53,7 @@ def from_voice_data(v: VoiceData) -> Voice:
 
 class EncodeWorker:
     def __init__(self, args, endpoints: Endpoints, index: int):
-        self.args, self.index = args, index
+        self.args, self.index, self.endpoints = args, index, endpoints
         self.stage = f"encode:{index}"
         use_cuda = stage_device(0).startswith("cuda")   # the speech tokenizer, with onnxruntime-gpu
         self.frontend = Frontend(args.model_dir, cache_capacity=args.cache_capacity,
@@ -62,9 +63,12 @@ class EncodeWorker:
         self.recv_from_http = bind_pull(self.ctx, endpoints.encode(index))
         self.send_to_llm = connect_push(self.ctx, endpoints.llm)
         self.send_to_http = ReplySockets(self.ctx)
-        self.handlers = {TTSReq: self.handle_tts, VoiceRegisterReq: self.handle_register,
-                         VoiceStoreReq: self.handle_store, VoiceDeleteReq: self.handle_delete,
-                         TextPieceReq: self.handle_text, AbortReq: self.handle_abort}
+        self.dispatch = Dispatcher(self.stage, {
+            TTSReq: self.handle_tts, TextPieceReq: self.handle_text, AbortReq: self.handle_abort,
+            VoiceRegisterReq: self.handle_register, VoiceStoreReq: self.handle_store,
+            VoiceDeleteReq: self.handle_delete}, reply=self.reply, drop=self.drop_request)
+        self.stats_ticker = Ticker(STATS_SECONDS)
+        self.requests = 0
         self.streams: OrderedDict[str, TextStream] = OrderedDict()
         self.voices = VoiceStore(endpoints.root)   # registered voices survive a restart of this stage
         self.max_voices = max(1, args.cache_capacity)   # registered voices kept (and restored)
@@ -74,30 +78,36 @@ class EncodeWorker:
         if restored:
             log.info("%s: %d registered voice(s) restored", self.stage, len(restored))
 
-    def reply(self, addr: str, msg) -> None:
-        self.send_to_http.send(addr, msg)
+    # ---- the loop -----------------------------------------------------------------------------
 
-    def serve_forever(self) -> None:
+    def run_forever(self) -> None:
         while True:
-            req = sock_recv(self.recv_from_http)
-            try:
-                self.handlers[type(req)](req)
-            except RequestError as e:
-                self.streams.pop(req.rid, None)
-                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=e.status, message=str(e), stage=self.stage))
-            except AudioError as e:
-                self.streams.pop(req.rid, None)
-                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=400, message=f"prompt audio: {e}",
-                                                     stage=self.stage))
-            except Exception as e:  # a bug must cost one request, never the stage
-                log.exception("request %s failed", req.rid)
-                self.streams.pop(req.rid, None)
-                if isinstance(req, TextPieceReq):  # the LLM holds it: drop it there too
-                    sock_send(self.send_to_llm, AbortReq(rid=req.rid))
-                self.reply(req.reply_to, ErrorOutput(rid=req.rid, status=500, message=f"encode failed: {e}",
-                                                     stage=self.stage))
+            if self.recv_from_http.poll(POLL_MS):
+                self.dispatch(sock_recv(self.recv_from_http))
+            if self.stats_ticker.due():
+                self.publish_stats()
+
+    def reply(self, reply_to: str, msg) -> None:
+        self.send_to_http.send(reply_to, msg)
+
+    def drop_request(self, rid: str) -> None:
+        """Dispatcher hook for a failed request: drop its text state; a bistream request's LLMReq has
+        gone out, so the LLM (which would wait for its text) drops it too."""
+        if self.streams.pop(rid, None) is not None:
+            sock_send(self.send_to_llm, AbortReq(rid=rid))
+
+    def publish_stats(self) -> None:
+        write_stats(self.endpoints, self.stage, dict(requests=self.requests, errors=self.dispatch.errors,
+                                                     streams=len(self.streams),
+                                                     voices=len(self.frontend.cache.voice_ids())))
 
     # ---- handlers -----------------------------------------------------------------------------
+
+    def encode_voice(self, audio: bytes, prompt_text: str, **kw) -> Voice:
+        try:
+            return self.frontend.encode_voice(audio, prompt_text, **kw)
+        except AudioError as e:   # undecodable, too short or too long: the client's input
+            raise RequestError(400, f"prompt audio: {e}") from e
 
     def voice_for(self, req: TTSReq) -> Voice:
         if req.voice_id:
@@ -107,9 +117,10 @@ class EncodeWorker:
             return voice
         if not req.prompt_audio:
             raise RequestError(400, "prompt audio is required (prompt_wav) unless voice_id names a registered voice")
-        return self.frontend.encode_voice(req.prompt_audio, req.prompt_text if req.mode == "zero_shot" else "")
+        return self.encode_voice(req.prompt_audio, req.prompt_text if req.mode == "zero_shot" else "")
 
     def handle_tts(self, req: TTSReq) -> None:
+        self.requests += 1
         started = time.time()
         voice = self.voice_for(req)
         if req.bistream:
@@ -129,7 +140,7 @@ class EncodeWorker:
             prompt_speech = EMPTY
         decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
                                 prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
-                                speed=req.speed, seed=req.seed, num_pieces=max(1, len(pieces)), created=req.created,
+                                speed=req.speed, seed=req.seed, created=req.created,
                                 marks=dict(http=req.created, encode_start=started, encode_done=time.time()))
         sock_send(self.send_to_llm, LLMReq(
             rid=req.rid, reply_to=req.reply_to, text_pieces=pieces, prompt_text_ids=prompt_text,
@@ -164,7 +175,7 @@ class EncodeWorker:
         if req.voice_id not in cache.voice_ids() and len(cache.voice_ids()) >= self.max_voices:
             raise RequestError(507, f"{len(cache.voice_ids())} voices are registered (--cache_capacity); "
                                     f"delete one with DELETE /voices/{{id}} first")
-        voice = self.frontend.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
+        voice = self.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
         self.voices.save(req.voice_id, voice)   # first: if it fails, no process has the voice
         self.frontend.cache.register(req.voice_id, voice)   # the others get it as a VoiceStoreReq
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))
@@ -185,4 +196,4 @@ def run_encode_process(args, endpoints: Endpoints, index: int) -> None:
     worker = EncodeWorker(args, endpoints, index)
     hb.ready()
     log.info("ready (cache capacity %d)", args.cache_capacity)
-    worker.serve_forever()
+    worker.run_forever()

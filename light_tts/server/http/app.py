@@ -4,6 +4,10 @@ Three client families work unchanged: LightTTS's (POST multipart, `stream`, `tts
 /healthz, /query_tts_model, WS /inference_zero_shot_bistream), the official CosyVoice runtime's
 (GET or POST with form fields, raw PCM back) and seed 001's benchmark (JSON with base64 audio).
 This module imports neither torch nor model code.
+
+Bad input raises RequestError (io_struct) with the status and message the client gets; a stage's
+ErrorOutput carries the same two. Overload (manager.Overloaded, a RequestError) is answered by
+overloaded_response: 503 with Retry-After.
 """
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ import binascii
 import hmac
 import logging
 import re
-import struct
 import time
 from typing import Optional
 
@@ -25,17 +28,11 @@ from light_tts.audio_out import SAMPLE_RATE, wav_header
 from light_tts.server.http.manager import BackendClient, Overloaded
 from light_tts.server.http.metrics import Metrics
 from light_tts.server.http.ws import TTSSocket, lighttts_bistream
-from light_tts.server.io_struct import AudioOutput, ErrorOutput, VoiceOutput
+from light_tts.server.io_struct import AudioOutput, ErrorOutput, RequestError, VoiceOutput
 from light_tts.server.ipc import Endpoints
 
 log = logging.getLogger("lighttts")
 VOICE_ID = re.compile(r"^[A-Za-z0-9_.\-\u4e00-\u9fff]{1,64}$")
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 HEALTH_PATHS = ("/healthz", "/health", "/liveness", "/readiness")
@@ -78,13 +75,19 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise BadRequest(f"request body is over the limit of {self.limit} bytes (--max_upload_bytes)", 413)
+                    raise RequestError(413, f"request body is over the limit of {self.limit} bytes "
+                                            f"(--max_upload_bytes)")
             return message
         await self.app(scope, limited_receive, send)
 
 
 def error(status: int, message: str, **headers) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+
+def overloaded_response(e: Overloaded) -> JSONResponse:
+    """503 with Retry-After: this worker has --max_queue_size requests in flight."""
+    return error(e.status, str(e), **{"Retry-After": "1"})
 
 
 # ---- request parsing ------------------------------------------------------------------------------
@@ -97,22 +100,22 @@ async def read_params(request: Request) -> dict:
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            raise BadRequest("request body is not valid JSON")
+            raise RequestError(400, "request body is not valid JSON")
         if not isinstance(body, dict):
-            raise BadRequest("JSON body must be an object")
+            raise RequestError(400, "JSON body must be an object")
         params.update(body)
         for key in ("prompt_wav", "prompt_audio"):
             if isinstance(params.get(key), str):
                 try:
                     params[key] = base64.b64decode(params[key], validate=True)
                 except (binascii.Error, ValueError):
-                    raise BadRequest(f"{key}: not valid base64")
+                    raise RequestError(400, f"{key}: not valid base64")
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
         for key, value in form.multi_items():
             params[key] = await value.read() if isinstance(value, UploadFile) else value
     elif ctype and request.method == "POST" and await request.body():
-        raise BadRequest(f"unsupported content type {ctype!r}: send multipart/form-data or application/json", 415)
+        raise RequestError(415, f"unsupported content type {ctype!r}: send multipart/form-data or application/json")
     return params
 
 
@@ -124,7 +127,7 @@ def _text(params: dict, *names: str) -> str:
                 try:
                     v = v.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise BadRequest(f"{n}: not UTF-8 text")
+                    raise RequestError(400, f"{n}: not UTF-8 text")
             if not isinstance(v, str):
                 v = str(v)
             return v
@@ -139,7 +142,7 @@ def _bool(params: dict, *names: str, default: bool = False) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise BadRequest(f"{names[0]}: expected true or false, got {raw!r}")
+    raise RequestError(400, f"{names[0]}: expected true or false, got {raw!r}")
 
 
 def _number(params: dict, name: str, kind, lo, hi, default=None):
@@ -149,9 +152,9 @@ def _number(params: dict, name: str, kind, lo, hi, default=None):
     try:
         value = kind(raw)
     except ValueError:
-        raise BadRequest(f"{name}: expected a {'number' if kind is float else 'whole number'}, got {raw!r}")
+        raise RequestError(400, f"{name}: expected a {'number' if kind is float else 'whole number'}, got {raw!r}")
     if not lo <= value <= hi or value != value:
-        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {raw}")
+        raise RequestError(400, f"{name}: must be between {lo} and {hi}, got {raw}")
     return value
 
 
@@ -161,7 +164,7 @@ def _audio(params: dict) -> Optional[bytes]:
         if isinstance(v, bytes):
             return v
         if isinstance(v, str) and v:
-            raise BadRequest(f"{key}: upload the audio as a file (multipart) or base64 in JSON")
+            raise RequestError(400, f"{key}: upload the audio as a file (multipart) or base64 in JSON")
     return None
 
 
@@ -181,33 +184,35 @@ class Api:
         elif tts_text and not prompt_text:              # otherwise `text` may name the prompt transcript
             prompt_text = _text(params, "text")
         if not tts_text.strip():
-            raise BadRequest("tts_text is required and must not be empty")
+            raise RequestError(400, "tts_text is required and must not be empty")
         limit = self.args.max_req_total_len
         if len(tts_text) > limit:  # every character costs at least one token
-            raise BadRequest(f"tts_text is {len(tts_text)} characters; the limit is {limit} (--max_req_total_len)")
+            raise RequestError(400, f"tts_text is {len(tts_text)} characters; the limit is {limit} "
+                                    f"(--max_req_total_len)")
         voice_id = _text(params, "voice_id", "spk_id", "voice").strip() or None
         audio = _audio(params)
         if mode == "sft" and not voice_id:
-            raise BadRequest("spk_id is required: the id of a registered voice (POST /voices)")
+            raise RequestError(400, "spk_id is required: the id of a registered voice (POST /voices)")
         if voice_id is None and audio is None:
-            raise BadRequest("prompt_wav is required (a WAV, FLAC, OGG or MP3 upload), or voice_id of a registered voice")
+            raise RequestError(400, "prompt_wav is required (a WAV, FLAC, OGG or MP3 upload), "
+                                    "or voice_id of a registered voice")
         if voice_id is None and len(audio) == 0:
-            raise BadRequest("prompt_wav is empty (0 bytes)")
+            raise RequestError(400, "prompt_wav is empty (0 bytes)")
         if mode == "zero_shot" and voice_id is None and not prompt_text.strip():
             # no transcript (seed 002 sends only `text`): clone the voice the way cross-lingual
             # does, conditioning only the flow on the prompt
             mode = "cross_lingual"
         instruct = _text(params, "instruct_text")
         if mode == "instruct2" and not instruct.strip():
-            raise BadRequest("instruct_text is required for instruct2")
+            raise RequestError(400, "instruct_text is required for instruct2")
         stream = _bool(params, "stream", "streaming")
         speed = _number(params, "speed", float, 0.5, 2.0, 1.0)
         if stream and speed != 1.0:
-            raise BadRequest("speed other than 1.0 works only without streaming")
+            raise RequestError(400, "speed other than 1.0 works only without streaming")
         # streaming answers raw PCM (LightTTS clients expect exactly that) unless format=wav
         fmt = (_text(params, "format", "response_format").strip().lower() or ("pcm" if stream else default_format))
         if fmt not in ("wav", "pcm"):
-            raise BadRequest(f"format must be wav or pcm, got {fmt!r}")
+            raise RequestError(400, f"format must be wav or pcm, got {fmt!r}")
         return dict(mode="zero_shot" if mode == "sft" else mode, tts_text=tts_text, prompt_text=prompt_text,
                     prompt_audio=audio if voice_id is None else None, voice_id=voice_id, instruct_text=instruct,
                     stream=stream, speed=speed, seed=_number(params, "seed", int, 0, 2**63 - 1),
@@ -217,16 +222,12 @@ class Api:
     async def synthesize(self, request: Request, fields: dict, endpoint: str) -> Response:
         fmt = fields.pop("_format")
         t0 = time.time()
+        outputs = self.client.synthesize(self.args.request_timeout, **fields)
         try:
-            outputs = self.client.synthesize(self.args.request_timeout, **fields)
+            first = await outputs.__anext__()   # the generator's first step admits it or raises Overloaded
         except Overloaded as e:
-            self.metrics.done(endpoint, 503)
-            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
-        try:
-            first = await outputs.__anext__()
-        except Overloaded as e:
-            self.metrics.done(endpoint, 503)
-            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+            self.metrics.done(endpoint, e.status)
+            return overloaded_response(e)
         if isinstance(first, ErrorOutput):
             self.metrics.done(endpoint, first.status)
             return error(first.status, first.message)
@@ -311,8 +312,8 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
 
     app.add_middleware(Guard, api_key=args.api_key, limit=args.max_upload_bytes)
 
-    @app.exception_handler(BadRequest)
-    async def _bad_request(request: Request, e: BadRequest):
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
         api.metrics.done(request.url.path, e.status)
         return error(e.status, str(e))
 
@@ -321,7 +322,7 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             params = await read_params(request)
             # GET is the official runtime's surface: it reads raw PCM; POST answers WAV unless asked
             fields = api.tts_fields(params, mode, "pcm" if request.method == "GET" else "wav")
-        except BadRequest as e:
+        except RequestError as e:
             api.metrics.done(endpoint, e.status)
             return error(e.status, str(e))
         return await api.synthesize(request, fields, endpoint)
@@ -341,9 +342,9 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         try:
             params = await read_params(request)
             if not _text(params, "voice"):
-                raise BadRequest("voice is required: the voice_id of a registered voice (POST /voices)")
+                raise RequestError(400, "voice is required: the voice_id of a registered voice (POST /voices)")
             fields = api.tts_fields(params, "zero_shot", "wav")
-        except BadRequest as e:
+        except RequestError as e:
             api.metrics.done("/v1/audio/speech", e.status)
             return error(e.status, str(e))
         return await api.synthesize(request, fields, "/v1/audio/speech")
@@ -353,17 +354,17 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         params = await read_params(request)
         voice_id = _text(params, "voice_id", "spk_id").strip()
         if not VOICE_ID.match(voice_id):
-            raise BadRequest("voice_id is required: 1-64 letters, digits, '_', '-', '.'")
+            raise RequestError(400, "voice_id is required: 1-64 letters, digits, '_', '-', '.'")
         prompt_text = _text(params, "prompt_text", "text")
         audio = _audio(params)
         if not audio:
-            raise BadRequest("prompt_wav is required (a WAV, FLAC, OGG or MP3 upload)")
+            raise RequestError(400, "prompt_wav is required (a WAV, FLAC, OGG or MP3 upload)")
         if not prompt_text.strip():
-            raise BadRequest("prompt_text is required: the transcript of prompt_wav")
+            raise RequestError(400, "prompt_text is required: the transcript of prompt_wav")
         try:
             out = await api.client.register_voice(voice_id, prompt_text, audio, args.request_timeout)
         except Overloaded as e:
-            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+            return overloaded_response(e)
         except asyncio.TimeoutError:
             return error(504, f"voice registration timed out after {args.request_timeout:g} s")
         if isinstance(out, ErrorOutput):
@@ -375,7 +376,7 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         try:
             out = await api.client.delete_voice(voice_id, args.request_timeout)
         except Overloaded as e:
-            return error(503, f"server busy: {e}; retry shortly", **{"Retry-After": "1"})
+            return overloaded_response(e)
         except asyncio.TimeoutError:
             return error(504, f"voice deletion timed out after {args.request_timeout:g} s")
         if isinstance(out, VoiceOutput) and out.existed:

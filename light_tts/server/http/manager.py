@@ -19,16 +19,20 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, TextPieceReq, TTSReq, VoiceDeleteReq,
-                                        VoiceOutput, VoiceRegisterReq, VoiceStoreReq, async_recv, async_send)
+from light_tts.server.io_struct import (AbortReq, AudioOutput, ErrorOutput, RequestError, TextPieceReq, TTSReq,
+                                        VoiceDeleteReq, VoiceOutput, VoiceRegisterReq, VoiceStoreReq, async_recv,
+                                        async_send)
 from light_tts.server.ipc import Endpoints, StatusTable, stage_health, worker_tag
 
 log = logging.getLogger("lighttts")
 WATCHDOG_SECONDS = 0.25
 
 
-class Overloaded(Exception):
-    pass
+class Overloaded(RequestError):
+    """This worker has --max_queue_size requests in flight: 503, and the client should retry shortly."""
+
+    def __init__(self, reason: str):
+        super().__init__(503, f"server busy: {reason}; retry shortly")
 
 
 @dataclass

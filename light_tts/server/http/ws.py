@@ -5,6 +5,9 @@ A socket runs one utterance at a time (an Utterance: a BistreamRequest plus its 
 socket's reader loop forwards text as it comes; the pump task sends audio as the decode stage
 makes it. Every send goes through one lock, and an interrupt cancels the pump while holding it,
 so no audio frame can follow the `interrupted` event.
+
+A bad client message raises RequestError (io_struct), whose status and message the client gets
+in the protocol's error event; Overloaded (too many requests in flight) is a RequestError with 503.
 """
 from __future__ import annotations
 
@@ -21,15 +24,9 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from light_tts.audio_out import SAMPLE_RATE
 from light_tts.server.http.manager import Overloaded
-from light_tts.server.io_struct import ErrorOutput
+from light_tts.server.io_struct import ErrorOutput, RequestError
 
 log = logging.getLogger("lighttts")
-
-
-class ProtocolError(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 class Utterance:
@@ -50,7 +47,7 @@ class Utterance:
         self.chars += len(text)
         limit = self.api.args.max_req_total_len
         if self.chars > limit:
-            raise ProtocolError(f"the utterance's text is over {limit} characters (--max_req_total_len)", 413)
+            raise RequestError(413, f"the utterance's text is over {limit} characters (--max_req_total_len)")
         if self.t_first_text is None:
             self.t_first_text = time.time()
         self.last_activity = time.time()
@@ -120,7 +117,7 @@ class TTSSocket:
                     return
                 try:
                     await self.handle(raw)
-                except ProtocolError as e:
+                except RequestError as e:
                     await self.error(e.status, str(e), final=False)
         except (WebSocketDisconnect, RuntimeError):
             return
@@ -134,46 +131,44 @@ class TTSSocket:
 
     async def handle(self, raw: dict) -> None:
         if raw.get("text") is None:
-            raise ProtocolError("binary frames are not accepted here: send JSON text frames (docs/websocket.md)")
+            raise RequestError(400, "binary frames are not accepted here: send JSON text frames "
+                                    "(docs/websocket.md)")
         try:
             msg = json.loads(raw["text"])
         except ValueError:
-            raise ProtocolError("not JSON: every message is a JSON object with a \"type\"")
+            raise RequestError(400, "not JSON: every message is a JSON object with a \"type\"")
         if not isinstance(msg, dict):
-            raise ProtocolError("a message must be a JSON object with a \"type\"")
+            raise RequestError(400, "a message must be a JSON object with a \"type\"")
         kind = msg.get("type")
         if kind == "start":
             await self.start(msg)
         elif kind in ("text", "finish", "interrupt"):
             if self.utt is None:
-                raise ProtocolError(f"{kind}: no utterance is active (send start first)", 409)
+                raise RequestError(409, f"{kind}: no utterance is active (send start first)")
             if kind == "interrupt":
                 await self.interrupt()
             elif self.utt.finished_text:
-                raise ProtocolError(f"{kind}: the utterance already got finish", 409)
+                raise RequestError(409, f"{kind}: the utterance already got finish")
             elif kind == "finish":
                 await self.utt.finish()
             else:
                 text = msg.get("text")
                 if not isinstance(text, str):
-                    raise ProtocolError("text: \"text\" must be a string")
+                    raise RequestError(400, "text: \"text\" must be a string")
                 try:
                     await self.utt.text(text)
-                except ProtocolError as e:  # the utterance cannot go on
+                except RequestError as e:  # the utterance cannot go on
                     index = self.utt.index
                     await self.end_utterance(cancel=True)
                     await self.error(e.status, str(e), final=True, utterance=index)
         else:
-            raise ProtocolError(f"unknown type {kind!r}: expected start, text, finish or interrupt")
+            raise RequestError(400, f"unknown type {kind!r}: expected start, text, finish or interrupt")
 
     async def start(self, msg: dict) -> None:
         if self.utt is not None:
-            raise ProtocolError("start: an utterance is active; finish or interrupt it first", 409)
+            raise RequestError(409, "start: an utterance is active; finish or interrupt it first")
         fields = start_fields(self.api, msg)
-        try:
-            request = await self.api.client.open_bistream(**fields)
-        except Overloaded as e:
-            raise ProtocolError(f"server busy: {e}; retry shortly", 503)
+        request = await self.api.client.open_bistream(**fields)   # Overloaded: a RequestError, 503
         self.utt = utt = Utterance(self.api, request, self.count, msg.get("request_id"))
         self.count += 1
         await self.send.json({"type": "started", "utterance": utt.index, "request_id": utt.request_id})
@@ -241,28 +236,29 @@ def start_fields(api, msg: dict) -> dict:
     voice_id = msg.get("voice_id")
     prompt_text = msg.get("prompt_text", "")
     if not isinstance(prompt_text, str):
-        raise ProtocolError("start: prompt_text must be a string")
+        raise RequestError(400, "start: prompt_text must be a string")
     audio = None
     if voice_id is not None:
         if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
-            raise ProtocolError("start: voice_id must be 1-64 letters, digits, '_', '-', '.'")
+            raise RequestError(400, "start: voice_id must be 1-64 letters, digits, '_', '-', '.'")
     else:
         b64 = msg.get("prompt_wav")
         if not isinstance(b64, str) or not b64:
-            raise ProtocolError("start: give voice_id (a registered voice) or prompt_wav (base64 audio) + prompt_text")
+            raise RequestError(400, "start: give voice_id (a registered voice) or prompt_wav (base64 audio) "
+                                    "+ prompt_text")
         if len(b64) > api.args.max_upload_bytes * 4 // 3 + 4:
-            raise ProtocolError(f"start: prompt_wav is over the limit of {api.args.max_upload_bytes} bytes", 413)
+            raise RequestError(413, f"start: prompt_wav is over the limit of {api.args.max_upload_bytes} bytes")
         try:
             audio = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
-            raise ProtocolError("start: prompt_wav is not valid base64")
+            raise RequestError(400, "start: prompt_wav is not valid base64")
     fields = dict(voice_id=voice_id, prompt_audio=audio, prompt_text=prompt_text,
                   mode="zero_shot" if (voice_id or prompt_text.strip()) else "cross_lingual")
     for name, hi in (("seed", 2**63 - 1), ("max_speech_tokens", api.args.max_req_total_len)):
         v = msg.get(name)
         if v is not None:
             if not isinstance(v, int) or isinstance(v, bool) or not (0 if name == "seed" else 1) <= v <= hi:
-                raise ProtocolError(f"start: {name} must be a whole number in range")
+                raise RequestError(400, f"start: {name} must be a whole number in range")
         fields[name] = v
     return fields
 
@@ -283,13 +279,13 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         try:
             msg = await asyncio.wait_for(ws.receive(), limit)
         except asyncio.TimeoutError:
-            raise ProtocolError(f"nothing received for {limit:g} s (--request_timeout)", 408) from None
+            raise RequestError(408, f"nothing received for {limit:g} s (--request_timeout)") from None
         if msg["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(msg.get("code", 1000))
         data = msg.get(frame)
         if data is None:
             want = "a text frame (JSON)" if frame == "text" else "a binary frame (the prompt audio)"
-            raise ProtocolError(f"expected {want}, got a {'binary' if frame == 'text' else 'text'} frame")
+            raise RequestError(400, f"expected {want}, got a {'binary' if frame == 'text' else 'text'} frame")
         return data
 
     async def error_and_close(event: dict, code: int) -> None:
@@ -314,10 +310,10 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
     try:
         start = json.loads(await receive("text"))
         if not isinstance(start, dict):
-            raise ProtocolError("the first message must be a JSON object {prompt_text, tts_model_name}")
+            raise RequestError(400, "the first message must be a JSON object {prompt_text, tts_model_name}")
         audio = await receive("bytes")
         if len(audio) > api.args.max_upload_bytes:
-            raise ProtocolError(f"prompt audio is over the limit of {api.args.max_upload_bytes} bytes", 413)
+            raise RequestError(413, f"prompt audio is over the limit of {api.args.max_upload_bytes} bytes")
         prompt_text = str(start.get("prompt_text", ""))
         request = await api.client.open_bistream(prompt_text=prompt_text, prompt_audio=audio, voice_id=None,
                                                  mode="zero_shot" if prompt_text.strip() else "cross_lingual")
@@ -326,17 +322,16 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         while True:   # no receive limit here: a stalled text stream ends with the stages' 504
             msg = json.loads(await receive("text", None))
             if not isinstance(msg, dict) or not (msg.get("finish") or isinstance(msg.get("tts_text"), str)):
-                raise ProtocolError('text messages must be {"tts_text": "<text>"} or {"finish": true}')
+                raise RequestError(400, 'text messages must be {"tts_text": "<text>"} or {"finish": true}')
             if msg.get("finish"):
                 await utt.finish()
                 break
             await utt.text(msg["tts_text"])
         await pump
         await ws.close()
-    except (ProtocolError, ValueError, KeyError, TypeError) as e:
-        await error_and_close({"error": str(e), "status": getattr(e, "status", 400)}, 1003)
-    except Overloaded as e:
-        await error_and_close({"error": f"server busy: {e}", "status": 503}, 1013)
+    except (RequestError, ValueError, KeyError, TypeError) as e:   # Overloaded too: 503, "try again later"
+        await error_and_close({"error": str(e), "status": getattr(e, "status", 400)},
+                              1013 if isinstance(e, Overloaded) else 1003)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:

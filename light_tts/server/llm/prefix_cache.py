@@ -79,12 +79,6 @@ class PrefixCache:
     def evictable_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries.values() if e.refs == 0)
 
-    def cached_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries.values())
-
-    def pinned_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries.values() if e.refs > 0)
-
     def evict(self, need_free: int) -> None:
         """Free unreferenced entries (least recently used first) until the pool has `need_free` free."""
         for key in [k for k, e in self.entries.items() if e.refs == 0]:

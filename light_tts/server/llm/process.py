@@ -1,26 +1,33 @@
 """The LLM stage process: LLMReq in, speech tokens out to the decode processes (DESIGN §2, §4).
 
-    encode ──LLMReq──> [recv_from_peers]  LLM  [send_to_decode[i]] ──DecodeStartReq, SpeechTokensOutput...──> decode i
-    HTTP   ──AbortReq─>                        [reply sockets]    ──ErrorOutput──> the HTTP worker named by reply_to
+    encode ──LLMReq, TextTokensReq──> [recv_from_peers]  LLM
+    HTTP   ──AbortReq──────────────>
+    LLM [send_to_decode[i]] ──DecodeStartReq, SpeechTokensBatchOutput, AbortReq──> decode i
+    LLM [send_to_http]      ──ErrorOutput──> the HTTP worker named by reply_to
 
-The launcher starts it with multiprocessing 'spawn':
+The launcher (light_tts.server.backend) starts run_llm_process in a 'spawn' process.
 
-    mp.get_context("spawn").Process(target=run_llm_process, args=(args, endpoints), daemon=True).start()
+The loop (run_forever): take every waiting message (Dispatcher: handle_llm_req, handle_text,
+handle_abort), run one engine step, send its results (process_result), publish stats; block on the
+socket only when the engine had nothing to run.
 
 Routing: the first time a request is admitted it is given to the decode process with the fewest
 active requests assigned by this process (ties: lowest index), and that decoder gets
-`llm_req.decode` (the DecodeStartReq) before any SpeechTokensOutput of the rid; both go through
-the same PUSH socket, which keeps them in order. A request counts against its decoder until its
-LLM side ends (finished, aborted or failed), not until its audio is out: an approximation of
-the decoder's real queue depth that needs no message back from the decoders.
+`llm_req.decode` (the DecodeStartReq) at once, before the step's tokens. The step's tokens then
+go out as ONE SpeechTokensBatchOutput per decoder (a row per request of that decoder with new
+tokens), after every DecodeStartReq of the step on the same PUSH socket, which keeps them in
+order. A request counts against its decoder until its LLM side ends (finished, aborted or
+failed), not until its audio is out: an approximation of the decoder's real queue depth that
+needs no message back from the decoders.
 
 Abort: the request leaves the waiting queue or the running batch at once (its KV slots are freed)
 and nothing more is sent for it. An abort that arrives before its LLMReq (the HTTP worker gave
 up while the encode stage was still busy) is remembered, and the LLMReq is then dropped.
 
-Errors: an exception while handling one request answers ErrorOutput(500, stage="llm") to its
-reply_to, drops the request and sends AbortReq(rid) to its decoder (if it had one) so the
-decoder frees what it holds; every other request goes on.
+Errors: a message whose handler raises, and a request the engine fails (StepResult.errors), fail
+that request by the Dispatcher's rule (light_tts.server.stage): ErrorOutput(stage="llm") to its
+reply_to; drop_request frees it in the engine and sends AbortReq(rid) to its decoder (if it had
+one) so the decoder frees what it holds. Every other request goes on.
 """
 from __future__ import annotations
 
@@ -32,15 +39,15 @@ from typing import Optional
 
 import zmq
 
-from light_tts.server import io_struct
-from light_tts.server.io_struct import AbortReq, ErrorOutput, LLMReq, TextTokensReq, sock_send
+from light_tts.server.io_struct import (AbortReq, ErrorOutput, LLMReq, RequestError, SpeechTokensBatchOutput,
+                                        TextTokensReq, drain, sock_send)
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
+from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker
 
 log = logging.getLogger("lighttts")
 
 IDLE_POLL_MS = 100          # how long an idle loop blocks on its socket
-STATS_SECONDS = 0.5         # how often the counters are published for /metrics
 EARLY_ABORTS_KEPT = 4096    # aborts for rids not seen yet, remembered (oldest forgotten first)
 
 
@@ -50,13 +57,15 @@ class LLMServer:
         self.endpoints = endpoints
         self.engine = LLMEngine.from_args(llm, args)
         self.init_sockets()
-        self.handlers = {LLMReq: self.handle_llm_req, TextTokensReq: self.handle_text, AbortReq: self.handle_abort}
+        self.dispatch = Dispatcher("llm", {LLMReq: self.handle_llm_req, TextTokensReq: self.handle_text,
+                                           AbortReq: self.handle_abort}, reply=self.reply, drop=self.drop_request)
         self.decode_load = [0] * endpoints.decode_num   # active requests per decoder (see module doc)
         self.decoder_of: dict[str, int] = {}
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
         self.counters = dict(steps=0, prefill_steps=0, decode_steps=0, prefill_tokens=0, generated_tokens=0,
-                             last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, errors=0, finished=0)
-        self.next_stats = self.next_log = time.monotonic()
+                             last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, finished=0)
+        self.stats_ticker = Ticker(STATS_SECONDS)
+        self.log_ticker = Ticker(args.log_stats_interval)
 
     def init_sockets(self) -> None:
         self.ctx = zmq.Context()
@@ -67,7 +76,7 @@ class LLMServer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def serve_forever(self) -> None:
+    def run_forever(self) -> None:
         idle = True
         while True:
             self.recv_requests(block=idle)
@@ -78,23 +87,27 @@ class LLMServer:
             # nothing ran (no requests, or only bistream ones waiting for text): only a message can
             # change that, so block on the socket instead of spinning
             idle = res is None or (res.kind == "idle" and not (res.outputs or res.admitted or res.errors))
-            self.report_stats()
+            if self.stats_ticker.due():
+                self.publish_stats()
 
     def recv_requests(self, block: bool = False) -> None:
         if block:
             self.recv_from_peers.poll(IDLE_POLL_MS)
-        for msg in io_struct.drain(self.recv_from_peers):
-            handler = self.handlers.get(type(msg))
-            if handler is None:
-                log.warning("ignoring unexpected message %s", type(msg).__name__)
-                continue
-            try:
-                handler(msg)
-            except Exception as e:  # one bad message never takes the process down
-                log.exception("error handling %s %s", type(msg).__name__, getattr(msg, "rid", "?"))
-                if isinstance(msg, LLMReq):
-                    self.engine.abort(msg.rid)
-                    self.fail(msg.rid, msg.reply_to, f"{type(e).__name__}: {e}")
+        for msg in drain(self.recv_from_peers):
+            self.dispatch(msg)
+
+    def reply(self, reply_to: str, msg) -> None:
+        self.send_to_http.send(reply_to, msg)
+
+    def drop_request(self, rid: str) -> Optional[str]:
+        """Dispatcher hook for a failed request: free it in the engine and in its decoder; returns
+        its reply address if the engine still held it."""
+        seq = self.engine.abort(rid)
+        i = self.decoder_of.get(rid)
+        if i is not None:  # let its decoder free what it holds
+            sock_send(self.send_to_decode[i], AbortReq(rid=rid))
+        self.release_decoder(rid)
+        return seq.req.reply_to if seq is not None else None
 
     # ---- handlers -----------------------------------------------------------------------------
 
@@ -141,18 +154,22 @@ class LLMServer:
             if res.kind == "prefill":   # admitted and prefilled (first token drawn) in this step
                 seq.req.decode.marks.update(prefill_start=started, prefill_done=now)
             self.route(seq)
+        batches: dict[int, SpeechTokensBatchOutput] = {}   # decoder -> this step's rows for it
         for out in res.outputs:
-            sock_send(self.send_to_decode[self.decoder_of[out.rid]], out)
+            i = self.decoder_of[out.rid]
+            batch = batches.get(i)
+            if batch is None:
+                batch = batches[i] = SpeechTokensBatchOutput()
+            batch.append(out)
             self.counters["generated_tokens"] += len(out.tokens)
+        for i, batch in batches.items():
+            sock_send(self.send_to_decode[i], batch)
         for seq in res.finished:
             self.release_decoder(seq.rid)
         self.counters["finished"] += len(res.finished)
-        for seq, message, status in res.errors:
+        for seq, message, status in res.errors:   # the engine has dropped these already
             log.error("request %s failed: %s", seq.rid, message)
-            i = self.decoder_of.get(seq.rid)
-            if i is not None:  # let its decoder free what it holds
-                sock_send(self.send_to_decode[i], AbortReq(rid=seq.rid))
-            self.fail(seq.rid, seq.req.reply_to, message, status)
+            self.dispatch.fail(seq.rid, RequestError(status, message), seq.req.reply_to)
         if res.kind == "idle":
             return
         self.counters["steps"] += 1
@@ -161,39 +178,26 @@ class LLMServer:
         self.counters["last_batch_size"] = res.batch_size
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], res.batch_size)
 
-    def fail(self, rid: str, reply_to: str, message: str, status: int = 500) -> None:
-        self.counters["errors"] += 1
-        self.release_decoder(rid)
-        self.reply(reply_to, ErrorOutput(rid=rid, status=status, message=message, stage="llm"))
-
     def release_decoder(self, rid: str) -> None:
         i = self.decoder_of.pop(rid, None)
         if i is not None:
             self.decode_load[i] -= 1
-
-    def reply(self, reply_to: str, msg) -> None:
-        self.send_to_http.send(reply_to, msg)
 
     # ---- stats --------------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """Published for /metrics: running, waiting, batch_size (requests in the last forward),
         max_batch_size, kv_used (slots held by requests), kv_total, generated_tokens, aborted,
-        rejected, and the engine's details (kv_free, kv_cached = unreferenced prefix-cache slots,
-        prefix_hits / prefix_misses, paused, ...)."""
+        rejected, errors, and the engine's details (kv_free, kv_cached = unreferenced prefix-cache
+        slots, prefix_hits / prefix_misses, paused, ...)."""
         return dict(running=len(self.engine.running), waiting=len(self.engine.waiting),
-                    batch_size=self.counters["last_batch_size"], **self.counters, **self.engine.stats(),
-                    decode_load=list(self.decode_load))
+                    batch_size=self.counters["last_batch_size"], errors=self.dispatch.errors, **self.counters,
+                    **self.engine.stats(), decode_load=list(self.decode_load))
 
-    def report_stats(self, now: Optional[float] = None) -> None:
-        now = time.monotonic() if now is None else now
-        if now < self.next_stats:
-            return
-        self.next_stats = now + STATS_SECONDS
+    def publish_stats(self) -> None:
         s = self.stats()
         write_stats(self.endpoints, "llm", s)
-        if not self.args.disable_log_stats and now >= self.next_log:
-            self.next_log = now + self.args.log_stats_interval
+        if not self.args.disable_log_stats and self.log_ticker.due():
             log.info("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d (cached %d) "
                      "prefix hits %d misses %d finished %d aborted %d rejected %d errors %d paused %d decode_load %s",
                      s["running"], s["waiting"], s["batch_size"], s["max_batch_size"], s["steps"],
@@ -229,4 +233,4 @@ def run_llm_process(args, endpoints: Endpoints) -> None:
              endpoints.decode_num)
     log_reserved("llm", device, plan)
     hb.ready()
-    server.serve_forever()
+    server.run_forever()
