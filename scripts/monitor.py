@@ -14,7 +14,7 @@ HTTP requests in flight, stages down. With nvidia-smi present, a GPU memory line
 --restart-cmd runs (through the shell) after an instance failed --restart-after polls in a row,
 at most once per --restart-cooldown seconds per instance; {url} and {port} in it are replaced and
 LIGHTTTS_URL / LIGHTTTS_PORT are set. --once exits 0 when every instance is healthy, else 1.
-Standard library only.
+Standard library and this checkout's light_tts.tools.client_util (numpy) only.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,47 +30,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_prometheus(text: str) -> dict:
-    """{metric name: [(labels dict, value)]} from Prometheus text exposition."""
-    out: dict = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        try:
-            if "{" in line:
-                name, rest = line.split("{", 1)
-                labels_txt, value = rest.rsplit("}", 1)
-                labels = dict(LABEL.findall(labels_txt))
-            else:
-                name, value = line.split(None, 1)
-                labels = {}
-            out.setdefault(name.strip(), []).append((labels, float(value.split()[0])))
-        except ValueError:
-            continue
-    return out
-
-
-def total(metrics: dict, name: str, pred=lambda labels: True) -> float:
-    return sum(v for labels, v in metrics.get(name, []) if pred(labels))
-
-
-def one(metrics: dict, name: str):
-    vals = metrics.get(name)
-    return vals[0][1] if vals else None
-
-
-def buckets(metrics: dict, name: str) -> list:
-    """[(upper bound, cumulative count)] sorted by bound."""
-    out = []
-    for labels, v in metrics.get(name + "_bucket", []):
-        le = labels.get("le")
-        if le is not None:
-            out.append((math.inf if le in ("+Inf", "Inf") else float(le), v))
-    return sorted(out)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from light_tts.tools.client_util import histogram_buckets, metric_first, metric_total, parse_prometheus  # noqa: E402
 
 def quantile(q: float, bks: list):
     """histogram_quantile: linear interpolation inside the bucket holding the q-th observation."""
@@ -129,23 +89,22 @@ class Instance:
         mcode, mtext = fetch(self.url + "/metrics", timeout) if code else (0, "")
         metrics = parse_prometheus(mtext) if mcode == 200 else {}
         if metrics:
-            req = total(metrics, "lighttts_requests_total")
-            err = total(metrics, "lighttts_requests_total", lambda l: not l.get("status", "").startswith("2"))
-            bks = buckets(metrics, "lighttts_first_chunk_seconds")
-            row.update(requests_total=req, errors_total=err,
-                       kv_used=one(metrics, "lighttts_llm_kv_used"), kv_total=one(metrics, "lighttts_llm_kv_total"),
-                       running=one(metrics, "lighttts_llm_running"), waiting=one(metrics, "lighttts_llm_waiting"),
-                       in_flight=one(metrics, "lighttts_http_in_flight"),
+            req = metric_total(metrics, "lighttts_requests_total")
+            err = metric_total(metrics, "lighttts_requests_total", lambda l: not l.get("status", "").startswith("2"))
+            bks = histogram_buckets(metrics, "lighttts_first_chunk_seconds")
+            gauge = lambda name: metric_first(metrics, "lighttts_" + name)  # noqa: E731
+            row.update(requests_total=req, errors_total=err, kv_used=gauge("llm_kv_used"), kv_total=gauge("llm_kv_total"),
+                       running=gauge("llm_running"), waiting=gauge("llm_waiting"), in_flight=gauge("http_in_flight"),
                        stages_down=[l.get("stage") for l, v in metrics.get("lighttts_stage_up", []) if v != 1.0])
             window = bks
             row["latency_window"] = "all"
             if self.prev is not None:
                 t_prev, m_prev = self.prev
                 dt = max(now - t_prev, 1e-6)
-                row["req_per_s"] = max(0.0, req - total(m_prev, "lighttts_requests_total")) / dt
-                row["errors"] = max(0.0, err - total(m_prev, "lighttts_requests_total",
+                row["req_per_s"] = max(0.0, req - metric_total(m_prev, "lighttts_requests_total")) / dt
+                row["errors"] = max(0.0, err - metric_total(m_prev, "lighttts_requests_total",
                                                     lambda l: not l.get("status", "").startswith("2")))
-                d = diff_buckets(bks, buckets(m_prev, "lighttts_first_chunk_seconds"))
+                d = diff_buckets(bks, histogram_buckets(m_prev, "lighttts_first_chunk_seconds"))
                 if d and d[-1][1] > 0:
                     window, row["latency_window"] = d, "interval"
             row["p50"], row["p99"] = quantile(0.5, window), quantile(0.99, window)
@@ -239,7 +198,9 @@ def main(argv=None) -> int:
                 else:
                     if live:
                         sys.stdout.write("\033[H\033[J")
-                    print(f"LightTTS monitor {stamp} (every {args.interval:g} s, Ctrl-C to quit)")
+                    # --once exits by itself: no Ctrl-C hint
+                    print(f"LightTTS monitor {stamp}" + (f" (rates over {args.interval:g} s)" if args.once else
+                                                         f" (every {args.interval:g} s, Ctrl-C to quit)"))
                     print(table(rows))
                     g = gpu_line()
                     if g:

@@ -26,8 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,10 +37,15 @@ from urllib.parse import urlparse
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from light_tts.audio_out import SAMPLE_RATE  # noqa: E402
+from light_tts.tools.client_util import (WAV_HEADER_BYTES, ServerProcess, api_server_cmd, free_port,  # noqa: E402
+                                         metric_values, parse_prometheus, process_table, server_env)
+
 PROMPT_WAV = os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav")
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
 TTS_TEXT = "Soak test sentence."
-BYTES_PER_TOKEN = 1920  # 960 samples of int16 at 24 kHz per speech token
+BYTES_PER_TOKEN = 2 * SAMPLE_RATE // 25  # int16 samples; 25 speech tokens per second of audio
 KINDS = ("stream", "nonstream", "json", "abort", "bad")
 
 
@@ -61,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--url", help="a running server on this machine (loopback only)")
     src.add_argument("--model_dir", help="start a server on this model (CPU unless GPUs are visible) and stop it after")
+    p.add_argument("--server_src", default=ROOT,
+                   help="the checkout --model_dir runs the server from (its cwd, first on PYTHONPATH)")
     p.add_argument("--server_args", default="--max_total_token_num 8192 --max_req_total_len 2048 --batch_max_tokens 2048",
                    help="extra api_server flags when --model_dir starts the server")
     p.add_argument("--minutes", type=float, default=1.0, help="how long to send traffic")
@@ -96,42 +101,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- the server's processes and memory -------------------------------------------------------------
 
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def server_processes(session: int | None) -> dict[int, str]:
     """{pid: name} of the server: the session we started, else every lighttts / api_server process."""
     out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        stat = _read(f"/proc/{p}/stat")
-        if not stat:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        argv = _read(f"/proc/{p}/cmdline").split("\0")
-        title = argv[0]
-        cmd = " ".join(argv)
+    for pid, fields, argv in process_table():
+        title, cmd = argv[0], " ".join(argv)
         if session is not None:
             mine = int(fields[3]) == session
         else:
             mine = title.startswith("lighttts::") or "light_tts.server" in cmd or "wsgi_wrapper" in cmd
-        if mine and int(p) != os.getpid():
-            name = title if title.startswith("lighttts::") else ("api_server" if "api_server" in cmd else
-                                                                  os.path.basename(title) or "?")
-            out[int(p)] = name
+        if mine and pid != os.getpid():
+            out[pid] = title if title.startswith("lighttts::") else ("api_server" if "api_server" in cmd else
+                                                                      os.path.basename(title) or "?")
     return out
 
 
 def rss_mb(pid: int) -> float | None:
-    m = re.search(r"^VmRSS:\s+(\d+) kB", _read(f"/proc/{pid}/status"), re.M)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
+    except OSError:  # the process is gone
+        return None
     return int(m.group(1)) / 1024 if m else None
 
 
@@ -147,10 +137,6 @@ def gpu_used_mb() -> float | None:
         return float(sum(float(x) for x in out.split()))
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
-
-
-def metric_values(text: str, name: str) -> list[float]:
-    return [float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
 
 
 # ---- traffic ---------------------------------------------------------------------------------------
@@ -213,8 +199,9 @@ class Traffic:
 
     def _nonstream(self, client, rng, n):
         r = client.post("/inference_zero_shot", data=self._form(n), files=self._files())
-        if r.status_code != 200 or len(r.content) != 44 + n * BYTES_PER_TOKEN:
-            return "wrong", f"nonstream: {r.status_code}, {len(r.content)} bytes, expected {44 + n * BYTES_PER_TOKEN}"
+        expected = WAV_HEADER_BYTES + n * BYTES_PER_TOKEN
+        if r.status_code != 200 or len(r.content) != expected:
+            return "wrong", f"nonstream: {r.status_code}, {len(r.content)} bytes, expected {expected}"
         return "ok", ""
 
     def _json(self, client, rng, n):
@@ -266,52 +253,28 @@ class Traffic:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def start_server(a) -> tuple[subprocess.Popen, str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start_server(a) -> ServerProcess:
     tmp = tempfile.mkdtemp(prefix="soak-")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "light_tts.server.api_server", "--model_dir", a.model_dir, "--port", str(port),
-           "--zmq_mode", f"ipc://{tmp}/", *a.server_args.split()]
-    if a.api_key:
-        cmd += ["--api_key", a.api_key]
-    log_path = os.path.join(tmp, "server.log")
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}\n{_read(log_path)[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit(f"server not healthy after 300 s; log: {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
+    extra = a.server_args.split() + (["--api_key", a.api_key] if a.api_key else [])
+    port = free_port()
+    server = ServerProcess(api_server_cmd(a.model_dir, port, tmp, *extra), port, os.path.join(tmp, "server.log"),
+                           cwd=a.server_src, env=server_env(a.server_src))
     try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait(5)
+        return server.wait_healthy(timeout=300)
+    except (RuntimeError, TimeoutError) as e:
+        server.stop()
+        raise SystemExit(f"{e}\nlog: {server.log_path}") from None
 
 
 def run(a) -> int:
-    proc = None
+    server = None
     url = a.url
     if a.model_dir:
-        proc, url, log_path = start_server(a)
-        print(f"started server {url} (pid {proc.pid}, log {log_path})", flush=True)
+        server = start_server(a)
+        url = server.url
+        print(f"started server {url} (pid {server.proc.pid}, log {server.log_path})", flush=True)
     url = url.rstrip("/")
-    session = proc.pid if proc else None
+    session = server.proc.pid if server else None
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     failures: list[str] = []
     try:
@@ -355,10 +318,9 @@ def run(a) -> int:
         # drain: the pool must come back to completely free
         settle_t0 = time.time()
         while True:
-            text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
-            gauges = {"lighttts_llm_kv_used": metric_values(text, "lighttts_llm_kv_used"),
-                      "lighttts_llm_running": metric_values(text, "lighttts_llm_running"),
-                      "lighttts_decode_active": metric_values(text, "lighttts_decode_active")}
+            metrics = parse_prometheus(httpx.get(url + "/metrics", headers=headers, timeout=10).text)
+            gauges = {name: metric_values(metrics, name)
+                      for name in ("lighttts_llm_kv_used", "lighttts_llm_running", "lighttts_decode_active")}
             drained = all(v and all(x == 0 for x in v) for v in gauges.values())
             if drained or time.time() - settle_t0 > a.settle:
                 break
@@ -372,10 +334,10 @@ def run(a) -> int:
         rss1 = {pid: rss_mb(pid) for pid in procs}
         gpu1 = gpu_used_mb()
     finally:
-        if proc is not None:
-            rc = stop_server(proc)
+        if server is not None:
+            rc = server.stop()
             if rc != 0:
-                print(f"server exited with {rc}; log: {log_path}")
+                print(f"server exited with {rc}; log: {server.log_path}")
 
     # ---- report --------------------------------------------------------------------------------
     by_kind = defaultdict(Counter)

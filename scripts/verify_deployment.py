@@ -14,8 +14,8 @@ Checks, for every --url:
   stream       (--full) the same with stream=true: time to the first audio chunk, whole samples
   concurrency  (--full) --concurrency requests at once: every one a valid WAV
 
-Prints a pass/fail table and exits 0 when every check passes, 1 otherwise. Standard library
-only, so it runs on any machine with Python 3.8+.
+Prints a pass/fail table and exits 0 when every check passes, 1 otherwise. Needs only the standard
+library and this checkout's light_tts.tools.client_util (numpy), not the server's dependencies.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import struct
 import sys
 import time
 import urllib.parse
@@ -31,10 +30,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from light_tts.tools.client_util import WavError, parse_prometheus, parse_wav, pcm_seconds  # noqa: E402
+
 DEFAULT_PROMPT = os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav")
 DEFAULT_PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
 DEFAULT_TTS_TEXT = "LightTTS部署成功，语音合成正常"  # seed 000's manual test
-SAMPLE_RATE = 24000
 
 
 class CheckFailed(Exception):
@@ -72,39 +73,6 @@ def multipart(fields: dict, files: dict) -> tuple[bytes, str]:
                    f'Content-Type: {ctype}\r\n\r\n'.encode() + data + b"\r\n")
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out), f"multipart/form-data; boundary={boundary}"
-
-
-def parse_wav(body: bytes) -> dict:
-    """Walk the RIFF chunks; raise CheckFailed naming what is wrong."""
-    if len(body) < 12 or body[:4] != b"RIFF" or body[8:12] != b"WAVE":
-        raise CheckFailed(f"not a WAV file (starts with {body[:12]!r}, {len(body)} bytes)")
-    riff_size = struct.unpack("<I", body[4:8])[0]
-    if riff_size + 8 != len(body):
-        raise CheckFailed(f"RIFF size {riff_size + 8} != file size {len(body)}")
-    pos, fmt, data = 12, None, None
-    while pos + 8 <= len(body):
-        cid, size = body[pos:pos + 4], struct.unpack("<I", body[pos + 4:pos + 8])[0]
-        if pos + 8 + size > len(body):
-            raise CheckFailed(f"chunk {cid!r} of {size} bytes runs past the end of the file")
-        if cid == b"fmt ":
-            if size < 16:
-                raise CheckFailed(f"fmt chunk of {size} bytes")
-            fmt = struct.unpack("<HHIIHH", body[pos + 8:pos + 24])
-        elif cid == b"data":
-            data = size
-        pos += 8 + size + (size & 1)
-    if fmt is None or data is None:
-        raise CheckFailed("no fmt or no data chunk")
-    tag, channels, rate, byte_rate, align, bits = fmt
-    if tag != 1 or bits != 16:
-        raise CheckFailed(f"expected PCM 16-bit, got format {tag} with {bits} bits")
-    if rate != SAMPLE_RATE or channels != 1:
-        raise CheckFailed(f"expected 24000 Hz mono, got {rate} Hz x {channels} channels")
-    if byte_rate != rate * channels * bits // 8 or align != channels * bits // 8:
-        raise CheckFailed(f"inconsistent header: byte rate {byte_rate}, block align {align}")
-    if data == 0 or data % align:
-        raise CheckFailed(f"data chunk of {data} bytes")
-    return {"rate": rate, "channels": channels, "bits": bits, "bytes": data, "seconds": data / byte_rate}
 
 
 class Verifier:
@@ -149,11 +117,7 @@ class Verifier:
         status, body = get(url + "/metrics", self.args.api_key)
         if status != 200:
             raise CheckFailed(f"HTTP {status}")
-        stages = {}
-        for line in body.decode().splitlines():
-            if line.startswith("lighttts_stage_up{"):
-                stage = line.split('stage="', 1)[1].split('"', 1)[0]
-                stages[stage] = float(line.rsplit(" ", 1)[1])
+        stages = {labels.get("stage"): v for labels, v in parse_prometheus(body.decode()).get("lighttts_stage_up", [])}
         if not stages:
             raise CheckFailed("no lighttts_stage_up in /metrics")
         down = [s for s, v in stages.items() if v != 1.0]
@@ -183,7 +147,13 @@ class Verifier:
         ctype = resp.getheader("Content-Type", "")
         if not ctype.startswith("audio/wav"):
             raise CheckFailed(f"Content-Type {ctype!r}, expected audio/wav")
-        return parse_wav(body), body, time.time() - t0
+        try:
+            info = parse_wav(body)
+        except WavError as e:
+            raise CheckFailed(str(e)) from None
+        if info["bytes"] == 0:
+            raise CheckFailed("a WAV with no audio")
+        return info, body, time.time() - t0
 
     def zero_shot(self, url):
         info, body, seconds = self._one_wav(url)
@@ -211,7 +181,7 @@ class Verifier:
             raise CheckFailed("the stream carried no audio")
         if total % 2:
             raise CheckFailed(f"{total} bytes is not whole 16-bit samples")
-        return (f"first chunk {first * 1000:.0f} ms, {total / 2 / SAMPLE_RATE:.2f} s audio in {chunks} reads, "
+        return (f"first chunk {first * 1000:.0f} ms, {pcm_seconds(total):.2f} s audio in {chunks} reads, "
                 f"total {time.time() - t0:.2f} s")
 
     def concurrency(self, url):

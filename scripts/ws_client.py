@@ -38,16 +38,18 @@ import os
 import statistics
 import sys
 import time
-import wave
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from benchmark import percentile  # scripts/benchmark.py: the same percentile for both load tests
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from light_tts.audio_out import SAMPLE_RATE  # noqa: E402
+# the same percentile as scripts/bench/benchmark.py, so the two load tests compare
+from light_tts.tools.client_util import pcm_seconds, percentile, write_wav as _write_wav  # noqa: E402
+
 PROMPT_WAV = os.path.join(ROOT, "tests", "fixtures", "prompt_en.wav")
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog."
 TEXTS = {
@@ -57,7 +59,6 @@ TEXTS = {
     "zh": "你好，欢迎使用语音合成服务。我可以帮你查询订单状态、修改收货地址，或者回答关于我们产品的问题。"
           "请告诉我你需要什么，我会尽快为你处理。",
 }
-SAMPLE_RATE = 24000
 GRACE_S = 0.5  # how long to keep watching for audio after `interrupted`
 MAX_MESSAGE = 16 * 2**20  # largest frame accepted from the server (websockets' default is 1 MiB)
 REQUEST_IDS = itertools.count()
@@ -426,13 +427,8 @@ async def open_socket(args) -> ClientConnection:
 
 
 def write_wav(path: str, pcm: bytes) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(pcm)
-    print(f"wrote {path} ({len(pcm) / 2 / SAMPLE_RATE:.2f} s)")
+    _write_wav(path, pcm)
+    print(f"wrote {path} ({pcm_seconds(len(pcm)):.2f} s)")
 
 
 def fmt_ms(v: float | None) -> str:
@@ -648,7 +644,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lang", choices=sorted(TEXTS), default="en", help="language of the default --text")
     p.add_argument("--seed", type=int, help="`start` seed: reproducible sampling")
     p.add_argument("--max-speech-tokens", type=int, help="`start` max_speech_tokens: cap after finish")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per utterance, start to done")
+    # a hang detector, not a speed target (--bench reports the times): the server's own --request_timeout
+    # default, so a loaded machine's slow utterance is not a failure
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per utterance, start to done, before it "
+                                                                 "counts as hung")
     p.add_argument("--out", help="write the audio received as a WAV (--test-interrupt: also NAME-second.wav)")
     p.add_argument("--out-dir", help="bench: one WAV per socket (its rounds in order) here")
     p.add_argument("--json", help="bench: write the summary and every utterance's numbers here")

@@ -206,7 +206,7 @@ def test_first_chunk_breakdown_in_metrics(server):
 
 def test_benchmark_client_knows_the_stages():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "bench", "benchmark.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.STAGES == FIRST_CHUNK_STAGES

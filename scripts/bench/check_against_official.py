@@ -5,7 +5,7 @@ omegaconf, einops, diffusers==0.29.0, conformer==0.3.2, scipy, inflect, onnxrunt
 of FunAudioLLM/CosyVoice (and Matcha-TTS in its third_party/) outside this repository:
 
     OFFICIAL_COSYVOICE=/path/to/CosyVoice WORK_DIR=/tmp/official-check \
-        /path/to/venv/bin/python scripts/check_against_official.py [--tiny] [--full] [--lm-steps 60]
+        /path/to/venv/bin/python scripts/bench/check_against_official.py [--tiny] [--full] [--lm-steps 60]
 
 It writes the model dirs under WORK_DIR with our generator if missing (the main python, `python3`,
 must have this package installed). Results of the last run: docs/verification.md.
@@ -39,7 +39,22 @@ import time
 import types
 import uuid as uuid_mod
 
-MAIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--lm-steps", type=int, default=60)
+    ap.add_argument("--flow-tokens", type=int, default=150)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--lm-only", action="store_true", help="stop after the LM checks (unistream and bistream)")
+    ap.add_argument("--no-direct", action="store_true", help="skip the directly-called official token2wav run")
+    return ap.parse_args(argv)
+
+
+# the command line first: --help answers without the official code's venv the imports below need
+ARGS = parse_args() if __name__ == "__main__" else None
+MAIN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OFFICIAL = os.environ.get("OFFICIAL_COSYVOICE", "/work/official")
 REFCHECK = os.environ.get("WORK_DIR", "/tmp/official-check")
 os.makedirs(REFCHECK, exist_ok=True)
@@ -558,15 +573,7 @@ def run(size, lm_steps, flow_tokens, seeds, direct, bistream_only=False):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--lm-steps", type=int, default=60)
-    ap.add_argument("--flow-tokens", type=int, default=150)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
-    ap.add_argument("--lm-only", action="store_true", help="stop after the LM checks (unistream and bistream)")
-    ap.add_argument("--no-direct", action="store_true", help="skip the directly-called official token2wav run")
-    a = ap.parse_args()
+    a = ARGS if ARGS is not None else parse_args()
     sizes = [s for s, on in (("tiny", a.tiny), ("full", a.full)) if on] or ["tiny", "full"]
     t0 = time.time()
     for s in sizes:

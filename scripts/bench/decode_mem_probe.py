@@ -1,8 +1,8 @@
 """Decode-process memory probe: the soak's decode traffic in one process, RSS printed as it goes.
 
-    python scripts/decode_mem_probe.py --model_dir /path/to/tiny --requests 600 --every 50 --malloc_stats
+    python scripts/bench/decode_mem_probe.py --model_dir /path/to/tiny --requests 600 --every 50 --malloc_stats
     LRU_CACHE_CAPACITY=1024 ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 \
-        python scripts/decode_mem_probe.py --model_dir /path/to/tiny --requests 600 --every 50 --malloc_stats
+        python scripts/bench/decode_mem_probe.py --model_dir /path/to/tiny --requests 600 --every 50 --malloc_stats
     (the second: the libraries' default cache sizes, as before bound_cpu_caches; docs/reliability.md "Soak")
 
 Runs the decode server's own loop (light_tts.server.decode.process.DecodeServer.step: messages,
@@ -31,7 +31,7 @@ import random
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 
@@ -81,12 +81,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from light_tts.server import decode_process as dp
+    from light_tts.server.decode import process as dp
     caches = dp.bound_cpu_caches()   # as run_decode_process, before torch runs a convolution
     import numpy as np
     import torch
     from light_tts.server.decode.engine import build_engine
-    from light_tts.server.io_struct import AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensOutput
+    from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput,
+                                            SpeechTokensBatchOutput)
 
     if a.mmap_threshold:
         ctypes.CDLL(None).mallopt(-3, a.mmap_threshold)   # M_MMAP_THRESHOLD
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
         def init_sockets(self, ctx, addr):
             self.recv_from_peers = None
 
-        def send(self, reply_to, msg):
+        def reply(self, reply_to, msg):
             if isinstance(msg, AudioOutput):
                 digest.update(msg.rid.encode() + msg.pcm)
             if isinstance(msg, ErrorOutput) or (isinstance(msg, AudioOutput) and msg.finished):
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
             elif isinstance(msg, AudioOutput):
                 first_chunk.add(msg.rid)
 
-        def maybe_write_stats(self):
+        def publish_stats(self):
             pass
 
     class NoEndpoints:
@@ -159,15 +160,22 @@ def main(argv=None) -> None:
             inbox.append(DecodeStartReq(rid=rid, reply_to="x", prompt_speech_tokens=prompt_tokens,
                                         prompt_feat=prompt_feat, embedding=emb, stream=stream,
                                         seed=rng.randint(0, 2**31)))
-        for rid, r in list(live.items()):   # the LLM: a few tokens per request per loop iteration
+        batch = SpeechTokensBatchOutput()   # the LLM: a few tokens per request per step, one message
+        for rid, r in list(live.items()):
             if r["sent"] < len(r["tokens"]):
                 piece = r["tokens"][r["sent"]:r["sent"] + rng.randint(1, 8)]
                 r["sent"] += len(piece)
                 last = r["sent"] >= len(r["tokens"])
-                inbox.append(SpeechTokensOutput(rid=rid, tokens=piece, piece=0, piece_done=last, finished=last))
+                batch.rids.append(rid)
+                batch.tokens.append(piece)
+                batch.pieces.append(0)
+                batch.piece_done.append(last)
+                batch.finished.append(last)
             if r["abort"] and rid in first_chunk:   # the client hangs up after its first chunk
                 inbox.append(AbortReq(rid=rid))
                 done.add(rid)
+        if batch.rids:
+            inbox.append(batch)
         server.step(block=False)
         for rid in [r for r in live if r in done]:
             del live[rid]

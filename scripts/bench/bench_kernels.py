@@ -1,7 +1,7 @@
 """Run every Triton kernel of light_tts/kernels at the real model's sizes on a GPU, check it against
 the plain-PyTorch reference (light_tts/kernels/reference.py) and time both.
 
-    python scripts/bench_kernels.py [--dtype bf16|fp16|fp32] [--quick] [--sweep]
+    python scripts/bench/bench_kernels.py [--dtype bf16|fp16|fp32] [--quick] [--sweep]
 
 Shapes: Qwen2-0.5B attention (14 q heads, 2 kv heads, head_dim 64, hidden 896), batches 1..128,
 sequences 200..2000 (decode lengths drawn in [seq/2, seq], max_len = seq). Prints a markdown
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 

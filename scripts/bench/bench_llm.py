@@ -1,7 +1,7 @@
 """GPU benchmark of the LLM engine (token-slot KV pool, Triton kernels, CUDA graphs) beside
 `transformers` generate on the same weights, in one run. Prints a markdown table.
 
-    python scripts/bench_llm.py --model_dir models/full [--make]    # about 3-5 minutes on an H100
+    python scripts/bench/bench_llm.py --model_dir models/full [--make]    # about 3-5 minutes on an H100
 
 Shape (issue 9's anchor): Qwen2-0.5B body + the 6564-way speech head, bf16, prompts of ~200
 tokens (2 special + 20 prompt text + 30 text + 148 prompt speech), 250 new tokens per request
@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 from light_tts.server.io_struct import DecodeStartReq, LLMReq  # noqa: E402
 from light_tts.server.llm.engine import LLMEngine  # noqa: E402

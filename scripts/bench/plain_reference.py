@@ -1,8 +1,8 @@
 """The plain-PyTorch reference pipeline (light_tts.synthesize: one request at a time, the official
-CosyVoice2 design) timed on the inputs scripts/benchmark.py sends, so a GPU report can show it
+CosyVoice2 design) timed on the inputs scripts/bench/benchmark.py sends, so a GPU report can show it
 beside the server in the same run.
 
-    python scripts/plain_reference.py --model_dir /tmp/lighttts-full --dtype bf16 --repeat 3
+    python scripts/bench/plain_reference.py --model_dir /tmp/lighttts-full --dtype bf16 --repeat 3
 
 Per request: the LM (fixed --fixed_speech_tokens), flow and HiFT; streaming (official chunk
 schedule) and not. The prompt is encoded once (frontend: audio -> speech tokens, speaker embedding,
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmark import PROMPT_TEXT, PROMPT_WAV, TEXTS  # noqa: E402
 from light_tts.frontend.frontend import Frontend  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402

@@ -1,6 +1,6 @@
 """Load a CosyVoice2 directory and time one step of each network (plain-PyTorch paths).
 
-    python scripts/bench_model.py --model_dir models/full --dtype bf16 [--make full]
+    python scripts/bench/bench_model.py --model_dir models/full --dtype bf16 [--make full]
 
 Prints a markdown table: load time and GPU memory of each module, one LLM prefill + one decode
 step, one streaming flow chunk (25 new tokens + 3 lookahead after a 125-token prompt, 10 Euler
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
 

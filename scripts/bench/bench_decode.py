@@ -1,7 +1,7 @@
 """Decode engine benchmark: batched flow + HiFT per 25-token streaming chunk, beside the plain
 one-request-at-a-time path (token2wav.Token2Wav), in one run.
 
-    python scripts/bench_decode.py --model_dir /tmp/lighttts-full --dtype bf16 [--make full]
+    python scripts/bench/bench_decode.py --model_dir /tmp/lighttts-full --dtype bf16 [--make full]
 
 Workload: a 125-token prompt (5 s) and its first streaming chunk (25 tokens + 3 look-ahead, so the
 estimator runs over 300 frames: 250 prompt + 50 new; 1.0 s of audio per request). HiFT gets the
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.server.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
 from light_tts.server.decode.batched_hift import BatchedHift  # noqa: E402

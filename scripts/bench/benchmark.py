@@ -1,12 +1,16 @@
 """Load benchmark for a running LightTTS server (seed 001's client, grown up).
 
-    python scripts/benchmark.py --url http://127.0.0.1:8080 --concurrency 1 4 16 64 --requests 64 \
+    python scripts/bench/benchmark.py --url http://127.0.0.1:8080 --concurrency 1 4 16 64 --requests 64 \
         --fixed_speech_tokens 250 [--stream both] [--payload multipart|json] [--json out.json]
+    python scripts/bench/benchmark.py --repeat 3 [--prompt_wav F --prompt_text T]   # one request at a time
 
 Per request: time to the first audio byte, total time, audio seconds, RTF. Per (mode, concurrency):
 p50/p90/p99 of first audio and total, audio-seconds per wall-second, errors. A fixed prompt (the
-fixture prompt_en_5s.wav, 5.0 s, espeak-ng) and fixed texts; `--fixed_speech_tokens N` asks the server for exactly N speech
-tokens per request so random-weight runs compare (real weights: leave it 0).
+fixture prompt_en_5s.wav, 5.0 s, espeak-ng) and fixed texts; `--fixed_speech_tokens N` asks the server for
+exactly N speech tokens per request so random-weight runs compare (real weights: leave it 0).
+
+--repeat N: no load levels; per mode N requests one after another (after --warmup), and a table of
+the medians (first audio byte, total, audio, RTF): the latency of an idle server.
 
 First-chunk breakdown: around each level the script reads the server's
 lighttts_first_chunk_stage_seconds histogram (/metrics) and prints the mean time per stage of that
@@ -20,17 +24,18 @@ import asyncio
 import base64
 import json
 import os
+import statistics
 import sys
 import time
 
-import re
-from collections import defaultdict
-
 import httpx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out (this client runs without the package;
-# tests/test_server.py checks they agree)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from light_tts.tools.client_util import WAV_HEADER_BYTES, parse_prometheus, pcm_seconds, percentile  # noqa: E402
+
+# light_tts.server.http.metrics.FIRST_CHUNK_STAGES, written out (importing the server's metrics module
+# would pull in its dependencies; tests/test_server.py checks they agree)
 STAGES = ("encode_wait", "encode", "llm_wait", "prefill", "first_tokens", "decode_wait", "decode", "to_http")
 # DESIGN section 7's workload: a ~5 s prompt (~125 speech tokens), so prompt + first hop align on
 # whole 25-token chunks with no padding (a 3.3 s prompt of 82 tokens needs a 43-token first hop)
@@ -44,17 +49,8 @@ TEXTS = [
 ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 async def one(client: httpx.AsyncClient, args, prompt: bytes, i: int, stream: bool) -> dict:
-    fields = {"tts_text": TEXTS[i % len(TEXTS)], "prompt_text": args.prompt_text, "stream": stream,
+    fields = {"tts_text": args.tts_text or TEXTS[i % len(TEXTS)], "prompt_text": args.prompt_text, "stream": stream,
               "seed": i}
     if args.fixed_speech_tokens:
         fields["fixed_speech_tokens"] = args.fixed_speech_tokens
@@ -78,7 +74,7 @@ async def one(client: httpx.AsyncClient, args, prompt: bytes, i: int, stream: bo
     except httpx.HTTPError as e:
         err = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
-    audio = max(0, size - (0 if stream else 44)) / 2 / 24000
+    audio = pcm_seconds(max(0, size - (0 if stream else WAV_HEADER_BYTES)))
     ok = status == 200 and audio > 0
     return {"ok": ok, "status": status, "error": err, "first": first, "total": total, "audio": audio,
             "rtf": total / audio if audio else None}
@@ -119,11 +115,12 @@ async def stage_totals(client: httpx.AsyncClient, url: str) -> dict:
         text = (await client.get(url + "/metrics", timeout=10)).text
     except httpx.HTTPError:
         return {}
-    out: dict = defaultdict(lambda: [0.0, 0.0])
-    for kind, stage, value in re.findall(
-            r'^lighttts_first_chunk_stage_seconds_(sum|count)\{stage="([a-z_]+)"\} (\S+)$', text, re.M):
-        out[stage][0 if kind == "sum" else 1] += float(value)
-    return dict(out)
+    metrics = parse_prometheus(text)
+    out: dict = {}
+    for i, kind in enumerate(("sum", "count")):
+        for labels, value in metrics.get("lighttts_first_chunk_stage_seconds_" + kind, []):
+            out.setdefault(labels.get("stage"), [0.0, 0.0])[i] += value
+    return out
 
 
 def stage_means(before: dict, after: dict) -> dict:
@@ -162,6 +159,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def medians_table(rows: list[dict]) -> str:
+    """--repeat: one line per mode, the medians of its one-at-a-time requests."""
+    out = ["| mode | first audio byte (median) | total | audio | RTF |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        good = [x for x in r["results"] if x["ok"]]
+        med = lambda k: statistics.median(x[k] for x in good) if good else float("nan")  # noqa: E731
+        out.append(f"| {'streaming' if r['mode'] == 'stream' else 'non-streaming'} | {med('first') * 1e3:.0f} ms | "
+                   f"{med('total'):.2f} s | {med('audio'):.2f} s | {med('rtf'):.3f} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,16 +181,22 @@ def main() -> int:
     p.add_argument("--payload", choices=("multipart", "json"), default="multipart")
     p.add_argument("--prompt_wav", default=PROMPT_WAV)
     p.add_argument("--prompt_text", default=PROMPT_TEXT)
+    p.add_argument("--tts_text", help="say this in every request (default: the four fixed texts in turn)")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="one request at a time: N per mode after --warmup, a table of medians (no load levels)")
     p.add_argument("--fixed_speech_tokens", type=int, default=250, help="0: let the model decide")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write every request's numbers here")
     args = p.parse_args()
+    if args.repeat < 0:
+        p.error("--repeat must be >= 0")
     prompt = open(args.prompt_wav, "rb").read()
     modes = {"yes": [True], "no": [False], "both": [True, False]}[args.stream]
+    levels = [1] if args.repeat else args.concurrency
     rows = []
-    requests_arg = args.requests
+    requests_arg = args.repeat or args.requests
     for stream in modes:
-        for c in args.concurrency:
+        for c in levels:
             args.requests = requests_arg or max(8, 2 * c)
             row = asyncio.run(run_level(args, prompt, c, stream))
             rows.append(row)
@@ -190,7 +204,7 @@ def main() -> int:
             for e in row["error_samples"]:
                 print(f"  error: {e}", flush=True)
     print()
-    print(table(rows))
+    print(medians_table(rows) if args.repeat else table(rows))
     parts = breakdown(rows)
     if parts:
         print("\nfirst-chunk breakdown, mean ms per stage (server marks; the client's first byte adds HTTP):\n")

@@ -2,7 +2,7 @@
 batch) at given (requests, frames), timed eagerly and as a CUDA graph, and the top kernels of the
 torch profiler. Prints markdown tables.
 
-    python scripts/profile_flow.py --model_dir /tmp/lighttts-full --dtype bf16 --shapes 1x300,64x300,64x106
+    python scripts/bench/profile_flow.py --model_dir /tmp/lighttts-full --dtype bf16 --shapes 1x300,64x300,64x106
 
 A shape RxT is R requests (2R estimator rows with classifier-free guidance) of T frames.
 --estimators plain,fused profiles the module-by-module forward and the fused one
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from light_tts.server.decode.batched_flow import BiasEstimator, FrameAttention, attention_bias  # noqa: E402
 from light_tts.server.decode.fused_estimator import FusedEstimator  # noqa: E402
 from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
