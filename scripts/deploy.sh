@@ -2,7 +2,8 @@
 # One-command deployment under gunicorn (seed 001's deploy.sh): check, write the settings, start
 # scripts/run.sh in the background, wait until /healthz is healthy.
 #
-#   scripts/deploy.sh [MODEL_DIR] [DECODE_WORKERS] [HTTP_WORKERS]   deploy (defaults: configs/a10_single.env, 4)
+#   scripts/deploy.sh [MODEL_DIR] [DECODE_WORKERS] [HTTP_WORKERS]   deploy (defaults: the environment
+#                     and configs/a10_single.env, else the server's defaults; run.sh's WORKERS)
 #   scripts/deploy.sh stop | status
 #
 # Writes the effective settings to DEPLOY_ENV (configs/production.env), which run.sh reads first.
@@ -42,7 +43,8 @@ do_status() {
     [ -f "$DEPLOY_ENV" ] && lt_load_env "$DEPLOY_ENV"
     PY=${PYTHON:-$(command -v python3)}
     if pid=$(master_pid); then
-        echo "running: gunicorn master $pid, http://127.0.0.1:${PORT:-8080}/healthz -> $(lt_http_code "http://127.0.0.1:${PORT:-8080}/healthz")"
+        lt_server_settings port
+        echo "running: gunicorn master $pid, http://127.0.0.1:$PORT/healthz -> $(lt_http_code "http://127.0.0.1:$PORT/healthz")"
         return 0
     fi
     echo "not running"; return 3
@@ -51,12 +53,13 @@ do_status() {
 check_dependencies() {
     lt_log "checking dependencies..."
     lt_find_python gunicorn
+    lt_server_settings model_dir decode_process_num host port
     lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
     if [ "$LT_DEVICE" = gpu ]; then
         local gpu_count
         gpu_count=$(nvidia-smi --list-gpus | wc -l)
-        [ "$gpu_count" -ge "$DECODE_WORKERS" ] ||
-            lt_warn "$gpu_count GPU(s) for $DECODE_WORKERS decode processes: decode i runs on GPU i % $gpu_count"
+        [ "$gpu_count" -ge "$DECODE_PROCESS_NUM" ] ||
+            lt_warn "$gpu_count GPU(s) for $DECODE_PROCESS_NUM decode processes: decode i runs on GPU i % $gpu_count"
     fi
     lt_check_model "$MODEL_DIR"
 }
@@ -67,12 +70,12 @@ create_config() {
     cat >"$DEPLOY_ENV" <<CONF
 # written by scripts/deploy.sh on $(date '+%Y-%m-%d %H:%M:%S'); read by scripts/run.sh (LIGHTTTS_ENV_FILE)
 MODEL_DIR=$MODEL_DIR
-DECODE_PROCESS_NUM=$DECODE_WORKERS
-WORKERS=$HTTP_WORKERS
-PORT=${PORT:-8080}
-HOST=${HOST:-0.0.0.0}
+DECODE_PROCESS_NUM=$DECODE_PROCESS_NUM
+PORT=$PORT
+HOST=$HOST
 LOAD_TRT=$LOAD_TRT
 CONF
+    if [ -n "${WORKERS:-}" ]; then echo "WORKERS=$WORKERS" >>"$DEPLOY_ENV"; fi
 }
 
 start_service() {
@@ -89,7 +92,7 @@ start_service() {
             echo "---- last 40 lines of $LOG_FILE ----" >&2; tail -n 40 "$LOG_FILE" >&2
             rm -f "$PID_FILE"; lt_die "the service exited during the start"
         fi
-        code=$(lt_http_code "http://127.0.0.1:${PORT:-8080}/healthz" 2)
+        code=$(lt_http_code "http://127.0.0.1:$PORT/healthz" 2)
         [ "$code" = 200 ] && break
         now=$(( $(date +%s) - t0 ))
         if [ "$now" -ge "${STARTUP_TIMEOUT:-300}" ]; then
@@ -110,22 +113,21 @@ main() {
     esac
     if [ -n "${LIGHTTTS_ENV_FILE:-}" ]; then lt_load_env "$LIGHTTTS_ENV_FILE"; fi
     lt_load_env "$CONFIG_DIR/a10_single.env"
-    MODEL_DIR=${1:-${MODEL_DIR:-}}
-    [ -n "$MODEL_DIR" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
-    DECODE_WORKERS=${2:-${DECODE_PROCESS_NUM:-1}}
-    HTTP_WORKERS=${3:-${WORKERS:-4}}
-    # run.sh lets the environment win over production.env, and a10_single.env above already put
-    # its own values there: hand the deployed ones over explicitly
-    export MODEL_DIR DECODE_PROCESS_NUM=$DECODE_WORKERS WORKERS=$HTTP_WORKERS
+    # the arguments win over everything; run.sh lets the environment win over production.env, and
+    # a10_single.env above already put its own values there: hand the deployed ones over explicitly
+    if [ -n "${1:-}" ]; then export MODEL_DIR=$1; fi
+    if [ -n "${2:-}" ]; then export DECODE_PROCESS_NUM=$2; fi
+    if [ -n "${3:-}" ]; then export WORKERS=$3; fi
     master_pid >/dev/null && lt_die "already running (gunicorn master $(master_pid)); scripts/deploy.sh stop"
     lt_log "deploying LightTTS..."
     check_dependencies
+    export MODEL_DIR DECODE_PROCESS_NUM HOST PORT
     create_config
     start_service
-    lt_log "deployed: http://localhost:${PORT:-8080}"
-    lt_log "health:   http://localhost:${PORT:-8080}/healthz"
-    lt_log "metrics:  http://localhost:${PORT:-8080}/metrics"
-    lt_log "verify:   $PY scripts/verify_deployment.py --full --url http://127.0.0.1:${PORT:-8080}"
+    lt_log "deployed: http://localhost:$PORT"
+    lt_log "health:   http://localhost:$PORT/healthz"
+    lt_log "metrics:  http://localhost:$PORT/metrics"
+    lt_log "verify:   $PY scripts/verify_deployment.py --full --url http://127.0.0.1:$PORT"
 }
 
 main "$@"

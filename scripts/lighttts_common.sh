@@ -7,6 +7,12 @@
 # lt_gpu_check NEED_MB  sets LT_DEVICE=gpu|cpu; without a GPU: a clear warning and CPU mode.
 # lt_check_model DIR    every file of the official CosyVoice2 layout present, readable, complete.
 # lt_http_code URL      the HTTP status of a GET (000 when nothing answers).
+# lt_server_args        sets SERVER_ARGS: the api_server flags the environment sets (after lt_find_python).
+# lt_server_settings FLAG...  sets each upper-case FLAG variable to the value the server will take.
+#
+# Server flags have one declaration, light_tts/server/args.py (ServerArgs): every flag is the
+# environment variable of its name in upper case, and its default lives there only. These
+# functions ask it (python -m light_tts.server.args) instead of keeping their own lists.
 
 LT_ROOT=${LT_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 
@@ -34,6 +40,27 @@ lt_load_env() {
             export "${key?}"
         fi
     done <"$file"
+}
+
+lt_server_cli() {
+    PYTHONPATH="$LT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m light_tts.server.args "$@"
+}
+
+lt_server_args() {
+    local out
+    out=$(lt_server_cli --from-env) || lt_die "server settings in the environment rejected (the line above)"
+    SERVER_ARGS=()
+    [ -z "$out" ] || mapfile -t SERVER_ARGS <<<"$out"
+}
+
+lt_server_settings() {
+    local out name i=0 vals=()
+    out=$(lt_server_cli --from-env --get "$@") || lt_die "server settings in the environment rejected (the line above)"
+    mapfile -t vals <<<"$out"
+    for name in "$@"; do
+        printf -v "${name^^}" '%s' "${vals[$i]-}"
+        i=$((i + 1))
+    done
 }
 
 lt_is_true() {
@@ -91,15 +118,17 @@ lt_gpu_check() {
             lt_warn "only ${free} MiB GPU memory free; this profile needs about ${need_mb} MiB (other processes on the GPU? nvidia-smi)"
         fi
     fi
-    if [ "$LT_DEVICE" = gpu ] && lt_is_true "${LOAD_TRT:-false}" && ! "$PY" -c 'import tensorrt' 2>/dev/null; then
+    lt_server_settings load_trt
+    if [ "$LT_DEVICE" = gpu ] && lt_is_true "$LOAD_TRT" && ! "$PY" -c 'import tensorrt' 2>/dev/null; then
         lt_die "LOAD_TRT=True (seed 000's A10 profile) needs NVIDIA TensorRT's Python package: pip install tensorrt-cu12 -- or start with LOAD_TRT=False (CUDA graphs still apply)"
     fi
     if [ "$LT_DEVICE" = cpu ]; then
         if lt_is_true "${REQUIRE_GPU:-0}"; then lt_die "REQUIRE_GPU is set and there is no usable GPU"; fi
-        if lt_is_true "${LOAD_TRT:-false}"; then
+        if lt_is_true "$LOAD_TRT"; then
             lt_log "CPU mode: --load_trt False (TensorRT needs a GPU)"
         fi
-        LOAD_TRT=False
+        # exported: the server's flags come from the environment
+        export LOAD_TRT=False
     fi
 }
 
@@ -115,7 +144,6 @@ lt_human() { awk -v b="$1" 'BEGIN { split("B KB MB GB", u); i = 1; while (b >= 1
 
 lt_check_model() {
     local dir=$1 f path size head4 tail4 problems=() small=() summary=()
-    [ -n "$dir" ] || lt_die "MODEL_DIR is not set (configs/a10_single.env or MODEL_DIR=...)"
     [ -d "$dir" ] || lt_die "model directory $dir does not exist (set MODEL_DIR=/path/to/CosyVoice2-0.5B)"
     for f in "${LT_MODEL_FILES[@]}"; do
         path="$dir/$f"

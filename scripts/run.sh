@@ -6,20 +6,19 @@
 #   WORKERS=2 ACCESS_LOG=/tmp/lighttts_access.log ERROR_LOG=/tmp/lighttts_error.log scripts/run.sh
 #                                         seed 000's gunicorn variant (section 7.3)
 #
-# Server settings: configs/a10_single.env (MODEL_DIR, PORT, MAX_TOTAL_TOKEN_NUM, ...), plus
-# LIGHTTTS_ENV_FILE if set (read first, so it wins); the environment wins over both.
-# wsgi_wrapper.py reads them as upper-case names of its CONFIG keys.
-# gunicorn settings: WORKERS (4), HOST, PORT, TIMEOUT (300), KEEPALIVE (5), ACCESS_LOG (-),
-# ERROR_LOG (-), PRELOAD (1), GUNICORN_ARGS (more flags). Interpreter: PYTHON or VENV as in
-# start_lighttts_a10.sh. SKIP_CHECKS=1 skips the GPU and model checks.
+# Server settings: configs/a10_single.env, plus LIGHTTTS_ENV_FILE if set (read first, so it wins);
+# the environment wins over both. wsgi_wrapper.py reads every api_server flag as the environment
+# variable of its name in upper case (MODEL_DIR, PORT, MAX_TOTAL_TOKEN_NUM, REQUEST_TIMEOUT, ...)
+# and EXTRA_ARGS; unset ones keep the server's defaults (light_tts/server/args.py).
+# gunicorn settings: WORKERS (4), TIMEOUT (300), KEEPALIVE (5), ACCESS_LOG (-), ERROR_LOG (-),
+# PRELOAD (1), GUNICORN_ARGS (more flags); it binds HOST:PORT, the server's own settings.
+# Interpreter: PYTHON or VENV as in start_lighttts_a10.sh. SKIP_CHECKS=1 skips the GPU and model checks.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lighttts_common.sh"
 cd "$LT_ROOT"
 
 [ -n "${LIGHTTTS_ENV_FILE:-}" ] && lt_load_env "$LIGHTTTS_ENV_FILE"
 lt_load_env "${CONFIG_DIR:-$LT_ROOT/configs}/a10_single.env"
-[ -n "${MODEL_DIR:-}" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
-export MODEL_DIR
 
 # Performance environment (seed 001)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
@@ -31,22 +30,17 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # Gunicorn (seed 001)
 WORKERS=${WORKERS:-4}
 WORKER_CLASS=uvicorn.workers.UvicornWorker
-HOST=${HOST:-0.0.0.0}
-PORT=${PORT:-8080}
 TIMEOUT=${TIMEOUT:-300}
 KEEPALIVE=${KEEPALIVE:-5}
 ACCESS_LOG=${ACCESS_LOG:--}
 ERROR_LOG=${ERROR_LOG:--}
-export HOST PORT
 
 lt_find_python gunicorn
+# the bind address is the server's --host/--port (PORT also names the backend instance)
+lt_server_settings model_dir host port
 if ! lt_is_true "${SKIP_CHECKS:-0}"; then
     lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
     lt_check_model "$MODEL_DIR"
-fi
-export LOAD_TRT
-if [ -n "${EXTRA_ARGS:-}" ]; then
-    lt_warn "EXTRA_ARGS is not read under gunicorn (wsgi_wrapper takes CONFIG keys as environment variables): ignored"
 fi
 
 preload=()

@@ -14,11 +14,13 @@
 #
 # Anything after the command goes to api_server unchanged: `... single --log_level debug`.
 # Settings: configs/a10_single.env (multi: configs/a10_multi.env on top of it); an environment
-# variable of the same name wins over both: MODEL_DIR, HOST, PORT, PORTS, MAX_TOTAL_TOKEN_NUM, ...
-# Script settings (environment only): LOG_DIR (/tmp), PID_DIR (/tmp), CONFIG_DIR (configs/),
-# PYTHON or VENV (the interpreter), ENVRC (a file to source first, e.g. /root/tts/.envrc),
-# ZMQ_MODE (--zmq_mode), STAGGER_SECONDS, STARTUP_TIMEOUT, STOP_TIMEOUT (30), NGINX_PREFIX,
-# FORCE_CPU, REQUIRE_GPU, GPU_INDEX + PORT_BASE (run: port = PORT_BASE + GPU_INDEX).
+# variable of the same name wins over both. Every api_server flag is the variable of its name in
+# upper case (MODEL_DIR, HOST, PORT, MAX_TOTAL_TOKEN_NUM, REQUEST_TIMEOUT, LOG_LEVEL, ...; list:
+# python -m light_tts.server.args --list), EXTRA_ARGS takes flags as written; unset ones keep the
+# server's defaults. Script settings: PORTS (multi), LOG_DIR (/tmp), PID_DIR (/tmp), CONFIG_DIR
+# (configs/), PYTHON or VENV (the interpreter), ENVRC (a file to source first, e.g.
+# /root/tts/.envrc), STAGGER_SECONDS, STARTUP_TIMEOUT, STOP_TIMEOUT (30), NGINX_PREFIX, FORCE_CPU,
+# REQUIRE_GPU, GPU_INDEX + PORT_BASE (single, run: port = PORT_BASE + GPU_INDEX).
 #
 # Files: log $LOG_DIR/lighttts_<mode>_<port>.log (the previous one is kept as .log.1),
 # pid $PID_DIR/lighttts_worker_<port>.pid, private nginx under $PID_DIR/lighttts_nginx/.
@@ -44,11 +46,8 @@ load_profile() {
     fi
     [ "$mode" = multi ] && lt_load_env "$CONFIG_DIR/a10_multi.env"
     lt_load_env "$CONFIG_DIR/a10_single.env"
-    [ -n "${MODEL_DIR:-}" ] || MODEL_DIR=${FINETURED_COSYVOICE2_MODEL_PATH:-$LT_ROOT/pretrained_models/CosyVoice2-0.5B}
-    HOST=${HOST:-0.0.0.0}
-    if [ -n "${GPU_INDEX:-}" ]; then PORT=$(( ${PORT_BASE:-9000} + GPU_INDEX )); fi
-    PORT=${PORT:-8080}
-    if [ "$mode" = multi ]; then PORTS=${PORTS:-"8080 8081"}; else PORTS=$PORT; fi
+    if [ -n "${GPU_INDEX:-}" ]; then export PORT=$(( ${PORT_BASE:-9000} + GPU_INDEX )); fi
+    if [ "$mode" = multi ]; then PORTS=${PORTS:-"8080 8081"}; fi
     NGINX_MODE=${NGINX_MODE:-private} NGINX_HOST=${NGINX_HOST:-0.0.0.0} NGINX_PORT=${NGINX_PORT:-8000}
     NGINX_BALANCE=${NGINX_BALANCE:-round_robin}
     NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
@@ -57,19 +56,11 @@ load_profile() {
     mkdir -p "$LOG_DIR" "$PID_DIR" || lt_die "cannot create LOG_DIR=$LOG_DIR or PID_DIR=$PID_DIR"
 }
 
+# SERVER_ARGS for the instance on port $1: the flags the environment (and the env files) set,
+# EXTRA_ARGS, then the command line's extra arguments
 server_args() {
-    local port=$1 extra=()
-    SERVER_ARGS=(--model_dir "$MODEL_DIR" --host "$HOST" --port "$port"
-                 --encode_process_num "${ENCODE_PROCESS_NUM:-1}" --decode_process_num "${DECODE_PROCESS_NUM:-1}"
-                 --max_total_token_num "${MAX_TOTAL_TOKEN_NUM:-32768}" --max_req_total_len "${MAX_REQ_TOTAL_LEN:-16384}"
-                 --batch_max_tokens "${BATCH_MAX_TOKENS:-16384}" --load_trt "${LOAD_TRT:-False}"
-                 --cache_capacity "${CACHE_CAPACITY:-100}" --httpserver_workers "${HTTPSERVER_WORKERS:-1}")
-    [ -n "${DATA_TYPE:-}" ] && SERVER_ARGS+=(--data_type "$DATA_TYPE")
-    [ -n "${GPU_MEMORY_LIMIT_GB:-}" ] && SERVER_ARGS+=(--gpu_memory_limit_gb "$GPU_MEMORY_LIMIT_GB")
-    lt_is_true "${HEALTH_MONITOR:-false}" && SERVER_ARGS+=(--health_monitor)
-    [ -n "${ZMQ_MODE:-}" ] && SERVER_ARGS+=(--zmq_mode "$ZMQ_MODE")
-    read -r -a extra <<<"${EXTRA_ARGS:-}"
-    SERVER_ARGS+=("${extra[@]}" "${CLI_EXTRA[@]}")
+    PORT=$1 lt_server_args
+    SERVER_ARGS+=("${CLI_EXTRA[@]}")
 }
 
 pid_file() { echo "$PID_DIR/lighttts_worker_$1.pid"; }
@@ -290,6 +281,8 @@ stop_nginx() {
 # ---------------------------------------------------------------- commands
 preflight() {
     lt_find_python
+    lt_server_settings model_dir host port
+    [ "$CUR_MODE" = multi ] || PORTS=$PORT
     lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
     lt_check_model "$MODEL_DIR"
 }

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from light_tts.server.args import FIELDS, env_names
 from server_util import PROMPT_TEXT, PROMPT_WAV, ROOT, free_port, live_processes, stage_pids, wav_info
 
 pytestmark = pytest.mark.server   # starts server processes: not in the fast tier
@@ -25,12 +26,11 @@ pytestmark = pytest.mark.server   # starts server processes: not in the fast tie
 SCRIPTS = os.path.join(ROOT, "scripts")
 CONFIGS = os.path.join(ROOT, "configs")
 PROMPT = open(PROMPT_WAV, "rb").read()
-# every key the settings files define: cleared from the inherited environment so the files apply
-SETTINGS_KEYS = {"MODEL_DIR", "HOST", "PORT", "PORTS", "ENCODE_PROCESS_NUM", "DECODE_PROCESS_NUM",
-                 "MAX_TOTAL_TOKEN_NUM", "MAX_REQ_TOTAL_LEN", "BATCH_MAX_TOKENS", "LOAD_TRT", "CACHE_CAPACITY",
-                 "HEALTH_MONITOR", "DATA_TYPE", "HTTPSERVER_WORKERS", "EXTRA_ARGS", "STARTUP_TIMEOUT", "GPU_MEMORY_LIMIT_GB",
-                 "GPU_MEM_NEED_MB", "STAGGER_SECONDS", "NGINX", "NGINX_MODE", "NGINX_HOST", "NGINX_PORT",
-                 "NGINX_BALANCE", "NGINX_PREFIX", "WORKERS", "GPU_INDEX", "PORT_BASE", "ZMQ_MODE", "VENV"}
+# every server flag's variable and every script setting: cleared from the inherited environment so
+# the settings files and the server's defaults apply
+SETTINGS_KEYS = {e for name in FIELDS for e in env_names(name)} | {
+    "PORTS", "EXTRA_ARGS", "STARTUP_TIMEOUT", "GPU_MEM_NEED_MB", "STAGGER_SECONDS", "NGINX", "NGINX_MODE",
+    "NGINX_HOST", "NGINX_PORT", "NGINX_BALANCE", "NGINX_PREFIX", "WORKERS", "GPU_INDEX", "PORT_BASE", "VENV"}
 SMALL = {"MAX_TOTAL_TOKEN_NUM": "8192", "MAX_REQ_TOTAL_LEN": "2048", "BATCH_MAX_TOKENS": "2048",
          "CACHE_CAPACITY": "10"}
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.path.exists(p)), None)
@@ -307,19 +307,24 @@ def test_verify_deployment_fails_on_a_dead_url():
 
 def test_settings_files_layer_under_the_environment():
     common = os.path.join(SCRIPTS, "lighttts_common.sh")
-    script = (f'. {common}; lt_load_env {CONFIGS}/a10_multi.env; lt_load_env {CONFIGS}/a10_single.env; '
+    flags = "port max_total_token_num batch_max_tokens cache_capacity load_trt gpu_memory_limit_gb host"
+    script = (f'. {common}; PY={sys.executable}; lt_load_env {CONFIGS}/a10_multi.env; '
+              f'lt_load_env {CONFIGS}/a10_single.env; lt_server_settings {flags}; '
               'echo "$PORT|$PORTS|$MAX_TOTAL_TOKEN_NUM|$BATCH_MAX_TOKENS|$CACHE_CAPACITY|$STAGGER_SECONDS|$LOAD_TRT|'
-              '$GPU_MEMORY_LIMIT_GB"')
+              '$GPU_MEMORY_LIMIT_GB|$HOST"')
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
     out = subprocess.run(["bash", "-c", script], env={**env, "PORT": "9999", "CACHE_CAPACITY": "7"},
                          capture_output=True, text=True, check=True).stdout.strip()
     # multi's lower limits and 60 s stagger (seed 000) over single's values; the environment wins
-    assert out == "9999|8080 8081|24576|12288|7|60|True|10.5", out
-    out = subprocess.run(["bash", "-c", f". {common}; lt_load_env {CONFIGS}/a10_single.env; "
+    assert out == "9999|8080 8081|24576|12288|7|60|True|10.5|127.0.0.1", out
+    # single: seed 000's numbers, where the file sets only what differs from the server's defaults
+    out = subprocess.run(["bash", "-c", f". {common}; PY={sys.executable}; lt_load_env {CONFIGS}/a10_single.env; "
+                          "lt_server_settings max_total_token_num max_req_total_len batch_max_tokens "
+                          "encode_process_num decode_process_num cache_capacity gpu_memory_limit_gb port host; "
                           'echo "$MAX_TOTAL_TOKEN_NUM $MAX_REQ_TOTAL_LEN $BATCH_MAX_TOKENS $ENCODE_PROCESS_NUM '
-                          '$GPU_MEMORY_LIMIT_GB"'],
+                          '$DECODE_PROCESS_NUM $CACHE_CAPACITY $GPU_MEMORY_LIMIT_GB $PORT $HOST"'],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "32768 16384 16384 1 22", out
+    assert out == "32768 16384 16384 1 1 100 22.0 8080 0.0.0.0", out
 
 
 # ----------------------------------------------------------------------------- configs
@@ -445,6 +450,7 @@ def test_k8s_manifests(tmp):
             k, v = line.split("=", 1)
             env_file[k] = v
     data = docs["ConfigMap"]["data"]
+    assert set(data) == set(env_file), set(data) ^ set(env_file)
     for k, v in env_file.items():
         if k != "MODEL_DIR":
             assert data.get(k) == v, (k, data.get(k), v)

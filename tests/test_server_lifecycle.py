@@ -118,9 +118,12 @@ def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
             results = list(pool.map(lambda n: request(srv.url, n), lengths))
         assert [len(r.content) for r in results] == [44 + n * 1920 for n in lengths]
         assert max_batch(srv.url) > 1, "the LLM never batched requests from different gunicorn workers"
-        new = [p for p in os.listdir("/proc") if p.isdigit() and p not in before]  # ignore other servers
-        backends = [p for p in new if _title(p) == "lighttts::backend"]
-        llms = [p for p in new if _title(p) == "lighttts::llm"]
+        # this server's processes only (other servers may start meanwhile): the backend is a child of
+        # a gunicorn worker (or of the master with --preload), the LLM a child of the backend
+        new = [p for p in os.listdir("/proc") if p.isdigit() and p not in before]
+        gunicorn = {str(srv.proc.pid)} | {p for p in new if _ppid(p) == str(srv.proc.pid)}
+        backends = [p for p in new if _title(p) == "lighttts::backend" and _ppid(p) in gunicorn]
+        llms = [p for p in new if _title(p) == "lighttts::llm" and _ppid(p) in backends]
         assert len(backends) == 1 and len(llms) == 1  # once for all workers, not once per worker
     finally:
         srv.stop()
@@ -134,5 +137,13 @@ def _title(pid) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def _ppid(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[1]
     except OSError:
         return ""

@@ -6,7 +6,6 @@ stops the HTTP workers, then every stage, and removes the instance's IPC directo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import signal
 import sys
 import threading
 
-from light_tts.server.args import parse_args
+from light_tts.server.args import ServerArgs, parse_args
 from light_tts.server.backend import Backend, endpoints_for
 from light_tts.server.stage import setup_logging
 
@@ -29,7 +28,7 @@ def model_name(model_dir: str) -> str:
 def app_factory():
     """uvicorn worker entry: rebuild the args the launcher validated and build the app."""
     from light_tts.server.http.app import create_app
-    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+    args = ServerArgs(**json.loads(os.environ[ARGS_ENV]))
     setup_logging(f"http:{os.getpid()}", args.log_level)
     return create_app(args, endpoints_for(args), model_name(args.model_dir))
 
@@ -37,6 +36,7 @@ def app_factory():
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging("api_server", args.log_level)
+    log.debug("settings: %s", args.public())
     # The launcher keeps its command line so runbooks' `pkill -f 'python.*api_server'` finds it;
     # only the stage processes take lighttts::<stage> titles.
     backend = Backend(args)

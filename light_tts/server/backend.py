@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Callable
 
+from light_tts.server.args import ServerArgs
 from light_tts.server.ipc import Endpoints, StatusTable, pid_alive, stage_health
 
 log = logging.getLogger("lighttts")
@@ -161,9 +162,10 @@ def main(argv=None) -> int:
                                             f"arguments arrive as JSON in ${BACKEND_ARGS_ENV})")
     p.add_argument("--watch_pid", type=int, default=0)
     ns = p.parse_args(argv)
-    args = argparse.Namespace(**json.loads(os.environ.pop(BACKEND_ARGS_ENV)))
+    args = ServerArgs(**json.loads(os.environ.pop(BACKEND_ARGS_ENV)))
     from light_tts.server.stage import name_process, setup_logging
     setup_logging("backend", args.log_level)
+    log.debug("settings: %s", args.public())
     name_process("backend")
     backend = Backend(args)
     stop = threading.Event()

@@ -24,7 +24,7 @@ Each process then caps PyTorch's caching allocator at its share with
 torch.cuda.set_per_process_memory_fraction(share / device total).
 
 The allowances are estimates: check them against `nvidia-smi --query-compute-apps` on the GPU
-(scripts/gpu_report.sh prints it). LIGHTTTS_CUDA_CONTEXT_MIB overrides CUDA_CONTEXT_BYTES.
+(`scripts/gpu.sh report` prints it). LIGHTTTS_CUDA_CONTEXT_MIB overrides CUDA_CONTEXT_BYTES.
 """
 from __future__ import annotations
 
@@ -233,14 +233,14 @@ def onnx_cuda_available() -> bool:
 
 
 def limit_bytes(args) -> int:
-    return int(float(getattr(args, "gpu_memory_limit_gb", 0) or 0) * GB)
+    return int(args.gpu_memory_limit_gb * GB)
 
 
 def prompt_cache_bytes(args) -> int:
     """The decode prompt cache's allocation (decode/prompt_cache.py): only with the fused estimator."""
-    if args.load_trt or getattr(args, "disable_fused_estimator", False):
+    if args.load_trt or args.disable_fused_estimator:
         return 0
-    return int(float(getattr(args, "decode_prompt_cache_gb", 0) or 0) * GB)
+    return int(args.decode_prompt_cache_gb * GB)
 
 
 def plan_for(args, gpu: int, num_gpus: int) -> GpuPlan:

@@ -52,7 +52,7 @@ URGENT_SLACK_S = 1.0
 # every new input shape, and decode shapes hardly repeat (prompt + chunk tokens, batch rows). Each
 # entry keeps some tens of KiB of C heap alive for hundreds of requests, between the chunk tensors,
 # so glibc can neither merge nor return the freed tensor memory around it: a 10-minute CPU soak grew
-# decode RSS by 220-290 MiB (in scripts/decode_mem_probe.py, mallinfo2 showed +60 MiB held by the
+# decode RSS by 220-290 MiB (in scripts/bench/decode_mem_probe.py, mallinfo2 showed +60 MiB held by the
 # caches and the rest free but fragmented). With 128 entries (more than one engine call's own
 # convolutions, which the 10 Euler steps reuse) the heap stays flat for about 1.5% more CPU, and
 # the audio is the same (an entry only saves set-up time). docs/reliability.md, "Soak", has the runs.
@@ -417,7 +417,7 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)
     server = DecodeServer(endpoints, index, flow, hift, engine=engine, max_batch_size=args.decode_max_batch_size,
-                          first_hop=getattr(args, "decode_first_hop", 0))
+                          first_hop=args.decode_first_hop)
     gpu = physical_gpu(index, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) \
         if device != "cpu" else None
     log.info("ready on %s%s (%s) in %.1f s", device, f" (physical GPU {gpu})" if gpu else "", dtype,
