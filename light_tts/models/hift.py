@@ -191,8 +191,10 @@ class HiFTGenerator(nn.Module):
         """mel [B, 80, T] (module dtype) + source [B, 1, T*480] (fp32) -> waveform [B, T*480] fp32."""
         dtype = self.m_source.l_linear.weight.dtype  # the module dtype (a plain parameter)
         source_spec = self._stft(source.squeeze(1).float()).to(dtype)
+        return self._decode_from(self.conv_pre(mel.to(dtype)), source_spec)
 
-        x = self.conv_pre(mel.to(dtype))
+    def _decode_from(self, x: torch.Tensor, source_spec: torch.Tensor) -> torch.Tensor:
+        """The stages after conv_pre: x [B, C, T] + source STFT -> clamped waveform fp32."""
         for i in range(self.num_upsamples):
             x = self.ups[i](F.leaky_relu(x, self.lrelu_slope))
             if i == self.num_upsamples - 1:

@@ -103,6 +103,23 @@ class SourceModuleHnNSF(nn.Module):
         self.voiced_threshold = float(voiced_threshod)
         self.l_linear = nn.Linear(self.harmonic_num + 1, 1)
 
+    # How the frame-rate phase reaches sample rate. "linear" is CosyVoice2's SineGen2;
+    # the causal variant (hift_causal.py) uses "nearest", which never looks ahead.
+    phase_upsample_mode = "linear"
+
+    def _unit_noise(self, batch: int, dims: int, length: int, generator: Optional[torch.Generator],
+                    device: torch.device) -> torch.Tensor:
+        """Unit noise [B, L, H+1] that `noise_amp` scales: draws 1-3 of the module docstring.
+
+        Draw 1 (initial phase) would be added to sample 0 only, which the frame-rate
+        accumulation never reads; draw 3 feeds the official noise branch, unused for
+        synthesis. Both are drawn to keep the random stream aligned; draw 2 is returned.
+        """
+        _draw_uniform((batch, dims), generator, device)
+        noise = _draw_normal_like_layout((batch, dims, length), (0, 2, 1), generator, device)
+        _draw_normal_like_layout((batch, length, 1), (0, 1, 2), generator, device)
+        return noise
+
     def forward(self, f0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         f0 = f0.float()
         batch, frames = f0.shape
@@ -114,28 +131,21 @@ class SourceModuleHnNSF(nn.Module):
         f0_samples = F.interpolate(f0[:, None], scale_factor=float(scale), mode="nearest")  # [B, 1, L]
         length = f0_samples.shape[-1]
 
-        # Draw 1: initial phase. It would be added to sample 0 only, which the
-        # frame-rate accumulation below never reads; drawn to keep the stream aligned.
-        _draw_uniform((batch, dims), generator, device)
-
         # Phase per frame: increments multiplied then divided exactly as the official
         # (f0 * k) / sr, wrapped to [0, 1), accumulated, then scaled to radians.
         harmonics = torch.arange(1, dims + 1, dtype=torch.float32, device=device)
         increments = (f0[:, :, None] * harmonics / self.sampling_rate) % 1          # [B, T, H+1]
         phase = torch.cumsum(increments, dim=1) * 2 * math.pi                       # [B, T, H+1]
         # One frame advances `scale` samples: scale the accumulated phase by the hop,
-        # then interpolate linearly to sample rate (align_corners=False).
-        phase = F.interpolate(phase.transpose(1, 2) * scale, scale_factor=float(scale), mode="linear")
+        # then bring it to sample rate (linear: align_corners=False).
+        phase = F.interpolate(phase.transpose(1, 2) * scale, scale_factor=float(scale),
+                              mode=self.phase_upsample_mode)
         sines = torch.sin(phase).transpose(1, 2) * self.sine_amp                    # [B, L, H+1] (memory [B, H+1, L])
 
         voiced = (f0_samples.transpose(1, 2) > self.voiced_threshold).float()       # [B, L, 1]
         noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        # Draw 2: additive noise, laid out in memory like `sines`.
-        noise = noise_amp * _draw_normal_like_layout((batch, dims, length), (0, 2, 1), generator, device)
+        noise = noise_amp * self._unit_noise(batch, dims, length, generator, device)
         excitation = sines * voiced + noise                                         # [B, L, H+1]
-
-        # Draw 3: the official noise branch (not used for synthesis).
-        _draw_normal_like_layout((batch, length, 1), (0, 1, 2), generator, device)
 
         weight = self.l_linear.weight.float()
         bias = self.l_linear.bias.float()
