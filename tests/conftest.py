@@ -19,3 +19,14 @@ def tiny_model_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("models") / "tiny")
     make_random_model(out, "tiny", seed=0, log=lambda *a, **k: None)
     return out
+
+
+# Fixtures that start server or stage processes: a test that uses one is in the `server` tier
+# (`pytest -m "not server"` is the fast tier), whether or not its module is marked as a whole.
+PROCESS_FIXTURES = {"server", "decoder"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)

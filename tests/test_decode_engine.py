@@ -252,6 +252,7 @@ def test_decode_worker_gpu_assignment():
     assert visible_gpus("GPU-8a1b2c3d-0000-1111-2222-333344445555,1", 2)[0].startswith("GPU-")
 
 
+@pytest.mark.server
 def test_load_trt_without_tensorrt_fails_at_start_with_what_to_install(tiny_model_dir, tmp_path):
     try:
         import tensorrt  # noqa: F401
