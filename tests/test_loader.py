@@ -1,4 +1,5 @@
-"""CosyVoice2Model.from_pretrained: round trip, strict keys, clear errors, generator determinism."""
+"""CosyVoice2Model.from_pretrained (and the family entry point on a CosyVoice2 directory): round trip,
+strict keys, clear errors, generator determinism."""
 import os
 import shutil
 
@@ -130,3 +131,18 @@ def test_generator_is_deterministic(tmp_path):
         assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 16)
     for name in ("campplus.onnx", "speech_tokenizer_v2.onnx", "CosyVoice-BlankEN/vocab.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_family_entry_point_loads_cosyvoice2(tiny_model_dir):
+    from light_tts.models.pretrained import load_model, model_family
+    assert model_family(tiny_model_dir) == "cosyvoice2"
+    model = load_model(tiny_model_dir, components=("llm",))
+    assert type(model) is CosyVoice2Model and model.flow is None
+    assert model.llm.stop_token_ids == range(6561, 6564)
+
+
+def test_generator_default_family_is_cosyvoice2(tmp_path):
+    from light_tts.tools.make_random_model import main
+    assert main(["--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "cosyvoice2.yaml").is_file() and (tmp_path / "d" / "speech_tokenizer_v2.onnx").is_file()
+    assert not (tmp_path / "d" / "cosyvoice3.yaml").exists()

@@ -226,7 +226,7 @@ MEL24K_FMIN = 0.0
 MEL24K_FMAX = 8000.0
 
 
-def prompt_mel_24k(audio24k) -> torch.Tensor:
+def prompt_mel_24k(audio24k, fmax: float | None = MEL24K_FMAX) -> torch.Tensor:
     """Matcha-TTS mel of 24 kHz audio as the official frontend shapes it: [1, T, 80].
 
     Reflect-pad (n_fft - hop) / 2 = 720 samples on both sides, STFT without
@@ -245,7 +245,7 @@ def prompt_mel_24k(audio24k) -> torch.Tensor:
     spec = torch.view_as_real(spec)
     magnitude = torch.sqrt(spec.pow(2).sum(-1) + 1e-9)  # [1, 961, T]
     filters = torch.from_numpy(np.array(slaney_mel_filters(24000, MEL24K_N_FFT, MEL24K_N_MELS,
-                                                           MEL24K_FMIN, MEL24K_FMAX))).to(x.device)
+                                                           MEL24K_FMIN, fmax))).to(x.device)
     mel = torch.log(torch.clamp(filters @ magnitude, min=1e-5))  # [1, 80, T]
     return mel.transpose(1, 2).contiguous()
 

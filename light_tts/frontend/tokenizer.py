@@ -1,4 +1,4 @@
-"""CosyVoice2 text tokenizer: Qwen2 byte-level BPE plus CosyVoice2's added tokens.
+"""CosyVoice2 / CosyVoice3 text tokenizer: Qwen2 byte-level BPE plus each family's added tokens.
 
 Reads the official `CosyVoice-BlankEN/` files (vocab.json, merges.txt,
 tokenizer_config.json) with the `tokenizers` library and builds the same pipeline
@@ -9,11 +9,16 @@ registered in the order transformers assigns them, so ids equal the official one
 1. the tokens listed in tokenizer_config.json `added_tokens_decoder`, by id
    (Qwen2: <|endoftext|>, <|im_start|>, <|im_end|> right after the BPE ids);
 2. the special tokens named by the config's eos/pad/unk/bos fields, if still missing;
-3. CosyVoice2's additions (eos/pad <|endoftext|>, then COSYVOICE2_ADDITIONAL_TOKENS in
+3. the family's additions (eos/pad <|endoftext|>, then the class's ADDITIONAL_TOKENS in
    list order), skipping the ones already present.
 
-With the official files <|endofprompt|> gets 151646 and the text vocabulary ends at
-151663 (the official llm.py and runtime hard-code both numbers).
+CosyVoice2Tokenizer and CosyVoice3Tokenizer differ only in that list; text_tokenizer(dir,
+version) picks one by the official yaml's `get_tokenizer.version` ("cosyvoice2" / "cosyvoice3").
+CosyVoice3's list is CosyVoice2's followed by <|endofsystem|>, 84 ARPAbet
+phone tokens and 176 pinyin tokens ("hotfix" pronunciations such as "[j][ǐ]"), so every
+CosyVoice2 id keeps its value.  With the official files <|endofprompt|> gets 151646 in both
+families (the official llm.py hard-codes it) and the text vocabulary ends at 151663
+(CosyVoice2) or 151924 (CosyVoice3).
 """
 from __future__ import annotations
 
@@ -31,10 +36,12 @@ _QWEN2_SPLIT_PATTERN = (
 )
 
 COSYVOICE2_EOS_TOKEN = "<|endoftext|>"
+# Ends the prompt (instruction / system prompt + transcript) in the LM's text; 151646 with the Qwen2 files.
+ENDOFPROMPT = "<|endofprompt|>"
 
 # The official CosyVoice2 list, order matters: it fixes the ids of the new tokens.
 COSYVOICE2_ADDITIONAL_TOKENS = (
-    "<|im_start|>", "<|im_end|>", "<|endofprompt|>",
+    "<|im_start|>", "<|im_end|>", ENDOFPROMPT,
     "[breath]", "<strong>", "</strong>", "[noise]",
     "[laughter]", "[cough]", "[clucking]", "[accent]",
     "[quick_breath]",
@@ -42,6 +49,36 @@ COSYVOICE2_ADDITIONAL_TOKENS = (
     "[hissing]", "[sigh]", "[vocalized-noise]",
     "[lipsmack]", "[mn]",
 )
+
+# CosyVoice3 appends <|endofsystem|> and pronunciation tokens, in this order:
+# ARPAbet (CMU) phones in alphabetical order, each vowel followed by its stress variants 0/1/2;
+_ARPABET_VOWELS = "AA AE AH AO AW AY EH ER EY IH IY OW OY UH UW".split()
+_ARPABET_CONSONANTS = "B CH D DH F G HH JH K L M N NG P R S SH T TH V W Y Z ZH".split()
+# then pinyin initials and toned finals, sorted by code point (so ASCII first, then ià, iá, ...).
+_PINYIN_UNITS = """
+    a ai an ang ao b c ch d e ei en eng f g h i ian in ing iu ià iàn iàng iào iá ián iáng iáo iè ié
+    iòng ióng iù iú iā iān iāng iāo iē iě iōng iū iǎ iǎn iǎng iǎo iǒng iǔ j k l m n o ong ou p q r s
+    sh t u uang ue un uo uà uài uàn uàng uá uái uán uáng uè ué uì uí uò uó uā uāi uān uāng uē uě uī
+    uō uǎ uǎi uǎn uǎng uǐ uǒ vè w x y z zh à ài àn àng ào á ái án áng áo è èi èn èng èr é éi én éng
+    ér ì ìn ìng í ín íng ò òng òu ó óng óu ù ùn ú ún ā āi ān āng āo ē ēi ēn ēng ě ěi ěn ěng ěr ī īn
+    īng ō ōng ōu ū ūn ǎ ǎi ǎn ǎng ǎo ǐ ǐn ǐng ǒ ǒng ǒu ǔ ǔn ǘ ǚ ǜ
+""".split()
+
+
+def _arpabet_tokens() -> tuple[str, ...]:
+    tokens = []
+    for phone in sorted(_ARPABET_VOWELS + _ARPABET_CONSONANTS):
+        tokens.append(f"[{phone}]")
+        if phone in _ARPABET_VOWELS:
+            tokens += [f"[{phone}{stress}]" for stress in "012"]
+    return tuple(tokens)
+
+
+COSYVOICE3_ADDITIONAL_TOKENS = (
+    COSYVOICE2_ADDITIONAL_TOKENS + ("<|endofsystem|>",) + _arpabet_tokens()
+    + tuple(f"[{unit}]" for unit in sorted(_PINYIN_UNITS))
+)
+assert len(COSYVOICE3_ADDITIONAL_TOKENS) == 280 == len(set(COSYVOICE3_ADDITIONAL_TOKENS))
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -72,6 +109,8 @@ class CosyVoice2Tokenizer:
     decode drops special tokens when skip_special_tokens is set (the official yaml sets
     it to True).
     """
+    VERSION = "cosyvoice2"
+    ADDITIONAL_TOKENS = COSYVOICE2_ADDITIONAL_TOKENS
 
     def __init__(self, token_dir: str | os.PathLike, skip_special_tokens: bool = True):
         token_dir = Path(token_dir)
@@ -113,9 +152,9 @@ class CosyVoice2Tokenizer:
             content = _config_token(config.get(key, default))
             if content:
                 self._add_special(content)
-        # 3. CosyVoice2's additions.
+        # 3. the family's additions.
         self._add_special(COSYVOICE2_EOS_TOKEN)
-        for content in COSYVOICE2_ADDITIONAL_TOKENS:
+        for content in self.ADDITIONAL_TOKENS:
             self._add_special(content)
 
         self.skip_special_tokens = skip_special_tokens
@@ -134,7 +173,7 @@ class CosyVoice2Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, BPE plus added tokens (151663 for the official files)."""
+        """Number of ids, BPE plus added tokens (151663 / 151924 for the official files)."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
@@ -147,3 +186,20 @@ class CosyVoice2Tokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=self.skip_special_tokens)
+
+
+class CosyVoice3Tokenizer(CosyVoice2Tokenizer):
+    """The CosyVoice3 token set (CosyVoice2's ids unchanged, 261 more after them)."""
+    VERSION = "cosyvoice3"
+    ADDITIONAL_TOKENS = COSYVOICE3_ADDITIONAL_TOKENS
+
+
+TOKENIZERS = {cls.VERSION: cls for cls in (CosyVoice2Tokenizer, CosyVoice3Tokenizer)}
+
+
+def text_tokenizer(token_dir: str | os.PathLike, version: str = "cosyvoice2",
+                   skip_special_tokens: bool = True) -> CosyVoice2Tokenizer:
+    """The tokenizer of one family, by the official yaml's `get_tokenizer.version`."""
+    if version not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer version {version!r}; choose from {tuple(TOKENIZERS)}")
+    return TOKENIZERS[version](token_dir, skip_special_tokens=skip_special_tokens)

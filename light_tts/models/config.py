@@ -1,4 +1,4 @@
-"""Read the sizes we need from an official `cosyvoice2.yaml` without executing it.
+"""Read the sizes we need from an official `cosyvoice2.yaml` / `cosyvoice3.yaml` without executing it.
 
 The official file is HyperPyYAML: `!new:pkg.Class` builds objects, `!name:` makes
 partials, `!apply:` calls functions (seeding RNGs), `!ref <key>` points at other
@@ -121,11 +121,11 @@ def load_hyper_yaml(path: str) -> HyperYaml:
     return HyperYaml(tree, path)
 
 
-def _kwargs(node: Any, where: str, cls_suffix: str) -> dict:
+def _kwargs(node: Any, where: str, cls_name: str) -> dict:
     if not isinstance(node, Node) or node.tag != "new":
         raise ConfigError(f"{where}: expected a !new: object, found {node!r:.80}")
-    if not node.target.endswith(cls_suffix):
-        raise ConfigError(f"{where}: expected {cls_suffix}, found {node.target}")
+    if node.target.rpartition(".")[2] != cls_name:
+        raise ConfigError(f"{where}: expected {cls_name}, found {node.target}")
     return dict(node.value or {})
 
 
@@ -185,28 +185,111 @@ class CosyVoice2Config:
     qwen2: Qwen2Config = field(default_factory=Qwen2Config)
 
 
-def load_cosyvoice2_config(model_dir: str) -> CosyVoice2Config:
-    path = os.path.join(model_dir, "cosyvoice2.yaml")
-    hy = load_hyper_yaml(path)
-    llm = _kwargs(hy.get("llm"), f"{path}: llm", "Qwen2LM")
+def _llm(hy: HyperYaml, path: str, llm_class: str) -> dict:
+    """The LM's kwargs (without the nested encoder object) and its sampling kwargs."""
+    llm = _kwargs(hy.get("llm"), f"{path}: llm", llm_class)
     sampling_node = llm.pop("sampling", None)
     llm.pop("llm", None)
     sampling = dict(sampling_node.value or {}) if isinstance(sampling_node, Node) else {}
-    flow = _kwargs(hy.get("flow"), f"{path}: flow", "CausalMaskedDiffWithXvec")
-    encoder = _kwargs(flow.pop("encoder", None), f"{path}: flow.encoder", "UpsampleConformerEncoder")
-    cfm = _kwargs(flow.pop("decoder", None), f"{path}: flow.decoder", "CausalConditionalCFM")
-    estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", "CausalConditionalDecoder")
-    params = cfm.pop("cfm_params", None)
-    if isinstance(params, Node):  # !new:omegaconf.DictConfig {content: {...}}
-        params = (params.value or {}).get("content", params.value)
-    cfm.update(params or {})
-    hift = _kwargs(hy.get("hift"), f"{path}: hift", "HiFTGenerator")
-    f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", "ConvRNNF0Predictor")
+    return dict(llm=llm, sampling=sampling)
+
+
+def _common(hy: HyperYaml, model_dir: str) -> dict:
+    """What both families' yamls hold alike besides the networks: the top-level rates, the mel
+    extractor, and the Qwen2 body config from CosyVoice-BlankEN/config.json."""
     feat = hy.get("feat_extractor")
     feat = dict(feat.value or {}) if isinstance(feat, Node) else {}
     qwen2 = Qwen2Config.from_json(os.path.join(model_dir, "CosyVoice-BlankEN", "config.json"))
-    return CosyVoice2Config(
-        sample_rate=int(hy.get("sample_rate")), token_frame_rate=int(hy.get("token_frame_rate")),
-        token_mel_ratio=int(hy.get("token_mel_ratio")), chunk_size=int(hy.get("chunk_size")),
-        llm=llm, sampling=sampling, flow=flow, encoder=encoder, cfm=cfm, estimator=estimator,
-        hift=hift, f0_predictor=f0, feat_extractor=feat, qwen2=qwen2)
+    return dict(sample_rate=int(hy.get("sample_rate")), token_frame_rate=int(hy.get("token_frame_rate")),
+                token_mel_ratio=int(hy.get("token_mel_ratio")), chunk_size=int(hy.get("chunk_size")),
+                feat_extractor=feat, qwen2=qwen2)
+
+
+def _cfm(node: Any, where: str) -> dict:
+    """CausalConditionalCFM kwargs with `cfm_params` (!new:omegaconf.DictConfig {content: ...})
+    flattened in; the estimator is left in for the caller to pop."""
+    cfm = _kwargs(node, where, "CausalConditionalCFM")
+    params = cfm.pop("cfm_params", None)
+    if isinstance(params, Node):
+        params = (params.value or {}).get("content", params.value)
+    cfm.update(params or {})
+    return cfm
+
+
+def load_cosyvoice2_config(model_dir: str) -> CosyVoice2Config:
+    path = os.path.join(model_dir, "cosyvoice2.yaml")
+    hy = load_hyper_yaml(path)
+    llm = _llm(hy, path, "Qwen2LM")
+    flow = _kwargs(hy.get("flow"), f"{path}: flow", "CausalMaskedDiffWithXvec")
+    encoder = _kwargs(flow.pop("encoder", None), f"{path}: flow.encoder", "UpsampleConformerEncoder")
+    cfm = _cfm(flow.pop("decoder", None), f"{path}: flow.decoder")
+    estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", "CausalConditionalDecoder")
+    hift = _kwargs(hy.get("hift"), f"{path}: hift", "HiFTGenerator")
+    f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", "ConvRNNF0Predictor")
+    return CosyVoice2Config(**llm, flow=flow, encoder=encoder, cfm=cfm, estimator=estimator,
+                            hift=hift, f0_predictor=f0, **_common(hy, model_dir))
+
+
+# The official CosyVoice3 tokenizer adds its special tokens at load time, after the ids the
+# tokenizer files declare; the first one is <|endofprompt|> (151646 with the Qwen2 files).
+ENDOFPROMPT_ID = 151646
+ENDOFPROMPT = "<|endofprompt|>"
+
+
+@dataclass
+class CosyVoice3Config:
+    """Constructor arguments of each official CosyVoice3 module, keyed by the yaml's names."""
+    sample_rate: int
+    token_frame_rate: int
+    token_mel_ratio: int
+    chunk_size: int
+    llm: dict            # CosyVoice3LM kwargs (without the nested llm/sampling objects)
+    sampling: dict       # ras_sampling kwargs: top_p, top_k, win_size, tau_r
+    flow: dict           # CausalMaskedDiffWithDiT kwargs (without pre_lookahead_layer/decoder)
+    pre_lookahead: dict  # PreLookaheadLayer kwargs
+    cfm: dict            # CausalConditionalCFM kwargs (without estimator); cfm_params flattened
+    estimator: dict      # DiT kwargs (static_chunk_size evaluated: chunk_size * token_mel_ratio)
+    hift: dict           # CausalHiFTGenerator kwargs (without f0_predictor)
+    f0_predictor: dict   # CausalConvRNNF0Predictor kwargs
+    feat_extractor: dict  # mel_spectrogram kwargs for the prompt feat
+    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
+    endofprompt_id: int = ENDOFPROMPT_ID  # text id of <|endofprompt|> in this directory's tokenizer
+
+
+def endofprompt_id(blank_en_dir: str) -> int:
+    """The id `<|endofprompt|>` gets from the official CosyVoice3 tokenizer over these files: its
+    own entry if tokenizer_config.json declares it, else the first id after every declared one (the
+    official `add_special_tokens` appends it after `<|im_start|>`/`<|im_end|>`, which Qwen2 declares).
+    Without the file: the official hard-coded 151646."""
+    path = os.path.join(blank_en_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return ENDOFPROMPT_ID
+    with open(path, encoding="utf-8") as f:
+        try:
+            added = json.load(f).get("added_tokens_decoder") or {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    ids = {v.get("content"): int(k) for k, v in added.items() if isinstance(v, dict)}
+    if ENDOFPROMPT in ids:
+        return ids[ENDOFPROMPT]
+    vocab = os.path.join(blank_en_dir, "vocab.json")
+    if not ids or not os.path.isfile(vocab):
+        return ENDOFPROMPT_ID
+    with open(vocab, encoding="utf-8") as f:
+        num_bpe = len(json.load(f))
+    return max(max(ids.values()), num_bpe - 1) + 1
+
+
+def load_cosyvoice3_config(model_dir: str) -> CosyVoice3Config:
+    path = os.path.join(model_dir, "cosyvoice3.yaml")
+    hy = load_hyper_yaml(path)
+    llm = _llm(hy, path, "CosyVoice3LM")
+    flow = _kwargs(hy.get("flow"), f"{path}: flow", "CausalMaskedDiffWithDiT")
+    pre = _kwargs(flow.pop("pre_lookahead_layer", None), f"{path}: flow.pre_lookahead_layer", "PreLookaheadLayer")
+    cfm = _cfm(flow.pop("decoder", None), f"{path}: flow.decoder")
+    estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", "DiT")
+    hift = _kwargs(hy.get("hift"), f"{path}: hift", "CausalHiFTGenerator")
+    f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", "CausalConvRNNF0Predictor")
+    return CosyVoice3Config(**llm, flow=flow, pre_lookahead=pre, cfm=cfm, estimator=estimator, hift=hift,
+                            f0_predictor=f0, **_common(hy, model_dir),
+                            endofprompt_id=endofprompt_id(os.path.join(model_dir, "CosyVoice-BlankEN")))

