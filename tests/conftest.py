@@ -12,13 +12,49 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _write_tiny_model(tmp_path_factory, family: str) -> str:
+    from light_tts.tools.make_random_model import make_random_model
+    out = str(tmp_path_factory.mktemp(family) / "tiny")  # the server names its model by the basename
+    make_random_model(out, "tiny", seed=0, log=lambda *a, **k: None, family=family)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random model directory in the official layout, written once per test session."""
-    from light_tts.tools.make_random_model import make_random_model
-    out = str(tmp_path_factory.mktemp("models") / "tiny")
-    make_random_model(out, "tiny", seed=0, log=lambda *a, **k: None)
-    return out
+    """A tiny random CosyVoice2 model directory in the official layout, written once per test session."""
+    return _write_tiny_model(tmp_path_factory, "cosyvoice2")
+
+
+@pytest.fixture(scope="session")
+def tiny_cv3_model_dir(tmp_path_factory):
+    """A tiny random CosyVoice3 model directory in the official layout, written once per test session."""
+    return _write_tiny_model(tmp_path_factory, "cosyvoice3")
+
+
+FAMILY_DIRS = {"cosyvoice2": "tiny_model_dir", "cosyvoice3": "tiny_cv3_model_dir"}
+
+
+@pytest.fixture
+def tiny_dir_of(request):
+    """family name -> its tiny model directory (the session fixture above, written when first asked for)."""
+    return lambda family: request.getfixturevalue(FAMILY_DIRS[family])
+
+
+@pytest.fixture(params=sorted(FAMILY_DIRS))
+def family_dir(request, tiny_dir_of):
+    """(family, its tiny model directory): a test that takes it runs once per model family."""
+    return request.param, tiny_dir_of(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module of tiny-tensor tests (thread hand-off costs more than it
+    saves on the shared 2-core box); restored afterwards. Take it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # Fixtures that start server or stage processes: a test that uses one is in the `server` tier

@@ -1,8 +1,7 @@
-"""CosyVoice3: the generated directory, family detection, strict loading with named errors, the
-LM's special ids and stop rules, the config parser and the v3 speech tokenizer's interface."""
+"""CosyVoice3: the LM's special ids and stop rules, the config parser and the v3 speech tokenizer's
+interface (the directory, family detection and strict loading: tests/test_loader.py, for every family)."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -10,153 +9,17 @@ import torch
 
 from light_tts.models.bistream import SOS, TEXT
 from light_tts.models.config import ConfigError, Qwen2Config, load_cosyvoice3_config
-from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.models.cosyvoice3 import CosyVoice3Model
 from light_tts.models.llm import CosyVoice3LM
-from light_tts.models.loading import ModelLoadError
-from light_tts.models.pretrained import load_model, model_family
-from light_tts.tools.make_random_model import make_random_model, official_yaml_text, tiny_yaml_text
+from light_tts.tools.make_random_model import official_yaml_text, tiny_yaml_text
 
 S = 6561
-QUIET = lambda *a, **k: None  # noqa: E731
-LAYOUT = ["cosyvoice3.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v3.onnx",
-          "CosyVoice-BlankEN/config.json", "CosyVoice-BlankEN/model.safetensors", "CosyVoice-BlankEN/vocab.json",
-          "CosyVoice-BlankEN/merges.txt", "CosyVoice-BlankEN/tokenizer_config.json"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cv3_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cv3") / "tiny")
-    make_random_model(out, "tiny", seed=0, log=QUIET, family="cosyvoice3")
-    return out
-
-
-@pytest.fixture(scope="module")
-def cv3_llm(cv3_dir):
-    return CosyVoice3Model.from_pretrained(cv3_dir, components=("llm",)).llm
-
-
-def _copy(src, tmp_path):
-    dst = str(tmp_path / "model")
-    shutil.copytree(src, dst)
-    return dst
-
-
-# ---- the directory and the family ---------------------------------------------------------------
-
-def test_layout_is_the_official_cosyvoice3_one(cv3_dir):
-    for name in LAYOUT:
-        assert os.path.isfile(os.path.join(cv3_dir, name)), name
-    assert not os.path.exists(os.path.join(cv3_dir, "cosyvoice2.yaml"))
-    assert not os.path.exists(os.path.join(cv3_dir, "speech_tokenizer_v2.onnx"))
-
-
-def test_family_is_read_from_the_yaml(cv3_dir, tiny_model_dir, tmp_path):
-    assert model_family(cv3_dir) == "cosyvoice3"
-    assert model_family(tiny_model_dir) == "cosyvoice2"
-    both = tmp_path / "both"
-    both.mkdir()
-    (both / "cosyvoice3.yaml").write_text("")
-    (both / "cosyvoice2.yaml").write_text("")
-    assert model_family(str(both)) == "cosyvoice2"  # the official AutoModel's order
-
-
-def test_no_family_says_what_a_directory_holds(tmp_path):
-    (tmp_path / "llm.pt").write_bytes(b"")
-    with pytest.raises(ModelLoadError) as e:
-        model_family(str(tmp_path))
-    msg = str(e.value)
-    assert "neither cosyvoice2.yaml nor cosyvoice3.yaml" in msg
-    assert "speech_tokenizer_v2.onnx" in msg and "speech_tokenizer_v3.onnx" in msg
-    assert "holds: llm.pt" in msg
-    with pytest.raises(ModelLoadError, match="not a directory"):
-        load_model(str(tmp_path / "nope"))
-    (tmp_path / "cosyvoice.yaml").write_text("")
-    with pytest.raises(ModelLoadError, match="CosyVoice 1 models are not supported"):
-        model_family(str(tmp_path))
-
-
-def test_load_model_picks_the_family_and_loads_every_weight(cv3_dir, tiny_model_dir):
-    model = load_model(cv3_dir)
-    assert isinstance(model, CosyVoice3Model) and isinstance(model.llm, CosyVoice3LM)
-    assert type(model.flow).__name__ == "CausalMaskedDiffWithDiT"
-    assert type(model.hift).__name__ == "CausalHiFTGenerator"
-    for name in ("llm", "flow", "hift"):
-        on_disk = torch.load(os.path.join(cv3_dir, f"{name}.pt"), weights_only=True)
-        loaded = getattr(model, name).state_dict()
-        assert set(on_disk) == set(loaded), name
-        assert all(torch.equal(v, loaded[k]) for k, v in on_disk.items()), name
-    assert isinstance(load_model(tiny_model_dir, components=("llm",)), CosyVoice2Model)
-
-
-def test_dtype_and_components(cv3_dir):
-    model = load_model(cv3_dir, dtype="bf16", components=("hift",))
-    assert model.llm is None and model.flow is None
-    # the F0 predictor keeps fp64 weights by design (light_tts.models.hift_causal); the rest follows dtype
-    assert all(p.dtype == torch.bfloat16 for n, p in model.hift.named_parameters() if not n.startswith("f0_predictor."))
-
-
-def test_a_family_class_refuses_the_other_family(cv3_dir):
-    with pytest.raises(ModelLoadError, match=r"cosyvoice2\.yaml is missing"):
-        CosyVoice2Model.from_pretrained(cv3_dir)
-
-
-# ---- named errors ---------------------------------------------------------------------------------
-
-def test_missing_file_says_which_and_what_a_cosyvoice3_directory_holds(cv3_dir, tmp_path):
-    d = _copy(cv3_dir, tmp_path)
-    os.remove(os.path.join(d, "hift.pt"))
-    with pytest.raises(ModelLoadError) as e:
-        load_model(d)
-    msg = str(e.value)
-    assert "hift.pt is missing (the causal HiFT vocoder weights)" in msg
-    assert "A CosyVoice3 model directory holds cosyvoice3.yaml" in msg and "speech_tokenizer_v3.onnx" in msg
-    assert "--family cosyvoice3" in msg
-
-
-def test_missing_key_is_named(cv3_dir, tmp_path):
-    d = _copy(cv3_dir, tmp_path)
-    path = os.path.join(d, "llm.pt")
-    sd = torch.load(path, weights_only=True)
-    del sd["llm_decoder.weight"]
-    torch.save(sd, path)
-    with pytest.raises(ModelLoadError, match=r"llm\.pt: missing key 'llm_decoder\.weight'.*cosyvoice3\.yaml"):
-        load_model(d, components=("llm",))
-
-
-def test_a_cosyvoice2_lm_in_a_cosyvoice3_directory_is_named(cv3_dir, tiny_model_dir, tmp_path):
-    d = _copy(cv3_dir, tmp_path)
-    shutil.copy(os.path.join(tiny_model_dir, "llm.pt"), os.path.join(d, "llm.pt"))
-    with pytest.raises(ModelLoadError, match=r"llm\.pt: unexpected key 'llm_embedding\.weight'"):
-        load_model(d, components=("llm",))
-
-
-def test_shape_mismatch_is_named(cv3_dir, tmp_path):
-    d = _copy(cv3_dir, tmp_path)
-    path = os.path.join(d, "llm.pt")
-    sd = torch.load(path, weights_only=True)
-    sd["speech_embedding.weight"] = sd["speech_embedding.weight"][:S + 3].clone()  # a CosyVoice2-sized table
-    torch.save(sd, path)
-    with pytest.raises(ModelLoadError) as e:
-        load_model(d, components=("llm",))
-    assert "'speech_embedding.weight' has shape (6564, 64) in the file, the configuration expects (6761, 64)" \
-        in str(e.value)
-
-
-def test_full_yaml_beside_tiny_weights_names_the_key(cv3_dir, tmp_path):
-    d = _copy(cv3_dir, tmp_path)
-    with open(os.path.join(d, "cosyvoice3.yaml"), "w") as f:
-        f.write(official_yaml_text("cosyvoice3"))
-    with pytest.raises(ModelLoadError, match=r"hift\.pt: .*key '"):
-        load_model(d, components=("hift",))
+def cv3_llm(tiny_cv3_model_dir):
+    return CosyVoice3Model.from_pretrained(tiny_cv3_model_dir, components=("llm",)).llm
 
 
 # ---- the LM -----------------------------------------------------------------------------------------
@@ -183,8 +46,8 @@ def test_lm_input_takes_sos_and_task_from_the_speech_table(cv3_llm):
     assert torch.equal(x, want)
 
 
-def test_endofprompt_is_the_first_id_after_the_tokenizer_files(cv3_dir, cv3_llm):
-    with open(os.path.join(cv3_dir, "CosyVoice-BlankEN", "vocab.json")) as f:
+def test_endofprompt_is_the_first_id_after_the_tokenizer_files(tiny_cv3_model_dir, cv3_llm):
+    with open(os.path.join(tiny_cv3_model_dir, "CosyVoice-BlankEN", "vocab.json")) as f:
         num_bpe = len(json.load(f))
     assert cv3_llm.endofprompt_id == num_bpe + 3  # after <|endoftext|>, <|im_start|>, <|im_end|>
     # the official ids with the Qwen2 files: 151643 BPE tokens -> <|endofprompt|> = 151646
@@ -288,28 +151,9 @@ def test_tiny_cosyvoice3_yaml_keeps_the_structure(tmp_path):
     assert cfg.flow["input_size"] == 80 and cfg.estimator["mel_dim"] == 80 and cfg.llm["speech_token_size"] == S
 
 
-def test_generator_is_deterministic(tmp_path):
-    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        make_random_model(str(tmp_path / name), "tiny", seed=seed, log=QUIET, family="cosyvoice3")
-    for name in ("llm.pt", "flow.pt", "hift.pt"):
-        a, b, c = (torch.load(str(tmp_path / x / name), weights_only=True) for x in "abc")
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 16)
-    for name in ("cosyvoice3.yaml", "campplus.onnx", "speech_tokenizer_v3.onnx", "CosyVoice-BlankEN/vocab.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-
-
-def test_generator_cli_family_flag(tmp_path):
-    from light_tts.tools.make_random_model import main
-    with pytest.raises(SystemExit):
-        main(["--family", "cosyvoice1", "--out", str(tmp_path / "x")])
-    assert main(["--family", "cosyvoice3", "--out", str(tmp_path / "cv3")]) == 0
-    assert model_family(str(tmp_path / "cv3")) == "cosyvoice3"
-
-
-def test_speech_tokenizer_v3_interface(cv3_dir, tiny_model_dir):
+def test_speech_tokenizer_v3_interface(tiny_cv3_model_dir, tiny_model_dir):
     import onnxruntime
-    sess = onnxruntime.InferenceSession(os.path.join(cv3_dir, "speech_tokenizer_v3.onnx"),
+    sess = onnxruntime.InferenceSession(os.path.join(tiny_cv3_model_dir, "speech_tokenizer_v3.onnx"),
                                         providers=["CPUExecutionProvider"])
     feats_in, len_in = sess.get_inputs()
     (out,) = sess.get_outputs()

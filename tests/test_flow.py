@@ -13,6 +13,8 @@ from light_tts.models.flow import build_flow, cfm as cfm_mod
 from light_tts.models.flow.conformer import rel_shift
 from light_tts.models.flow.masks import attention_mask, make_pad_mask
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(
     flow=dict(input_size=64, output_size=80, spk_embed_dim=192, output_type="mel", vocab_size=6561,
               input_frame_rate=25, only_mask_loss=True, token_mel_ratio=2, pre_lookahead_len=3),
@@ -40,7 +42,6 @@ def _build():
 
 @pytest.fixture(scope="module")
 def flow():
-    torch.set_num_threads(1)
     return _build()
 
 

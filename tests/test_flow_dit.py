@@ -10,6 +10,7 @@ import torch
 
 from light_tts.models.flow.dit import RotaryEmbedding, apply_rotary
 from light_tts.models.flow.flow_dit import build_dit_flow
+from model_util import key_shapes, official_keys
 
 CHUNK_FRAMES = 20  # tiny static_chunk_size: 10 tokens at token_mel_ratio 2
 
@@ -25,41 +26,6 @@ FULL = dict(flow=FLOW, pre=dict(in_channels=80, channels=1024, pre_lookahead_len
             estimator=dict(dim=1024, depth=22, heads=16, dim_head=64, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
                            out_channels=80, static_chunk_size="50", num_decoding_left_chunks=-1))
 
-# The official CausalMaskedDiffWithDiT at the TINY sizes above, state_dict() order: generated once with
-# the official code (cosyvoice ace7c47, x-transformers 2.31.10 / 2.11.24 alike) by
-# `scripts/bench/check_cv3_flow.py --tiny --print-keys`.
-_BLOCK = [("attn_norm.linear.weight", (384, 64)), ("attn_norm.linear.bias", (384,)),
-          ("attn.to_q.weight", (64, 64)), ("attn.to_q.bias", (64,)),
-          ("attn.to_k.weight", (64, 64)), ("attn.to_k.bias", (64,)),
-          ("attn.to_v.weight", (64, 64)), ("attn.to_v.bias", (64,)),
-          ("attn.to_out.0.weight", (64, 64)), ("attn.to_out.0.bias", (64,)),
-          ("ff.ff.0.0.weight", (128, 64)), ("ff.ff.0.0.bias", (128,)),
-          ("ff.ff.2.weight", (64, 128)), ("ff.ff.2.bias", (64,))]
-OFFICIAL_TINY_KEYS = [
-    ("input_embedding.weight", (6561, 80)),
-    ("spk_embed_affine_layer.weight", (80, 192)),
-    ("spk_embed_affine_layer.bias", (80,)),
-    ("pre_lookahead_layer.conv1.weight", (64, 80, 4)),
-    ("pre_lookahead_layer.conv1.bias", (64,)),
-    ("pre_lookahead_layer.conv2.weight", (80, 64, 3)),
-    ("pre_lookahead_layer.conv2.bias", (80,)),
-    ("decoder.estimator.time_embed.time_mlp.0.weight", (64, 256)),
-    ("decoder.estimator.time_embed.time_mlp.0.bias", (64,)),
-    ("decoder.estimator.time_embed.time_mlp.2.weight", (64, 64)),
-    ("decoder.estimator.time_embed.time_mlp.2.bias", (64,)),
-    ("decoder.estimator.input_embed.proj.weight", (64, 320)),
-    ("decoder.estimator.input_embed.proj.bias", (64,)),
-    ("decoder.estimator.input_embed.conv_pos_embed.conv1.0.weight", (64, 4, 31)),
-    ("decoder.estimator.input_embed.conv_pos_embed.conv1.0.bias", (64,)),
-    ("decoder.estimator.input_embed.conv_pos_embed.conv2.0.weight", (64, 4, 31)),
-    ("decoder.estimator.input_embed.conv_pos_embed.conv2.0.bias", (64,)),
-    ("decoder.estimator.rotary_embed.inv_freq", (16,)),
-    *[(f"decoder.estimator.transformer_blocks.{i}.{k}", s) for i in range(2) for k, s in _BLOCK],
-    ("decoder.estimator.norm_out.linear.weight", (128, 64)),
-    ("decoder.estimator.norm_out.linear.bias", (128,)),
-    ("decoder.estimator.proj_out.weight", (80, 64)),
-    ("decoder.estimator.proj_out.bias", (80,)),
-]
 # The official CausalMaskedDiffWithDiT built from cosyvoice3.yaml (official code, once):
 # 332,257,088 parameters (331,142,224 in the DiT), 330 state-dict entries (incl. rotary_embed.inv_freq).
 OFFICIAL_FULL_PARAMS = 332_257_088
@@ -101,7 +67,10 @@ def _same(a, b):
 
 
 def test_state_dict_matches_the_official_layout(flow):
-    assert [(k, tuple(v.shape)) for k, v in flow.state_dict().items()] == OFFICIAL_TINY_KEYS
+    # the official CausalMaskedDiffWithDiT at the TINY sizes above, state_dict() order: recorded once with
+    # the official code (cosyvoice ace7c47, x-transformers 2.31.10 / 2.11.24 alike) by
+    # `scripts/bench/check_cv3_flow.py --tiny --print-keys`
+    assert key_shapes(flow.state_dict()) == official_keys("cv3_flow_tiny")
     flow.load_state_dict(flow.state_dict(), strict=True)
 
 

@@ -2,6 +2,7 @@
 per mode, the v3 speech tokenizer's call, family detection; the CosyVoice2 frontend unchanged."""
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 
@@ -15,7 +16,6 @@ from light_tts.frontend.tokenizer import (COSYVOICE2_ADDITIONAL_TOKENS, COSYVOIC
                                           CosyVoice2Tokenizer, CosyVoice3Tokenizer, text_tokenizer)
 from light_tts.frontend.voice_cache import Voice
 from light_tts.models.loading import ModelLoadError
-from light_tts.tools.make_random_model import make_random_model
 from light_tts.tools.tokenizer_files import write_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -25,25 +25,16 @@ FULL_BAND = "fmax" in inspect.signature(prompt_mel_24k).parameters
 needs_full_band = pytest.mark.skipif(
     not FULL_BAND, reason="CosyVoice3's prompt mel is full band (yaml fmax null): needs features.prompt_mel_24k(fmax=)")
 
-# Recorded official outputs. Made once with the official code (FunAudioLLM/CosyVoice ace7c47,
+# The texts (shared with scripts/bench/check_cv3_frontend.py, which prints their official ids).
+with open(os.path.join(FIXTURES, "cv3_frontend_texts.json"), encoding="utf-8") as _f:
+    TEXTS = json.load(_f)
+# Recorded official outputs of TEXTS. Made once with the official code (FunAudioLLM/CosyVoice ace7c47,
 # transformers 4.51.3): cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer(token_path,
 # skip_special_tokens=True, version='cosyvoice3').encode(text) / .decode(ids), on the tokenizer files
 # our generator writes (write_tokenizer(d, "tiny") = a CosyVoice3 tiny directory's CosyVoice-BlankEN;
 # write_tokenizer(d, "full") = the real Qwen2 vocabulary), by
 #   PYTHONPATH=/path/to/CosyVoice:. official-venv/bin/python scripts/bench/check_cv3_frontend.py --print-ids
 # Written out here, not computed, so a change on our side fails the test.
-TEXTS = [
-    "Hello, world! This is a streaming TTS test.",
-    "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。",
-    "Mixed 中英文 text with 12345 and café, Ångström.",
-    "You are a helpful assistant.<|endofprompt|>希望你以后能够做的比我还好呦。",
-    "You are a helpful assistant. 请用广东话表达。<|endofprompt|>",
-    "<|endoftext|><|im_start|>user<|im_end|><|endofsystem|>",
-    "[breath]因为他们那一辈人[breath]在乡里面住的要习惯一点，[laughter]<strong>真的</strong>[noise][mn]",
-    "高管也通过电话、短信、微信等方式对报道[j][ǐ]予好评。",
-    "[HH][AH0][L][OW1] [W][ER1][L][D] [AA3] [b][B][ǜ][iàng][vè]",
-    "abc[ai]def <|endofprompt <laughter>ha</laughter>[quick_breath][vocalized-noise]",
-]
 OFFICIAL_IDS_TINY = [
     [484, 11, 299, 291, 554, 0, 220, 493, 541, 290, 258, 473, 220, 51, 51, 50, 362, 13],
     [921, 946, 265],
@@ -100,15 +91,8 @@ ZERO_SHOT_PROMPT, INSTRUCT = 3, 4   # TEXTS rows written the way the official Co
 
 
 @pytest.fixture(scope="module")
-def cv3_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cv3fe") / "tiny")
-    make_random_model(out, "tiny", seed=0, log=lambda *a, **k: None, family="cosyvoice3")
-    return out
-
-
-@pytest.fixture(scope="module")
-def fe3(cv3_dir):
-    return Frontend(cv3_dir, cache_capacity=4)
+def fe3(tiny_cv3_model_dir):
+    return Frontend(tiny_cv3_model_dir, cache_capacity=4)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +111,8 @@ def _check_official(tok, num_bpe, recorded):
 
 # ---- 1. the text tokenizer -----------------------------------------------------------------------
 
-def test_tokenizer_ids_equal_the_official_on_the_tiny_files(cv3_dir, tmp_path):
-    _check_official(CosyVoice3Tokenizer(os.path.join(cv3_dir, "CosyVoice-BlankEN")), 1024, OFFICIAL_IDS_TINY)
+def test_tokenizer_ids_equal_the_official_on_the_tiny_files(tiny_cv3_model_dir, tmp_path):
+    _check_official(CosyVoice3Tokenizer(os.path.join(tiny_cv3_model_dir, "CosyVoice-BlankEN")), 1024, OFFICIAL_IDS_TINY)
     write_tokenizer(tmp_path, "tiny")  # the files are the same for every family
     _check_official(text_tokenizer(tmp_path, "cosyvoice3"), 1024, OFFICIAL_IDS_TINY)
 
@@ -141,8 +125,8 @@ def test_tokenizer_ids_equal_the_official_on_the_qwen2_files(tmp_path):
     assert tok.token_to_id(ENDOFPROMPT) == 151646   # hard-coded in the official llm.py
 
 
-def test_cosyvoice3_token_set_extends_cosyvoice2_without_moving_an_id(cv3_dir):
-    blank = os.path.join(cv3_dir, "CosyVoice-BlankEN")
+def test_cosyvoice3_token_set_extends_cosyvoice2_without_moving_an_id(tiny_cv3_model_dir):
+    blank = os.path.join(tiny_cv3_model_dir, "CosyVoice-BlankEN")
     cv2, cv3 = CosyVoice2Tokenizer(blank), text_tokenizer(blank, "cosyvoice3")
     assert COSYVOICE3_ADDITIONAL_TOKENS[:len(COSYVOICE2_ADDITIONAL_TOKENS)] == COSYVOICE2_ADDITIONAL_TOKENS
     assert [cv2.token_to_id(t) for t in COSYVOICE2_ADDITIONAL_TOKENS] == \
@@ -157,7 +141,7 @@ def test_cosyvoice3_token_set_extends_cosyvoice2_without_moving_an_id(cv3_dir):
 
 # ---- the family ------------------------------------------------------------------------------------
 
-def test_family_is_detected_and_picks_the_files(fe3, fe2, cv3_dir, tmp_path):
+def test_family_is_detected_and_picks_the_files(fe3, fe2, tiny_cv3_model_dir, tmp_path):
     assert fe3.family == "cosyvoice3" and isinstance(fe3.tokenizer, CosyVoice3Tokenizer)
     assert fe3.speech_tokenizer.get_modelmeta().graph_name == "speech_tokenizer_v3_random"
     assert fe2.family == "cosyvoice2" and type(fe2.tokenizer) is CosyVoice2Tokenizer
@@ -171,9 +155,9 @@ def test_family_is_detected_and_picks_the_files(fe3, fe2, cv3_dir, tmp_path):
     assert frontend_family(str(tmp_path / "nothing")) == "cosyvoice2"
 
 
-def test_missing_v3_speech_tokenizer_is_named(cv3_dir, tmp_path):
+def test_missing_v3_speech_tokenizer_is_named(tiny_cv3_model_dir, tmp_path):
     d = tmp_path / "model"
-    shutil.copytree(cv3_dir, d)
+    shutil.copytree(tiny_cv3_model_dir, d)
     os.remove(d / "speech_tokenizer_v3.onnx")
     with pytest.raises(ModelLoadError) as e:
         Frontend(str(d))

@@ -10,49 +10,24 @@ import torch
 
 from light_tts.models.hift import (ConvRNNF0Predictor, HiFTGenerator, Snake, build_hift,
                                    normalize_hift_state_dict)
+from model_util import TINY_F0_KW, TINY_HIFT_KW, legacy_hift_state_dict, random_mel, speech_like_hift
 
-# Official CosyVoice2 hift kwargs, with the tiny sizes from the brief.
-HIFT_KW = {
-    "in_channels": 80, "base_channels": 32, "nb_harmonics": 8, "sampling_rate": 24000,
-    "nsf_alpha": 0.1, "nsf_sigma": 0.003, "nsf_voiced_threshold": 10,
-    "upsample_rates": [8, 5, 3], "upsample_kernel_sizes": [16, 11, 7],
-    "istft_params": {"n_fft": 16, "hop_len": 4},
-    "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "source_resblock_kernel_sizes": [7, 7, 11], "source_resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "lrelu_slope": 0.1, "audio_limit": 0.99,
-}
-F0_KW = {"num_class": 1, "in_channels": 80, "cond_channels": 32}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: thread start-up dominates
+
 T = 10  # mel frames -> 4800 samples
 
 
 def make_model(seed: int = 0) -> HiFTGenerator:
     torch.manual_seed(seed)
-    model = build_hift(HIFT_KW, F0_KW).eval()
-    with torch.no_grad():
-        # Push F0 into a speech-like range (mostly voiced) so the sine path is used.
-        model.f0_predictor.classifier.bias.fill_(150.0)
-        for name, p in model.named_parameters():
-            if name.endswith("alpha"):
-                p.uniform_(0.5, 1.5)
-    return model
+    return speech_like_hift(build_hift(TINY_HIFT_KW, TINY_F0_KW).eval(), f0_bias=150.0)  # mostly voiced
 
 
 def make_mel(batch: int = 1, frames: int = T, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 80, frames, generator=g) * 2 - 5
+    return random_mel(frames, batch, seed)
 
 
 def run(model, mel, seed=7, cache=None):
     return model.inference(mel, cache_source=cache, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny convolutions: thread start-up dominates and the CI box is shared.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +104,7 @@ def test_source_matches_sine_formula():
             return torch.full((mel.shape[0], mel.shape[2]), 100.0)
 
     torch.manual_seed(0)
-    kw = dict(HIFT_KW, nsf_sigma=0.0)
+    kw = dict(TINY_HIFT_KW, nsf_sigma=0.0)
     model = HiFTGenerator(ConstF0(), **kw).eval()
     _, source = model.inference(make_mel(frames=6), generator=torch.Generator().manual_seed(0))
     j = torch.arange(240, 6 * 480 - 240, dtype=torch.float64)
@@ -203,11 +178,7 @@ def test_state_dict_keys_tiny(model):
 
 
 def test_normalize_legacy_state_dict(model):
-    legacy = {}
-    for k, v in model.state_dict().items():
-        k = k.replace(".parametrizations.weight.original0", ".weight_g")
-        k = k.replace(".parametrizations.weight.original1", ".weight_v")
-        legacy["generator." + k] = v.clone()
+    legacy = legacy_hift_state_dict(model.state_dict())
     assert any(k.endswith(".weight_g") for k in legacy)
     fresh = make_model(seed=99)
     fresh.load_state_dict(normalize_hift_state_dict(legacy), strict=True)
@@ -244,8 +215,8 @@ def test_half_precision(dtype):
 
 
 def test_build_hift_coerces_strings():
-    kw = dict(HIFT_KW, nsf_alpha="0.1", nsf_sigma="0.003", audio_limit="0.99")
-    model = build_hift(kw, F0_KW)
+    kw = dict(TINY_HIFT_KW, nsf_alpha="0.1", nsf_sigma="0.003", audio_limit="0.99")
+    model = build_hift(kw, TINY_F0_KW)
     assert model.m_source.sine_amp == pytest.approx(0.1)
     assert model.audio_limit == pytest.approx(0.99)
     assert isinstance(model.f0_predictor, ConvRNNF0Predictor)

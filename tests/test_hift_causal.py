@@ -9,217 +9,14 @@ import torch
 from light_tts.models.hift import normalize_hift_state_dict
 from light_tts.models.hift_causal import (CausalConvRNNF0Predictor, CausalHiFTGenerator, _NoiseTable,
                                           build_causal_hift)
+from model_util import (CAUSAL_HIFT_KW, F0_KW, TINY_CAUSAL_HIFT_KW, TINY_F0_KW, key_shapes, legacy_hift_state_dict,
+                        official_keys, random_mel, speech_like_hift)
 
-# cosyvoice3.yaml's hift kwargs ...
-FULL_KW = {
-    "in_channels": 80, "base_channels": 512, "nb_harmonics": 8, "sampling_rate": 24000,
-    "nsf_alpha": 0.1, "nsf_sigma": 0.003, "nsf_voiced_threshold": 10,
-    "upsample_rates": [8, 5, 3], "upsample_kernel_sizes": [16, 11, 7],
-    "istft_params": {"n_fft": 16, "hop_len": 4},
-    "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "source_resblock_kernel_sizes": [7, 7, 11], "source_resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "lrelu_slope": 0.1, "audio_limit": 0.99, "conv_pre_look_right": 4,
-}
-FULL_F0 = {"num_class": 1, "in_channels": 80, "cond_channels": 512}
-# ... and a tiny variant (same as scripts/bench/check_cv3_hift.py's): 32 channels, two
-# resblock kernels per stage, short kernels. The structure (3 stages, strides 15/3/1,
-# lookaheads 3 + 4) is the real one.
-TINY_KW = dict(FULL_KW, base_channels=32, resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3]] * 2,
-               source_resblock_kernel_sizes=[5, 5, 3], source_resblock_dilation_sizes=[[1, 3]] * 3)
-TINY_F0 = dict(FULL_F0, cond_channels=32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Parameter count of the official CausalHiFTGenerator(**FULL_KW, f0_predictor=
-# CausalConvRNNF0Predictor(**FULL_F0)), recorded once with the official code.
+# Parameter count of the official CausalHiFTGenerator(**CAUSAL_HIFT_KW, f0_predictor=
+# CausalConvRNNF0Predictor(**F0_KW)), recorded once with the official code.
 OFFICIAL_FULL_PARAMS = 20_779_887
-
-# state_dict() of the official module built with TINY_KW / TINY_F0: "key shape" in order,
-# recorded once with the official code (cosyvoice.hifigan.generator.CausalHiFTGenerator).
-OFFICIAL_TINY_KEYS = """
-m_source.l_linear.weight 1x9
-m_source.l_linear.bias 1
-conv_pre.bias 32
-conv_pre.parametrizations.weight.original0 32x1x1
-conv_pre.parametrizations.weight.original1 32x80x5
-ups.0.bias 16
-ups.0.parametrizations.weight.original0 16x1x1
-ups.0.parametrizations.weight.original1 16x32x16
-ups.1.bias 8
-ups.1.parametrizations.weight.original0 8x1x1
-ups.1.parametrizations.weight.original1 8x16x11
-ups.2.bias 4
-ups.2.parametrizations.weight.original0 4x1x1
-ups.2.parametrizations.weight.original1 4x8x7
-source_downs.0.weight 16x18x30
-source_downs.0.bias 16
-source_downs.1.weight 8x18x6
-source_downs.1.bias 8
-source_downs.2.weight 4x18x1
-source_downs.2.bias 4
-source_resblocks.0.convs1.0.bias 16
-source_resblocks.0.convs1.0.parametrizations.weight.original0 16x1x1
-source_resblocks.0.convs1.0.parametrizations.weight.original1 16x16x5
-source_resblocks.0.convs1.1.bias 16
-source_resblocks.0.convs1.1.parametrizations.weight.original0 16x1x1
-source_resblocks.0.convs1.1.parametrizations.weight.original1 16x16x5
-source_resblocks.0.convs2.0.bias 16
-source_resblocks.0.convs2.0.parametrizations.weight.original0 16x1x1
-source_resblocks.0.convs2.0.parametrizations.weight.original1 16x16x5
-source_resblocks.0.convs2.1.bias 16
-source_resblocks.0.convs2.1.parametrizations.weight.original0 16x1x1
-source_resblocks.0.convs2.1.parametrizations.weight.original1 16x16x5
-source_resblocks.0.activations1.0.alpha 16
-source_resblocks.0.activations1.1.alpha 16
-source_resblocks.0.activations2.0.alpha 16
-source_resblocks.0.activations2.1.alpha 16
-source_resblocks.1.convs1.0.bias 8
-source_resblocks.1.convs1.0.parametrizations.weight.original0 8x1x1
-source_resblocks.1.convs1.0.parametrizations.weight.original1 8x8x5
-source_resblocks.1.convs1.1.bias 8
-source_resblocks.1.convs1.1.parametrizations.weight.original0 8x1x1
-source_resblocks.1.convs1.1.parametrizations.weight.original1 8x8x5
-source_resblocks.1.convs2.0.bias 8
-source_resblocks.1.convs2.0.parametrizations.weight.original0 8x1x1
-source_resblocks.1.convs2.0.parametrizations.weight.original1 8x8x5
-source_resblocks.1.convs2.1.bias 8
-source_resblocks.1.convs2.1.parametrizations.weight.original0 8x1x1
-source_resblocks.1.convs2.1.parametrizations.weight.original1 8x8x5
-source_resblocks.1.activations1.0.alpha 8
-source_resblocks.1.activations1.1.alpha 8
-source_resblocks.1.activations2.0.alpha 8
-source_resblocks.1.activations2.1.alpha 8
-source_resblocks.2.convs1.0.bias 4
-source_resblocks.2.convs1.0.parametrizations.weight.original0 4x1x1
-source_resblocks.2.convs1.0.parametrizations.weight.original1 4x4x3
-source_resblocks.2.convs1.1.bias 4
-source_resblocks.2.convs1.1.parametrizations.weight.original0 4x1x1
-source_resblocks.2.convs1.1.parametrizations.weight.original1 4x4x3
-source_resblocks.2.convs2.0.bias 4
-source_resblocks.2.convs2.0.parametrizations.weight.original0 4x1x1
-source_resblocks.2.convs2.0.parametrizations.weight.original1 4x4x3
-source_resblocks.2.convs2.1.bias 4
-source_resblocks.2.convs2.1.parametrizations.weight.original0 4x1x1
-source_resblocks.2.convs2.1.parametrizations.weight.original1 4x4x3
-source_resblocks.2.activations1.0.alpha 4
-source_resblocks.2.activations1.1.alpha 4
-source_resblocks.2.activations2.0.alpha 4
-source_resblocks.2.activations2.1.alpha 4
-resblocks.0.convs1.0.bias 16
-resblocks.0.convs1.0.parametrizations.weight.original0 16x1x1
-resblocks.0.convs1.0.parametrizations.weight.original1 16x16x3
-resblocks.0.convs1.1.bias 16
-resblocks.0.convs1.1.parametrizations.weight.original0 16x1x1
-resblocks.0.convs1.1.parametrizations.weight.original1 16x16x3
-resblocks.0.convs2.0.bias 16
-resblocks.0.convs2.0.parametrizations.weight.original0 16x1x1
-resblocks.0.convs2.0.parametrizations.weight.original1 16x16x3
-resblocks.0.convs2.1.bias 16
-resblocks.0.convs2.1.parametrizations.weight.original0 16x1x1
-resblocks.0.convs2.1.parametrizations.weight.original1 16x16x3
-resblocks.0.activations1.0.alpha 16
-resblocks.0.activations1.1.alpha 16
-resblocks.0.activations2.0.alpha 16
-resblocks.0.activations2.1.alpha 16
-resblocks.1.convs1.0.bias 16
-resblocks.1.convs1.0.parametrizations.weight.original0 16x1x1
-resblocks.1.convs1.0.parametrizations.weight.original1 16x16x5
-resblocks.1.convs1.1.bias 16
-resblocks.1.convs1.1.parametrizations.weight.original0 16x1x1
-resblocks.1.convs1.1.parametrizations.weight.original1 16x16x5
-resblocks.1.convs2.0.bias 16
-resblocks.1.convs2.0.parametrizations.weight.original0 16x1x1
-resblocks.1.convs2.0.parametrizations.weight.original1 16x16x5
-resblocks.1.convs2.1.bias 16
-resblocks.1.convs2.1.parametrizations.weight.original0 16x1x1
-resblocks.1.convs2.1.parametrizations.weight.original1 16x16x5
-resblocks.1.activations1.0.alpha 16
-resblocks.1.activations1.1.alpha 16
-resblocks.1.activations2.0.alpha 16
-resblocks.1.activations2.1.alpha 16
-resblocks.2.convs1.0.bias 8
-resblocks.2.convs1.0.parametrizations.weight.original0 8x1x1
-resblocks.2.convs1.0.parametrizations.weight.original1 8x8x3
-resblocks.2.convs1.1.bias 8
-resblocks.2.convs1.1.parametrizations.weight.original0 8x1x1
-resblocks.2.convs1.1.parametrizations.weight.original1 8x8x3
-resblocks.2.convs2.0.bias 8
-resblocks.2.convs2.0.parametrizations.weight.original0 8x1x1
-resblocks.2.convs2.0.parametrizations.weight.original1 8x8x3
-resblocks.2.convs2.1.bias 8
-resblocks.2.convs2.1.parametrizations.weight.original0 8x1x1
-resblocks.2.convs2.1.parametrizations.weight.original1 8x8x3
-resblocks.2.activations1.0.alpha 8
-resblocks.2.activations1.1.alpha 8
-resblocks.2.activations2.0.alpha 8
-resblocks.2.activations2.1.alpha 8
-resblocks.3.convs1.0.bias 8
-resblocks.3.convs1.0.parametrizations.weight.original0 8x1x1
-resblocks.3.convs1.0.parametrizations.weight.original1 8x8x5
-resblocks.3.convs1.1.bias 8
-resblocks.3.convs1.1.parametrizations.weight.original0 8x1x1
-resblocks.3.convs1.1.parametrizations.weight.original1 8x8x5
-resblocks.3.convs2.0.bias 8
-resblocks.3.convs2.0.parametrizations.weight.original0 8x1x1
-resblocks.3.convs2.0.parametrizations.weight.original1 8x8x5
-resblocks.3.convs2.1.bias 8
-resblocks.3.convs2.1.parametrizations.weight.original0 8x1x1
-resblocks.3.convs2.1.parametrizations.weight.original1 8x8x5
-resblocks.3.activations1.0.alpha 8
-resblocks.3.activations1.1.alpha 8
-resblocks.3.activations2.0.alpha 8
-resblocks.3.activations2.1.alpha 8
-resblocks.4.convs1.0.bias 4
-resblocks.4.convs1.0.parametrizations.weight.original0 4x1x1
-resblocks.4.convs1.0.parametrizations.weight.original1 4x4x3
-resblocks.4.convs1.1.bias 4
-resblocks.4.convs1.1.parametrizations.weight.original0 4x1x1
-resblocks.4.convs1.1.parametrizations.weight.original1 4x4x3
-resblocks.4.convs2.0.bias 4
-resblocks.4.convs2.0.parametrizations.weight.original0 4x1x1
-resblocks.4.convs2.0.parametrizations.weight.original1 4x4x3
-resblocks.4.convs2.1.bias 4
-resblocks.4.convs2.1.parametrizations.weight.original0 4x1x1
-resblocks.4.convs2.1.parametrizations.weight.original1 4x4x3
-resblocks.4.activations1.0.alpha 4
-resblocks.4.activations1.1.alpha 4
-resblocks.4.activations2.0.alpha 4
-resblocks.4.activations2.1.alpha 4
-resblocks.5.convs1.0.bias 4
-resblocks.5.convs1.0.parametrizations.weight.original0 4x1x1
-resblocks.5.convs1.0.parametrizations.weight.original1 4x4x5
-resblocks.5.convs1.1.bias 4
-resblocks.5.convs1.1.parametrizations.weight.original0 4x1x1
-resblocks.5.convs1.1.parametrizations.weight.original1 4x4x5
-resblocks.5.convs2.0.bias 4
-resblocks.5.convs2.0.parametrizations.weight.original0 4x1x1
-resblocks.5.convs2.0.parametrizations.weight.original1 4x4x5
-resblocks.5.convs2.1.bias 4
-resblocks.5.convs2.1.parametrizations.weight.original0 4x1x1
-resblocks.5.convs2.1.parametrizations.weight.original1 4x4x5
-resblocks.5.activations1.0.alpha 4
-resblocks.5.activations1.1.alpha 4
-resblocks.5.activations2.0.alpha 4
-resblocks.5.activations2.1.alpha 4
-conv_post.bias 18
-conv_post.parametrizations.weight.original0 18x1x1
-conv_post.parametrizations.weight.original1 18x4x7
-f0_predictor.condnet.0.bias 32
-f0_predictor.condnet.0.parametrizations.weight.original0 32x1x1
-f0_predictor.condnet.0.parametrizations.weight.original1 32x80x4
-f0_predictor.condnet.2.bias 32
-f0_predictor.condnet.2.parametrizations.weight.original0 32x1x1
-f0_predictor.condnet.2.parametrizations.weight.original1 32x32x3
-f0_predictor.condnet.4.bias 32
-f0_predictor.condnet.4.parametrizations.weight.original0 32x1x1
-f0_predictor.condnet.4.parametrizations.weight.original1 32x32x3
-f0_predictor.condnet.6.bias 32
-f0_predictor.condnet.6.parametrizations.weight.original0 32x1x1
-f0_predictor.condnet.6.parametrizations.weight.original1 32x32x3
-f0_predictor.condnet.8.bias 32
-f0_predictor.condnet.8.parametrizations.weight.original0 32x1x1
-f0_predictor.condnet.8.parametrizations.weight.original1 32x32x3
-f0_predictor.classifier.weight 1x32
-f0_predictor.classifier.bias 1
-"""
 
 LOOK = 4                      # conv_pre_look_right
 RIGHT_CONTEXT = 3 + LOOK + 1  # F0 lookahead + conv_pre lookahead + the dropped frame
@@ -227,30 +24,10 @@ SPF = 480                     # samples per mel frame
 ATOL = 1e-6                   # fp32 noise between runs of different lengths (outputs are ~0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def make_model(seed: int = 0, noise_seed: int = 0) -> CausalHiFTGenerator:
     torch.manual_seed(seed)
-    model = build_causal_hift(dict(TINY_KW, noise_seed=noise_seed), TINY_F0).eval()
-    with torch.no_grad():
-        # F0 in a speech-like range (~50-250 Hz, a few frames unvoiced); Snake alphas spread.
-        model.f0_predictor.classifier.weight.mul_(2000.0)
-        model.f0_predictor.classifier.bias.fill_(100.0)
-        for name, p in model.named_parameters():
-            if name.endswith("alpha"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def make_mel(frames: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 80, frames, generator=g) * 2 - 5
+    model = build_causal_hift(dict(TINY_CAUSAL_HIFT_KW, noise_seed=noise_seed), TINY_F0_KW).eval()
+    return speech_like_hift(model, f0_bias=100.0, f0_weight_scale=2000.0)  # ~50-250 Hz, a few frames unvoiced
 
 
 @pytest.fixture(scope="module")
@@ -263,18 +40,17 @@ def close(a, b, atol=ATOL):
 
 
 def test_state_dict_matches_official_tiny(model):
-    expected = [tuple(line.split()) for line in OFFICIAL_TINY_KEYS.strip().splitlines()]
-    ours = [(k, "x".join(map(str, v.shape))) for k, v in model.state_dict().items()]
-    assert ours == expected
+    # the official module built with TINY_CAUSAL_HIFT_KW / TINY_F0_KW (check_cv3_hift.py --print-keys)
+    assert key_shapes(model.state_dict()) == official_keys("cv3_hift_tiny")
 
 
 def test_full_size_parameter_count():
-    model = build_causal_hift(FULL_KW, FULL_F0)
+    model = build_causal_hift(CAUSAL_HIFT_KW, F0_KW)
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_FULL_PARAMS
 
 
 def test_shapes_and_dtypes(model):
-    mel = make_mel(12, batch=2)
+    mel = random_mel(12, batch=2)
     wav, src = model.inference(mel, finalize=True)
     assert wav.shape == (2, 12 * SPF) and src.shape == (2, 1, 12 * SPF)
     wav, src = model.inference(mel, finalize=False)
@@ -285,7 +61,7 @@ def test_shapes_and_dtypes(model):
     assert 0.5 < (f0 > 10).double().mean() < 1.0  # voiced and unvoiced frames both present
     assert model.right_context == RIGHT_CONTEXT
     with pytest.raises(ValueError):
-        model.inference(make_mel(RIGHT_CONTEXT - 1), finalize=False)
+        model.inference(random_mel(RIGHT_CONTEXT - 1), finalize=False)
 
 
 def test_streaming_samples_are_final(model):
@@ -296,7 +72,7 @@ def test_streaming_samples_are_final(model):
     source over its (T - 3) * 480 samples. finalize=True on a prefix is not final in
     its last frames (its lookaheads read zeros).
     """
-    mel = make_mel(30)
+    mel = random_mel(30)
     full, full_src = model.inference(mel, finalize=True)
     for frames in (RIGHT_CONTEXT, 9, 16, 23):
         part, src = model.inference(mel[:, :, :frames], finalize=False)
@@ -312,7 +88,7 @@ def test_streaming_samples_are_final(model):
 
 def test_right_receptive_field(model):
     """Changing mel frame k changes no sample before 480 * (k - 4) - 8, and does change the next frames."""
-    mel = make_mel(24)
+    mel = random_mel(24)
     ref, _ = model.inference(mel)
     for k in (6, 13, 23):
         bumped = mel.clone()
@@ -325,7 +101,7 @@ def test_right_receptive_field(model):
 
 def test_fold_weight_norm():
     model = make_model()
-    mel = make_mel(14)
+    mel = random_mel(14)
     a, sa = model.inference(mel)
     b_stream, _ = model.inference(mel, finalize=False)
     model.fold_weight_norm()
@@ -337,14 +113,9 @@ def test_fold_weight_norm():
 
 
 def test_normalize_legacy_state_dict(model):
-    legacy = {}
-    for k, v in model.state_dict().items():
-        k = k.replace(".parametrizations.weight.original0", ".weight_g")
-        k = k.replace(".parametrizations.weight.original1", ".weight_v")
-        legacy["generator." + k] = v.clone()
     fresh = make_model(seed=5)
-    fresh.load_state_dict(normalize_hift_state_dict(legacy), strict=True)
-    mel = make_mel(10)
+    fresh.load_state_dict(normalize_hift_state_dict(legacy_hift_state_dict(model.state_dict())), strict=True)
+    mel = random_mel(10)
     assert torch.equal(fresh.inference(mel)[0], model.inference(mel)[0])
 
 
@@ -361,7 +132,7 @@ def test_noise_table_is_the_official_stream(monkeypatch):
 
 
 def test_noise_seed_changes_only_the_noise():
-    mel = make_mel(10)
+    mel = random_mel(10)
     a, sa = make_model(noise_seed=0).inference(mel)
     b, sb = make_model(noise_seed=0).inference(mel)
     c, sc = make_model(noise_seed=1).inference(mel)
@@ -376,15 +147,15 @@ def test_f0_predictor_stays_float64():
     assert model.conv_pre.parametrizations.weight.original1.dtype == torch.float32
     model.to(torch.bfloat16)
     assert all(p.dtype == torch.float64 for p in model.f0_predictor.parameters())
-    wav, src = model.inference(make_mel(9).to(torch.bfloat16))
+    wav, src = model.inference(random_mel(9).to(torch.bfloat16))
     assert wav.dtype == torch.float32 and torch.isfinite(wav).all()
 
 
 def test_build_coerces_strings_and_types():
-    model = build_causal_hift(dict(TINY_KW, nsf_alpha="0.1", audio_limit="0.99", conv_pre_look_right="2"),
+    model = build_causal_hift(dict(TINY_CAUSAL_HIFT_KW, nsf_alpha="0.1", audio_limit="0.99", conv_pre_look_right="2"),
                               {"cond_channels": "32"})
     assert model.m_source.sine_amp == pytest.approx(0.1) and model.audio_limit == pytest.approx(0.99)
     assert model.conv_pre_look_right == 2 and model.right_context == 6
     assert isinstance(model.f0_predictor, CausalConvRNNF0Predictor)
-    wav, _ = model.inference(make_mel(10), finalize=False)
+    wav, _ = model.inference(random_mel(10), finalize=False)
     assert wav.shape == (1, 4 * SPF)

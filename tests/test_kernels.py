@@ -37,13 +37,7 @@ ATTN_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=
 POISON_CODE = -128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads cost more than they save on 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
 
 def test_kernels_are_interpreted():
     assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"

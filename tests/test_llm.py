@@ -7,17 +7,8 @@ from light_tts.models.llm import Qwen2LM
 from light_tts.models.qwen2 import Qwen2ForCausalLM
 from light_tts.models import sampling
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's ops are microseconds long: thread hand-off costs more than it saves,
-    # and on a shared 2-core box it is several times slower. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# The tiny model's ops are microseconds long: thread hand-off costs more than it saves.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 S = 6561  # speech vocabulary (eos = S; S + 1, S + 2 are the other stop tokens)
 # theta differs from the default 1e6 so a body that ignored the config would fail the reference test.

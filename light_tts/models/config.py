@@ -15,7 +15,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, NamedTuple, Tuple
 
 import yaml
 
@@ -166,25 +166,6 @@ class Qwen2Config:
         return d
 
 
-@dataclass
-class CosyVoice2Config:
-    """Constructor arguments of each official module, keyed by the yaml's names."""
-    sample_rate: int
-    token_frame_rate: int
-    token_mel_ratio: int
-    chunk_size: int
-    llm: dict            # Qwen2LM kwargs (without the nested llm/sampling objects)
-    sampling: dict       # ras_sampling kwargs: top_p, top_k, win_size, tau_r
-    flow: dict           # CausalMaskedDiffWithXvec kwargs (without encoder/decoder)
-    encoder: dict        # UpsampleConformerEncoder kwargs
-    cfm: dict            # CausalConditionalCFM kwargs (without estimator); cfm_params flattened
-    estimator: dict      # CausalConditionalDecoder kwargs
-    hift: dict           # HiFTGenerator kwargs (without f0_predictor)
-    f0_predictor: dict   # ConvRNNF0Predictor kwargs
-    feat_extractor: dict  # mel_spectrogram kwargs for the prompt feat
-    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
-
-
 def _llm(hy: HyperYaml, path: str, llm_class: str) -> dict:
     """The LM's kwargs (without the nested encoder object) and its sampling kwargs."""
     llm = _kwargs(hy.get("llm"), f"{path}: llm", llm_class)
@@ -216,44 +197,10 @@ def _cfm(node: Any, where: str) -> dict:
     return cfm
 
 
-def load_cosyvoice2_config(model_dir: str) -> CosyVoice2Config:
-    path = os.path.join(model_dir, "cosyvoice2.yaml")
-    hy = load_hyper_yaml(path)
-    llm = _llm(hy, path, "Qwen2LM")
-    flow = _kwargs(hy.get("flow"), f"{path}: flow", "CausalMaskedDiffWithXvec")
-    encoder = _kwargs(flow.pop("encoder", None), f"{path}: flow.encoder", "UpsampleConformerEncoder")
-    cfm = _cfm(flow.pop("decoder", None), f"{path}: flow.decoder")
-    estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", "CausalConditionalDecoder")
-    hift = _kwargs(hy.get("hift"), f"{path}: hift", "HiFTGenerator")
-    f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", "ConvRNNF0Predictor")
-    return CosyVoice2Config(**llm, flow=flow, encoder=encoder, cfm=cfm, estimator=estimator,
-                            hift=hift, f0_predictor=f0, **_common(hy, model_dir))
-
-
 # The official CosyVoice3 tokenizer adds its special tokens at load time, after the ids the
 # tokenizer files declare; the first one is <|endofprompt|> (151646 with the Qwen2 files).
 ENDOFPROMPT_ID = 151646
 ENDOFPROMPT = "<|endofprompt|>"
-
-
-@dataclass
-class CosyVoice3Config:
-    """Constructor arguments of each official CosyVoice3 module, keyed by the yaml's names."""
-    sample_rate: int
-    token_frame_rate: int
-    token_mel_ratio: int
-    chunk_size: int
-    llm: dict            # CosyVoice3LM kwargs (without the nested llm/sampling objects)
-    sampling: dict       # ras_sampling kwargs: top_p, top_k, win_size, tau_r
-    flow: dict           # CausalMaskedDiffWithDiT kwargs (without pre_lookahead_layer/decoder)
-    pre_lookahead: dict  # PreLookaheadLayer kwargs
-    cfm: dict            # CausalConditionalCFM kwargs (without estimator); cfm_params flattened
-    estimator: dict      # DiT kwargs (static_chunk_size evaluated: chunk_size * token_mel_ratio)
-    hift: dict           # CausalHiFTGenerator kwargs (without f0_predictor)
-    f0_predictor: dict   # CausalConvRNNF0Predictor kwargs
-    feat_extractor: dict  # mel_spectrogram kwargs for the prompt feat
-    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
-    endofprompt_id: int = ENDOFPROMPT_ID  # text id of <|endofprompt|> in this directory's tokenizer
 
 
 def endofprompt_id(blank_en_dir: str) -> int:
@@ -280,16 +227,84 @@ def endofprompt_id(blank_en_dir: str) -> int:
     return max(max(ids.values()), num_bpe - 1) + 1
 
 
+class YamlLayout(NamedTuple):
+    """A family's yaml: its file name and the official class each entry the config reads must be."""
+    yaml: str
+    llm: str
+    flow: str
+    estimator: str        # flow.decoder.estimator
+    hift: str
+    f0_predictor: str     # hift.f0_predictor
+    flow_part: Tuple[str, str, str]  # the flow's part before its decoder: (config field, flow kwarg, class)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Constructor arguments of each official module of one family, keyed by the yaml's names.
+
+    A family's subclass names its yaml's LAYOUT and holds the kwargs of the flow's part before the
+    decoder (LAYOUT.flow_part); `load` reads a model directory without executing the yaml.
+    """
+    LAYOUT: ClassVar[YamlLayout]
+
+    sample_rate: int
+    token_frame_rate: int
+    token_mel_ratio: int
+    chunk_size: int
+    llm: dict            # the LM's kwargs (without the nested llm/sampling objects)
+    sampling: dict       # ras_sampling kwargs: top_p, top_k, win_size, tau_r
+    flow: dict           # the flow's kwargs (without its flow part and decoder)
+    cfm: dict            # CausalConditionalCFM kwargs (without estimator); cfm_params flattened
+    estimator: dict      # the CFM estimator's kwargs (a !ref like static_chunk_size evaluated)
+    hift: dict           # the vocoder's kwargs (without f0_predictor)
+    f0_predictor: dict   # the F0 predictor's kwargs
+    feat_extractor: dict  # mel_spectrogram kwargs for the prompt feat
+    qwen2: Qwen2Config = field(default_factory=Qwen2Config)
+
+    @classmethod
+    def load(cls, model_dir: str) -> "ModelConfig":
+        layout = cls.LAYOUT
+        path = os.path.join(model_dir, layout.yaml)
+        hy = load_hyper_yaml(path)
+        llm = _llm(hy, path, layout.llm)
+        flow = _kwargs(hy.get("flow"), f"{path}: flow", layout.flow)
+        part, key, part_class = layout.flow_part
+        flow_part = _kwargs(flow.pop(key, None), f"{path}: flow.{key}", part_class)
+        cfm = _cfm(flow.pop("decoder", None), f"{path}: flow.decoder")
+        estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", layout.estimator)
+        hift = _kwargs(hy.get("hift"), f"{path}: hift", layout.hift)
+        f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", layout.f0_predictor)
+        return cls(**llm, flow=flow, **{part: flow_part}, cfm=cfm, estimator=estimator, hift=hift,
+                   f0_predictor=f0, **_common(hy, model_dir), **cls._from_directory(model_dir))
+
+    @classmethod
+    def _from_directory(cls, model_dir: str) -> dict:
+        """Fields a family reads from the directory besides the yaml and the Qwen2 config."""
+        return {}
+
+
+@dataclass(kw_only=True)
+class CosyVoice2Config(ModelConfig):
+    LAYOUT = YamlLayout("cosyvoice2.yaml", "Qwen2LM", "CausalMaskedDiffWithXvec", "CausalConditionalDecoder",
+                        "HiFTGenerator", "ConvRNNF0Predictor", ("encoder", "encoder", "UpsampleConformerEncoder"))
+    encoder: dict        # UpsampleConformerEncoder kwargs
+
+
+@dataclass(kw_only=True)
+class CosyVoice3Config(ModelConfig):
+    LAYOUT = YamlLayout("cosyvoice3.yaml", "CosyVoice3LM", "CausalMaskedDiffWithDiT", "DiT", "CausalHiFTGenerator",
+                        "CausalConvRNNF0Predictor", ("pre_lookahead", "pre_lookahead_layer", "PreLookaheadLayer"))
+    pre_lookahead: dict  # PreLookaheadLayer kwargs
+    endofprompt_id: int = ENDOFPROMPT_ID  # text id of <|endofprompt|> in this directory's tokenizer
+
+    @classmethod
+    def _from_directory(cls, model_dir: str) -> dict:
+        return {"endofprompt_id": endofprompt_id(os.path.join(model_dir, "CosyVoice-BlankEN"))}
+
+
+def load_cosyvoice2_config(model_dir: str) -> CosyVoice2Config:
+    return CosyVoice2Config.load(model_dir)
+
+
 def load_cosyvoice3_config(model_dir: str) -> CosyVoice3Config:
-    path = os.path.join(model_dir, "cosyvoice3.yaml")
-    hy = load_hyper_yaml(path)
-    llm = _llm(hy, path, "CosyVoice3LM")
-    flow = _kwargs(hy.get("flow"), f"{path}: flow", "CausalMaskedDiffWithDiT")
-    pre = _kwargs(flow.pop("pre_lookahead_layer", None), f"{path}: flow.pre_lookahead_layer", "PreLookaheadLayer")
-    cfm = _cfm(flow.pop("decoder", None), f"{path}: flow.decoder")
-    estimator = _kwargs(cfm.pop("estimator", None), f"{path}: flow.decoder.estimator", "DiT")
-    hift = _kwargs(hy.get("hift"), f"{path}: hift", "CausalHiFTGenerator")
-    f0 = _kwargs(hift.pop("f0_predictor", None), f"{path}: hift.f0_predictor", "CausalConvRNNF0Predictor")
-    return CosyVoice3Config(**llm, flow=flow, pre_lookahead=pre, cfm=cfm, estimator=estimator, hift=hift,
-                            f0_predictor=f0, **_common(hy, model_dir),
-                            endofprompt_id=endofprompt_id(os.path.join(model_dir, "CosyVoice-BlankEN")))
+    return CosyVoice3Config.load(model_dir)

@@ -13,37 +13,14 @@ and key) is light_tts.models.pretrained.PretrainedModel.from_pretrained, shared 
 """
 from __future__ import annotations
 
-from torch import nn
-
-from light_tts.models.config import CosyVoice2Config, load_cosyvoice2_config
+from light_tts.models.config import CosyVoice2Config
 from light_tts.models.pretrained import COMPONENTS, COSYVOICE2, DTYPES, PretrainedModel, parse_dtype
 
-__all__ = ["CosyVoice2Model", "BUILDERS", "COMPONENTS", "DTYPES", "parse_dtype"]
-
-
-def build_llm(cfg: CosyVoice2Config) -> nn.Module:
-    from light_tts.models.llm import Qwen2LM
-    return Qwen2LM(**cfg.llm, qwen2=cfg.qwen2, sampling=cfg.sampling)
-
-
-def build_flow_model(cfg: CosyVoice2Config) -> nn.Module:
-    from light_tts.models.flow.flow import build_flow
-    return build_flow(cfg.flow, cfg.encoder, cfg.cfm, cfg.estimator)
-
-
-def build_hift_model(cfg: CosyVoice2Config) -> nn.Module:
-    from light_tts.models.hift import build_hift
-    return build_hift(cfg.hift, cfg.f0_predictor)
-
-
-BUILDERS = {"llm": build_llm, "flow": build_flow_model, "hift": build_hift_model}
+__all__ = ["CosyVoice2Model", "COMPONENTS", "DTYPES", "parse_dtype"]
 
 
 class CosyVoice2Model(PretrainedModel):
     FAMILY = COSYVOICE2
-    BUILDERS = BUILDERS
+    NETWORKS = {"llm": "light_tts.models.llm:Qwen2LM", "flow": "light_tts.models.flow.flow:CausalMaskedDiffWithXvec",
+                "hift": "light_tts.models.hift:HiFTGenerator"}
     config: CosyVoice2Config
-
-    @staticmethod
-    def load_config(model_dir: str) -> CosyVoice2Config:
-        return load_cosyvoice2_config(model_dir)

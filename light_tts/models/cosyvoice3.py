@@ -13,37 +13,15 @@ light_tts.models.pretrained.PretrainedModel.from_pretrained, shared with CosyVoi
 """
 from __future__ import annotations
 
-from torch import nn
-
-from light_tts.models.config import CosyVoice3Config, load_cosyvoice3_config
+from light_tts.models.config import CosyVoice3Config
 from light_tts.models.pretrained import COSYVOICE3, PretrainedModel
 
-__all__ = ["CosyVoice3Model", "BUILDERS"]
-
-
-def build_llm(cfg: CosyVoice3Config) -> nn.Module:
-    from light_tts.models.llm import CosyVoice3LM
-    return CosyVoice3LM(**cfg.llm, qwen2=cfg.qwen2, sampling=cfg.sampling, endofprompt_id=cfg.endofprompt_id)
-
-
-def build_flow_model(cfg: CosyVoice3Config) -> nn.Module:
-    from light_tts.models.flow.flow_dit import build_dit_flow
-    return build_dit_flow(cfg.flow, cfg.pre_lookahead, cfg.cfm, cfg.estimator)
-
-
-def build_hift_model(cfg: CosyVoice3Config) -> nn.Module:
-    from light_tts.models.hift_causal import build_causal_hift
-    return build_causal_hift(cfg.hift, cfg.f0_predictor)
-
-
-BUILDERS = {"llm": build_llm, "flow": build_flow_model, "hift": build_hift_model}
+__all__ = ["CosyVoice3Model"]
 
 
 class CosyVoice3Model(PretrainedModel):
     FAMILY = COSYVOICE3
-    BUILDERS = BUILDERS
+    NETWORKS = {"llm": "light_tts.models.llm:CosyVoice3LM",
+                "flow": "light_tts.models.flow.flow_dit:CausalMaskedDiffWithDiT",
+                "hift": "light_tts.models.hift_causal:CausalHiFTGenerator"}
     config: CosyVoice3Config
-
-    @staticmethod
-    def load_config(model_dir: str) -> CosyVoice3Config:
-        return load_cosyvoice3_config(model_dir)

@@ -81,7 +81,16 @@ class ResBlock(nn.Module):
 
 
 class HiFTGenerator(nn.Module):
-    """CosyVoice2 HiFT generator. Keyword names follow the official yaml."""
+    """CosyVoice2 HiFT generator. Keyword names follow the official yaml.
+
+    The layer stack (its sizes, registration order and state-dict keys) is built here for the
+    causal CosyVoice3 generator too (`hift_causal.CausalHiFTGenerator`): it overrides the layer
+    factories `_source_module`, `_conv_pre`, `_upsample`, `_source_down`, `_conv_post` and
+    `resblock`.
+    """
+
+    resblock = ResBlock
+    f0_predictor_class = ConvRNNF0Predictor  # what `build` makes of the yaml's f0_predictor kwargs
 
     def __init__(
         self,
@@ -112,7 +121,8 @@ class HiFTGenerator(nn.Module):
         self.sampling_rate = int(sampling_rate)
         if self.sampling_rate == 22050:
             # The official code switches to the older `SineGen` (CosyVoice 1) at 22.05 kHz.
-            raise ValueError("HiFTGenerator: only the CosyVoice2 source (SineGen2, sampling_rate != 22050) is implemented")
+            raise ValueError(f"{type(self).__name__}: only the SineGen2 source (sampling_rate != 22050) "
+                             f"is implemented")
         self.lrelu_slope = float(lrelu_slope)
         self.audio_limit = float(audio_limit)
         upsample_rates = [int(u) for u in upsample_rates]
@@ -120,23 +130,24 @@ class HiFTGenerator(nn.Module):
         base_channels = int(base_channels)
         self.num_kernels = len(resblock_kernel_sizes)
         self.num_upsamples = len(upsample_rates)
-        # Samples per mel frame: every upsampling stage times the iSTFT hop.
-        self.samples_per_frame = self.hop_len
+        # Source-STFT frames (hop_len samples each) per mel frame: every upsampling stage;
+        # samples per mel frame: that times the iSTFT hop.
+        self.stft_frames_per_frame = 1
         for u in upsample_rates:
-            self.samples_per_frame *= u
+            self.stft_frames_per_frame *= u
+        self.samples_per_frame = self.stft_frames_per_frame * self.hop_len
 
         # Registration order matches the official module so state_dict() orders alike.
-        self.m_source = SourceModuleHnNSF(
+        self.m_source = self._source_module(
             sampling_rate=self.sampling_rate, upsample_scale=self.samples_per_frame,
             harmonic_num=int(nb_harmonics), sine_amp=float(nsf_alpha),
             add_noise_std=float(nsf_sigma), voiced_threshod=float(nsf_voiced_threshold))
 
-        self.conv_pre = _wn(nn.Conv1d(int(in_channels), base_channels, 7, padding=3))
+        self.conv_pre = self._conv_pre(int(in_channels), base_channels)
 
-        self.ups = nn.ModuleList()
-        for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
-            self.ups.append(_wn(nn.ConvTranspose1d(base_channels >> i, base_channels >> (i + 1),
-                                                   k, u, padding=(k - u) // 2)))
+        self.ups = nn.ModuleList(
+            self._upsample(base_channels >> i, base_channels >> (i + 1), k, u)
+            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)))
 
         # Source branch: the source STFT (n_fft + 2 channels: real and imaginary
         # halves, hop_len resolution) is strided down to each stage's frame rate.
@@ -153,21 +164,37 @@ class HiFTGenerator(nn.Module):
             if stride == 1:
                 self.source_downs.append(nn.Conv1d(spec_channels, ch, 1))
             else:
-                self.source_downs.append(nn.Conv1d(spec_channels, ch, stride * 2, stride, padding=stride // 2))
-            self.source_resblocks.append(ResBlock(ch, int(k), d))
+                self.source_downs.append(self._source_down(spec_channels, ch, stride))
+            self.source_resblocks.append(self.resblock(ch, int(k), d))
 
         self.resblocks = nn.ModuleList()
         for i in range(self.num_upsamples):
             ch = base_channels >> (i + 1)
             for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes):
-                self.resblocks.append(ResBlock(ch, int(k), d))
+                self.resblocks.append(self.resblock(ch, int(k), d))
 
-        self.conv_post = _wn(nn.Conv1d(base_channels >> self.num_upsamples, spec_channels, 7, padding=3))
+        self.conv_post = self._conv_post(base_channels >> self.num_upsamples, spec_channels)
 
         # Periodic Hann window (scipy get_window('hann', n, fftbins=True)), kept fp32
         # and outside the state dict / module dtype casts.
         self._window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float()
         self.f0_predictor = f0_predictor
+
+    # ------------------------------------------------------------ layer factories
+    def _source_module(self, **kwargs) -> nn.Module:
+        return SourceModuleHnNSF(**kwargs)
+
+    def _conv_pre(self, in_channels: int, out_channels: int) -> nn.Module:
+        return _wn(nn.Conv1d(in_channels, out_channels, 7, padding=3))
+
+    def _upsample(self, in_channels: int, out_channels: int, kernel_size: int, rate: int) -> nn.Module:
+        return _wn(nn.ConvTranspose1d(in_channels, out_channels, kernel_size, rate, padding=(kernel_size - rate) // 2))
+
+    def _source_down(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return nn.Conv1d(in_channels, out_channels, stride * 2, stride, padding=stride // 2)
+
+    def _conv_post(self, in_channels: int, out_channels: int) -> nn.Module:
+        return _wn(nn.Conv1d(in_channels, out_channels, 7, padding=3))
 
     # ------------------------------------------------------------------ helpers
     def _window_on(self, device: torch.device) -> torch.Tensor:
@@ -247,18 +274,28 @@ class HiFTGenerator(nn.Module):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         return self
 
+    @classmethod
+    def build(cls, hift_kwargs: dict, f0_kwargs: dict) -> "HiFTGenerator":
+        """Build from the yaml's `hift` kwargs and its `f0_predictor` kwargs (numbers may be strings)."""
+        kwargs = dict(hift_kwargs)
+        kwargs.pop("f0_predictor", None)
+        for key in ("nsf_alpha", "nsf_sigma", "nsf_voiced_threshold", "lrelu_slope", "audio_limit"):
+            if key in kwargs:
+                kwargs[key] = float(kwargs[key])
+        for key in ("in_channels", "base_channels", "nb_harmonics", "sampling_rate", "conv_pre_look_right"):
+            if key in kwargs:
+                kwargs[key] = int(kwargs[key])
+        return cls(cls.f0_predictor_class(**dict(f0_kwargs)), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HiFTGenerator":
+        """Built from a family's light_tts.models.config.ModelConfig (its hift and f0_predictor)."""
+        return cls.build(cfg.hift, cfg.f0_predictor)
+
 
 def build_hift(hift_kwargs: dict, f0_kwargs: dict) -> HiFTGenerator:
-    """Build from `CosyVoice2Config.hift` and `CosyVoice2Config.f0_predictor`."""
-    kwargs = dict(hift_kwargs)
-    kwargs.pop("f0_predictor", None)
-    for key in ("nsf_alpha", "nsf_sigma", "nsf_voiced_threshold", "lrelu_slope", "audio_limit"):
-        if key in kwargs:
-            kwargs[key] = float(kwargs[key])
-    for key in ("in_channels", "base_channels", "nb_harmonics", "sampling_rate"):
-        if key in kwargs:
-            kwargs[key] = int(kwargs[key])
-    return HiFTGenerator(ConvRNNF0Predictor(**dict(f0_kwargs)), **kwargs)
+    """Build from the yaml's `hift` kwargs and its `f0_predictor` kwargs."""
+    return HiFTGenerator.build(hift_kwargs, f0_kwargs)
 
 
 _LEGACY_SUFFIX = {".weight_g": ".parametrizations.weight.original0",

@@ -41,7 +41,7 @@ keys and the `generator.` prefix, as for CosyVoice2).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -178,94 +178,37 @@ class CausalSourceModuleHnNSF(SourceModuleHnNSF):
 class CausalHiFTGenerator(HiFTGenerator):
     """CosyVoice3 causal HiFT generator. Keyword names and defaults follow cosyvoice3.yaml.
 
-    Inherits the STFT/iSTFT, the stages after conv_pre (`_decode_from`) and
-    `fold_weight_norm` from `HiFTGenerator`; `inference` takes `finalize` instead of a
-    source cache.
+    The layer stack is `HiFTGenerator`'s with the causal layers (the factories below); inherits
+    the STFT/iSTFT, the stages after conv_pre (`_decode_from`) and `fold_weight_norm`;
+    `inference` takes `finalize` instead of a source cache. The keyword arguments besides the
+    two here are `HiFTGenerator`'s (same names and defaults).
     """
 
-    def __init__(
-        self,
-        f0_predictor: nn.Module,
-        in_channels: int = 80,
-        base_channels: int = 512,
-        nb_harmonics: int = 8,
-        sampling_rate: int = 24000,
-        nsf_alpha: float = 0.1,
-        nsf_sigma: float = 0.003,
-        nsf_voiced_threshold: float = 10,
-        upsample_rates: Sequence[int] = (8, 5, 3),
-        upsample_kernel_sizes: Sequence[int] = (16, 11, 7),
-        istft_params: Optional[Dict[str, int]] = None,
-        resblock_kernel_sizes: Sequence[int] = (3, 7, 11),
-        resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5)),
-        source_resblock_kernel_sizes: Sequence[int] = (7, 7, 11),
-        source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5)),
-        lrelu_slope: float = 0.1,
-        audio_limit: float = 0.99,
-        conv_pre_look_right: int = 4,
-        noise_seed: int = 0,
-        **_unused,  # training-only options are accepted and ignored
-    ):
-        nn.Module.__init__(self)
-        istft_params = dict(istft_params or {"n_fft": 16, "hop_len": 4})
-        self.n_fft = int(istft_params["n_fft"])
-        self.hop_len = int(istft_params["hop_len"])
-        self.istft_params = {"n_fft": self.n_fft, "hop_len": self.hop_len}
-        self.sampling_rate = int(sampling_rate)
-        if self.sampling_rate == 22050:
-            # The official builds the non-causal CosyVoice 1 `SineGen` there.
-            raise ValueError("CausalHiFTGenerator: sampling_rate 22050 (SineGen source) is not implemented")
-        self.lrelu_slope = float(lrelu_slope)
-        self.audio_limit = float(audio_limit)
+    resblock = CausalResBlock
+    f0_predictor_class = CausalConvRNNF0Predictor
+
+    def __init__(self, f0_predictor: nn.Module, *args, conv_pre_look_right: int = 4, noise_seed: int = 0,
+                 **kwargs):
+        # Read by the layer factories, which HiFTGenerator.__init__ calls.
         self.conv_pre_look_right = int(conv_pre_look_right)
-        upsample_rates = [int(u) for u in upsample_rates]
-        base_channels = int(base_channels)
-        self.num_kernels = len(resblock_kernel_sizes)
-        self.num_upsamples = len(upsample_rates)
-        self.stft_frames_per_frame = 1  # source-STFT frames (hop_len samples each) per mel frame
-        for u in upsample_rates:
-            self.stft_frames_per_frame *= u
-        self.samples_per_frame = self.stft_frames_per_frame * self.hop_len
+        self.noise_seed = int(noise_seed)
+        super().__init__(f0_predictor.double(), *args, **kwargs)
 
-        # Registration order matches the official module so state_dict() orders alike.
-        self.m_source = CausalSourceModuleHnNSF(
-            sampling_rate=self.sampling_rate, upsample_scale=self.samples_per_frame,
-            harmonic_num=int(nb_harmonics), sine_amp=float(nsf_alpha),
-            add_noise_std=float(nsf_sigma), voiced_threshod=float(nsf_voiced_threshold),
-            noise_seed=noise_seed)
+    def _source_module(self, **kwargs) -> nn.Module:
+        return CausalSourceModuleHnNSF(**kwargs, noise_seed=self.noise_seed)
 
+    def _conv_pre(self, in_channels: int, out_channels: int) -> nn.Module:
         # Lookahead conv: the caller pads (finalize) or passes real future frames.
-        self.conv_pre = _wn(nn.Conv1d(int(in_channels), base_channels, self.conv_pre_look_right + 1))
+        return _wn(nn.Conv1d(in_channels, out_channels, self.conv_pre_look_right + 1))
 
-        self.ups = nn.ModuleList(
-            _wn(CausalUpsampleConv1d(base_channels >> i, base_channels >> (i + 1), int(k), u))
-            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)))
+    def _upsample(self, in_channels: int, out_channels: int, kernel_size: int, rate: int) -> nn.Module:
+        return _wn(CausalUpsampleConv1d(in_channels, out_channels, kernel_size, rate))
 
-        spec_channels = self.n_fft + 2
-        self.source_downs = nn.ModuleList()
-        self.source_resblocks = nn.ModuleList()
-        for i, (k, d) in enumerate(zip(source_resblock_kernel_sizes, source_resblock_dilation_sizes)):
-            stride = 1
-            for u in upsample_rates[i + 1:]:
-                stride *= u
-            ch = base_channels >> (i + 1)
-            if stride == 1:
-                self.source_downs.append(nn.Conv1d(spec_channels, ch, 1))
-            else:
-                self.source_downs.append(CausalDownsampleConv1d(spec_channels, ch, stride))
-            self.source_resblocks.append(CausalResBlock(ch, k, d))
+    def _source_down(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return CausalDownsampleConv1d(in_channels, out_channels, stride)
 
-        self.resblocks = nn.ModuleList()
-        for i in range(self.num_upsamples):
-            ch = base_channels >> (i + 1)
-            for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes):
-                self.resblocks.append(CausalResBlock(ch, k, d))
-
-        self.conv_post = _wn(CausalConv1d(base_channels >> self.num_upsamples, spec_channels, 7))
-
-        # Periodic Hann window, fp32, outside the state dict (as hift.py).
-        self._window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float()
-        self.f0_predictor = f0_predictor.double()
+    def _conv_post(self, in_channels: int, out_channels: int) -> nn.Module:
+        return _wn(CausalConv1d(in_channels, out_channels, 7))
 
     def _apply(self, fn, recurse=True):
         # Invariant: the F0 predictor holds fp64 parameters whatever dtype the rest
@@ -322,15 +265,7 @@ class CausalHiFTGenerator(HiFTGenerator):
 
 def build_causal_hift(hift_kwargs: dict, f0_kwargs: dict) -> CausalHiFTGenerator:
     """Build from the yaml's `hift` kwargs and its `f0_predictor` kwargs (as `build_hift`)."""
-    kwargs = dict(hift_kwargs)
-    kwargs.pop("f0_predictor", None)
-    for key in ("nsf_alpha", "nsf_sigma", "nsf_voiced_threshold", "lrelu_slope", "audio_limit"):
-        if key in kwargs:
-            kwargs[key] = float(kwargs[key])
-    for key in ("in_channels", "base_channels", "nb_harmonics", "sampling_rate", "conv_pre_look_right"):
-        if key in kwargs:
-            kwargs[key] = int(kwargs[key])
-    return CausalHiFTGenerator(CausalConvRNNF0Predictor(**dict(f0_kwargs)), **kwargs)
+    return CausalHiFTGenerator.build(hift_kwargs, f0_kwargs)
 
 
 __all__ = ["CausalHiFTGenerator", "CausalConvRNNF0Predictor", "CausalSourceModuleHnNSF",

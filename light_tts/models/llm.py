@@ -89,6 +89,11 @@ class Qwen2LM(nn.Module):
         self.sampling = {k: type(DEFAULT_SAMPLING[k])(float(v)) for k, v in given.items()}
         self._build_modules(qwen2)
 
+    @classmethod
+    def from_config(cls, cfg) -> "Qwen2LM":
+        """Built from a family's light_tts.models.config.ModelConfig (its llm, qwen2 and sampling)."""
+        return cls(**cfg.llm, qwen2=cfg.qwen2, sampling=cfg.sampling)
+
     def _build_modules(self, qwen2: Qwen2Config) -> None:
         """CosyVoice2: sos and task id are the two rows of `llm_embedding`; the speech head has
         S + 3 outputs (eos = S, fill = S + 2) and a bias. Registration order matches the official
@@ -319,6 +324,10 @@ class CosyVoice3LM(Qwen2LM):
         super().__init__(llm_input_size, llm_output_size, speech_token_size, qwen2, mix_ratio=mix_ratio,
                          sampling=sampling)
         self.endofprompt_id = int(endofprompt_id)
+
+    @classmethod
+    def from_config(cls, cfg) -> "CosyVoice3LM":
+        return cls(**cfg.llm, qwen2=cfg.qwen2, sampling=cfg.sampling, endofprompt_id=cfg.endofprompt_id)
 
     def _build_modules(self, qwen2: Qwen2Config) -> None:
         # Registration order of the official module: llm, llm_decoder, speech_embedding.

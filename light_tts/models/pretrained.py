@@ -8,21 +8,22 @@
 The family is read from the yaml the directory holds, in the order of the official `AutoModel`
 (cosyvoice.yaml: CosyVoice 1, not supported; cosyvoice2.yaml; cosyvoice3.yaml). Each family's model
 class (CosyVoice2Model, CosyVoice3Model) is a `PretrainedModel` that names its `Family` (files,
-config parser) and its builders; `PretrainedModel.from_pretrained` is the one loading path: every
+config parser) and its network classes; `PretrainedModel.from_pretrained` is the one loading path: every
 state dict loads strictly, and a wrong directory fails with the file, the first missing or
 unexpected key, or the key whose shape differs.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Type
 
 import torch
 from torch import nn
 
-from light_tts.models.config import ConfigError
+from light_tts.models.config import ConfigError, CosyVoice2Config, CosyVoice3Config, ModelConfig
 from light_tts.models.loading import ModelLoadError, load_strict, read_state_dict, skip_weight_init
 
 COMPONENTS = ("llm", "flow", "hift")
@@ -46,9 +47,14 @@ class Family:
     name: str                  # "cosyvoice2": the make_random_model --family value
     title: str                 # "CosyVoice2"
     release: str               # the official release directory's name
-    yaml: str                  # the file that marks the family (official AutoModel)
+    config: Type[ModelConfig]  # its parser (config.load) and yaml (config.LAYOUT.yaml)
     speech_tokenizer: str      # the ONNX speech tokenizer's file name
     networks: Mapping[str, str]  # component -> what its .pt holds (for "file missing" messages)
+
+    @property
+    def yaml(self) -> str:
+        """The file that marks the family (official AutoModel)."""
+        return self.config.LAYOUT.yaml
 
     @property
     def layout(self) -> dict[str, str]:
@@ -61,13 +67,13 @@ class Family:
 
 
 COSYVOICE2 = Family(
-    "cosyvoice2", "CosyVoice2", "CosyVoice2-0.5B", "cosyvoice2.yaml", "speech_tokenizer_v2.onnx",
+    "cosyvoice2", "CosyVoice2", "CosyVoice2-0.5B", CosyVoice2Config, "speech_tokenizer_v2.onnx",
     {"llm": "the speech-token LM weights (Qwen2LM state dict)",
      "flow": "the flow-matching decoder weights",
      "hift": "the HiFT vocoder weights"})
 
 COSYVOICE3 = Family(
-    "cosyvoice3", "CosyVoice3", "Fun-CosyVoice3-0.5B-2512", "cosyvoice3.yaml", "speech_tokenizer_v3.onnx",
+    "cosyvoice3", "CosyVoice3", "Fun-CosyVoice3-0.5B-2512", CosyVoice3Config, "speech_tokenizer_v3.onnx",
     {"llm": "the speech-token LM weights (CosyVoice3LM state dict)",
      "flow": "the flow-matching decoder weights (DiT estimator)",
      "hift": "the causal HiFT vocoder weights"})
@@ -116,9 +122,11 @@ def model_family(model_dir: str) -> str:
 @dataclass
 class PretrainedModel:
     """The three networks of one official model directory, loaded unchanged. Subclasses name their
-    FAMILY, how to read its config (`load_config`) and how to build each network (BUILDERS)."""
+    FAMILY (files and config) and their NETWORKS: component -> our network class as "module:Class",
+    imported when built (a process imports only the networks it runs); each class builds itself
+    from the family's config with `from_config(cfg)`."""
     FAMILY: ClassVar[Family]
-    BUILDERS: ClassVar[Mapping[str, Callable[[Any], nn.Module]]]
+    NETWORKS: ClassVar[Mapping[str, str]]
 
     config: Any
     model_dir: str
@@ -129,9 +137,15 @@ class PretrainedModel:
     hift: Optional[nn.Module] = None
     load_seconds: dict = field(default_factory=dict)
 
-    @staticmethod
-    def load_config(model_dir: str) -> Any:
-        raise NotImplementedError
+    @classmethod
+    def load_config(cls, model_dir: str) -> ModelConfig:
+        return cls.FAMILY.config.load(model_dir)
+
+    @classmethod
+    def build(cls, component: str, cfg: ModelConfig) -> nn.Module:
+        """The network `component` at the sizes of `cfg`, freshly initialised."""
+        module, _, name = cls.NETWORKS[component].partition(":")
+        return getattr(importlib.import_module(module), name).from_config(cfg)
 
     @staticmethod
     def normalize_state_dict(component: str, sd: dict) -> dict:
@@ -161,7 +175,7 @@ class PretrainedModel:
             t0 = time.perf_counter()
             path = require_file(model_dir, f"{c}.pt", family)
             with skip_weight_init():
-                module = cls.BUILDERS[c](cfg)
+                module = cls.build(c, cfg)
             _load_strict(module, cls.normalize_state_dict(c, read_state_dict(path)), path, family)
             module.to(device=model.device, dtype=model.dtype).eval()
             setattr(model, c, module)

@@ -31,37 +31,31 @@ from torch import nn
 from light_tts.models.config import Qwen2Config
 from light_tts.models.pretrained import COSYVOICE2, COSYVOICE3, FAMILIES, Family, model_class
 
-# Tiny differs from the official yaml only in these widths; (pattern, replacement, expected count).
-_TINY_EDITS = [
-    (r"^llm_input_size: 896$", "llm_input_size: 64", 1),
-    (r"^llm_output_size: 896$", "llm_output_size: 64", 1),
-    (r"^(\s+)input_size: 512$", r"\1input_size: 64", 2),       # flow and encoder
-    (r"^(\s+)output_size: 512$", r"\1output_size: 64", 1),     # encoder
-    (r"^(\s+)attention_heads: 8$", r"\1attention_heads: 2", 1),
-    (r"^(\s+)linear_units: 2048$", r"\1linear_units: 128", 1),
-    (r"^(\s+)num_blocks: 6$", r"\1num_blocks: 2", 1),
-    (r"^(\s+)channels: \[256\]$", r"\1channels: [64]", 1),
-    (r"^(\s+)attention_head_dim: 64$", r"\1attention_head_dim: 32", 1),
-    (r"^(\s+)n_blocks: 4$", r"\1n_blocks: 1", 1),
-    (r"^(\s+)num_mid_blocks: 12$", r"\1num_mid_blocks: 1", 1),
-    (r"^(\s+)num_heads: 8$", r"\1num_heads: 2", 1),
-    (r"^(\s+)base_channels: 512$", r"\1base_channels: 32", 1),
-    (r"^(\s+)cond_channels: 512$", r"\1cond_channels: 32", 1),
-]
 
-# CosyVoice3: the LM as CosyVoice2's; the DiT estimator (dim divisible by its 16 position-conv
-# groups), the pre-lookahead width and the vocoder narrowed. Mel and speaker widths (80) stay.
-_TINY_EDITS_COSYVOICE3 = [
-    (r"^llm_input_size: 896$", "llm_input_size: 64", 1),
-    (r"^llm_output_size: 896$", "llm_output_size: 64", 1),
-    (r"^(\s+)channels: 1024$", r"\1channels: 64", 1),          # pre_lookahead_layer
-    (r"^(\s+)dim: 1024$", r"\1dim: 64", 1),
-    (r"^(\s+)depth: 22$", r"\1depth: 2", 1),
-    (r"^(\s+)heads: 16$", r"\1heads: 2", 1),
-    (r"^(\s+)dim_head: 64$", r"\1dim_head: 32", 1),
-    (r"^(\s+)base_channels: 512$", r"\1base_channels: 32", 1),
-    (r"^(\s+)cond_channels: 512$", r"\1cond_channels: 32", 1),
-]
+def _narrow(key: str, official, tiny, lines: int = 1) -> tuple:
+    """A tiny edit of the official yaml: `key: official` -> `key: tiny` (at any indentation), on
+    exactly `lines` lines: (pattern, replacement, expected count)."""
+    return rf"^([ \t]*){key}: {re.escape(str(official))}$", rf"\g<1>{key}: {tiny}", lines
+
+
+# Tiny differs from the official yaml only in these widths. Both families: the LM (a Qwen2 body of
+# width 64, TINY_QWEN2) and the vocoder.
+_TINY_LM = [_narrow("llm_input_size", 896, 64), _narrow("llm_output_size", 896, 64)]
+_TINY_HIFT = [_narrow("base_channels", 512, 32), _narrow("cond_channels", 512, 32)]
+_TINY_EDITS = _TINY_LM + [
+    _narrow("input_size", 512, 64, lines=2),  # flow and encoder
+    _narrow("output_size", 512, 64),          # encoder
+    _narrow("attention_heads", 8, 2), _narrow("linear_units", 2048, 128), _narrow("num_blocks", 6, 2),
+    _narrow("channels", [256], [64]), _narrow("attention_head_dim", 64, 32), _narrow("n_blocks", 4, 1),
+    _narrow("num_mid_blocks", 12, 1), _narrow("num_heads", 8, 2),
+] + _TINY_HIFT
+
+# CosyVoice3: the DiT estimator (dim divisible by its 16 position-conv groups) and the pre-lookahead
+# width narrowed. Mel and speaker widths (80) stay.
+_TINY_EDITS_COSYVOICE3 = _TINY_LM + [
+    _narrow("channels", 1024, 64),  # pre_lookahead_layer
+    _narrow("dim", 1024, 64), _narrow("depth", 22, 2), _narrow("heads", 16, 2), _narrow("dim_head", 64, 32),
+] + _TINY_HIFT
 
 TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096)
@@ -152,7 +146,7 @@ def make_random_model(out: str, size: str = "tiny", seed: int = 0, log=print, fa
     counts = {}
     for i, name in enumerate(("llm", "flow", "hift")):
         torch.manual_seed(seed * 1000 + i)
-        module = model_cls.BUILDERS[name](cfg).eval()
+        module = model_cls.build(name, cfg).eval()
         if name == "llm":
             _init_llm_(module)
         counts[name] = _count(module)

@@ -4,7 +4,7 @@ Run in a scratch venv that holds the official code's pins (torch, transformers==
 omegaconf, einops, diffusers==0.29.0, conformer==0.3.2, scipy, inflect, onnxruntime), with a checkout
 of FunAudioLLM/CosyVoice (and Matcha-TTS in its third_party/) outside this repository:
 
-    OFFICIAL_COSYVOICE=/path/to/CosyVoice WORK_DIR=/tmp/official-check \
+    OFFICIAL_COSYVOICE=/path/to/CosyVoice [MATCHA_TTS=/path/to/Matcha-TTS] WORK_DIR=/tmp/official-check \
         /path/to/venv/bin/python scripts/bench/check_against_official.py [--tiny] [--full] [--lm-steps 60]
 
 It writes the model dirs under WORK_DIR with our generator if missing (the main python, `python3`,
@@ -22,21 +22,19 @@ and compares, fp32 on CPU:
   d. whole token2wav: the official tts() loop (stream and not; its llm_job replaced by one that
      posts a fixed token list) vs light_tts.models.token2wav.Token2Wav + stream_chunks.
 
-Import-only stubs (never used for math): torchaudio, whisper, pyarrow, pyworld, librosa, matplotlib (the official
-yaml also builds training-only objects: the HiFiGan discriminators construct torchaudio Spectrogram
-objects, given a dummy nn.Module here; they are never called), matcha.utils/__init__ (hydra/lightning).
+Import-only stubs (never used for math; scripts/bench/official_env.py): torchaudio, whisper, pyarrow, pyworld,
+librosa, matplotlib (the official yaml also builds training-only objects: the HiFiGan discriminators
+construct torchaudio Spectrogram objects, given a dummy nn.Module here; they are never called),
+matcha.utils/__init__ (hydra/lightning).
 The official UpsampleConformerEncoder hard-codes 512 channels in PreLookaheadLayer and Upsample1D:
 the tiny directory (64 channels) cannot load unchanged; it is retried with those two constructors
 given the encoder width (construction only). The full directory is loaded with no shim.
 """
 import argparse
-import importlib.machinery
 import logging
 import os
 import subprocess
-import sys
 import time
-import types
 import uuid as uuid_mod
 
 
@@ -54,61 +52,16 @@ def parse_args(argv=None):
 
 # the command line first: --help answers without the official code's venv the imports below need
 ARGS = parse_args() if __name__ == "__main__" else None
-MAIN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OFFICIAL = os.environ.get("OFFICIAL_COSYVOICE", "/work/official")
+import official_env  # noqa: E402  (sys.path: the official checkout, Matcha-TTS, this repository)
+from official_env import MAIN, lm_args, maxabs, official_greedy, official_lm_input, verdict  # noqa: E402
+
 REFCHECK = os.environ.get("WORK_DIR", "/tmp/official-check")
 os.makedirs(REFCHECK, exist_ok=True)
-for p in (OFFICIAL, os.path.join(OFFICIAL, "third_party", "Matcha-TTS"), MAIN):
-    sys.path.insert(0, p)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402,F401  (before the stubs: it probes torchaudio's import spec)
-from torch import nn  # noqa: E402
 
-
-# ---------------------------------------------------------------- import-only stubs
-def _stub(name, **attrs):
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # libraries probe find_spec()
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, mod)
-    return mod
-
-
-class _UnusedSpectrogram(nn.Module):  # training-only discriminator member; never called here
-    def __init__(self, *a, **k):
-        super().__init__()
-
-    def forward(self, *a, **k):
-        raise RuntimeError("stub torchaudio Spectrogram must not be used")
-
-
-class _UnusedWhisperTokenizer:
-    pass
-
-
-def _unused(*a, **k):
-    raise RuntimeError("import-only stub called")
-
-
-_stub("torchaudio"); _stub("torchaudio.compliance"); _stub("torchaudio.compliance.kaldi", fbank=_unused)  # noqa: E702
-_stub("torchaudio.transforms", Spectrogram=_UnusedSpectrogram)
-_stub("whisper", log_mel_spectrogram=_unused); _stub("whisper.tokenizer", Tokenizer=_UnusedWhisperTokenizer)  # noqa: E702
-_stub("pyarrow"); _stub("pyarrow.parquet")  # noqa: E702
-_stub("pyworld")
-_stub("librosa"); _stub("librosa.filters", mel=_unused); _stub("librosa.util", normalize=_unused)  # noqa: E702
-_stub("matplotlib", use=lambda *a, **k: None); _stub("matplotlib.pylab")  # noqa: E702
-import matcha  # noqa: E402
-_mu = _stub("matcha.utils")
-_mu.__path__ = [os.path.join(os.path.dirname(matcha.__file__), "utils")]  # real submodules, skip its __init__
-_stub("matcha.utils.pylogger", get_pylogger=logging.getLogger)
+official_env.stub_training_imports()
 
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 import cosyvoice.transformer.upsample_encoder as off_ue  # noqa: E402
@@ -130,13 +83,6 @@ ROWS = []  # (model, check, result)
 def row(label, check, result):
     ROWS.append((label, check, result))
     print(f"  [{label}] {check}: {result}", flush=True)
-
-
-def maxabs(a, b):
-    a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).double()
-    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b).double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item() if a.numel() else 0.0
 
 
 # ---------------------------------------------------------------- model dirs
@@ -252,58 +198,16 @@ def check_onnx(label, d):
 
 
 # ---------------------------------------------------------------- a. LM
-@torch.inference_mode()
-def official_greedy(llm, lm_input, steps):
-    """The official inference_wrapper loop with argmax for sampling_ids; eos masked every step."""
-    cache, tokens = None, []
-    for _ in range(steps):
-        masks = torch.tril(torch.ones((1, lm_input.shape[1], lm_input.shape[1]))).to(torch.bool)
-        y, cache = llm.llm.forward_one_step(lm_input, masks=masks, cache=cache)
-        logp = llm.llm_decoder(y[:, -1]).log_softmax(dim=-1).squeeze(0)
-        logp[llm.speech_token_size] = -float("inf")  # ignore_eos (i < min_len)
-        top = int(logp.argmax())
-        if top in llm.stop_token_ids:
-            break
-        tokens.append(top)
-        lm_input = llm.speech_embedding.weight[top].reshape(1, 1, -1)
-    return tokens
-
-
-def official_lm_input(llm, text, prompt_text, prompt_speech):
-    got = {}
-
-    def capture(lm_input, sampling, min_len, max_len, uuid):
-        got["x"] = lm_input
-        return iter(())
-
-    llm.inference_wrapper = capture
-    try:
-        list(llm.inference(**lm_args(text, prompt_text, prompt_speech)))
-    finally:
-        del llm.inference_wrapper
-    return got["x"]
-
-
-def lm_args(text, prompt_text, prompt_speech, **kw):
-    t = lambda ids: torch.tensor([ids], dtype=torch.int32)  # noqa: E731
-    n = lambda ids: torch.tensor([len(ids)], dtype=torch.int32)  # noqa: E731
-    return dict(text=t(text), text_len=n(text), prompt_text=t(prompt_text), prompt_text_len=n(prompt_text),
-                prompt_speech_token=t(prompt_speech), prompt_speech_token_len=n(prompt_speech),
-                embedding=torch.zeros(0, 192), **kw)
-
-
 def check_lm(label, off, ours, text, prompt_text, prompt_speech, steps, seeds):
     t0 = time.time()
     x_off = official_lm_input(off.llm, text, prompt_text, prompt_speech)
     with torch.inference_mode():
         x_ours = ours.llm.build_lm_input(text, prompt_text, prompt_speech)
     row(label, f"LM lm_input {tuple(x_ours.shape)}", f"max abs {maxabs(x_ours, x_off):.2e}")
-    g_off = official_greedy(off.llm, x_off, steps)
+    g_off = official_greedy(off.llm, x_off, steps, min_len=steps)  # eos masked every step
     g_ours = list(ours.llm.inference(text, prompt_text, prompt_speech, greedy=True,
                                      min_token_text_ratio=(steps + 0.5) / len(text), max_new_tokens=steps))
-    same = g_off == g_ours
-    first = next((i for i, (a, b) in enumerate(zip(g_off, g_ours)) if a != b), None)
-    row(label, f"LM greedy {steps} steps", f"{'identical' if same else 'MISMATCH at %s' % first} "
+    row(label, f"LM greedy {steps} steps", f"{verdict(g_off, g_ours)} "
         f"({len(g_ours)} tokens; distinct {len(set(g_ours))}; {time.time() - t0:.1f}s)")
     # seeded sampling: max_len = int(len(text) * max_r) ~ steps
     max_r, min_r = (steps + 0.5) / len(text), 1.0
@@ -315,8 +219,7 @@ def check_lm(label, off, ours, text, prompt_text, prompt_speech, steps, seeds):
                                                              min_token_text_ratio=min_r))]
         s_ours = list(ours.llm.inference(text, prompt_text, prompt_speech, seed=s,
                                          min_token_text_ratio=min_r, max_token_text_ratio=max_r))
-        first = next((i for i, (a, b) in enumerate(zip(s_off, s_ours)) if a != b), None)
-        row(label, f"LM sampled inference seed {s}", f"{'identical' if s_off == s_ours else 'MISMATCH at %s' % first}"
+        row(label, f"LM sampled inference seed {s}", f"{verdict(s_off, s_ours)}"
             f" ({len(s_ours)} vs {len(s_off)} tokens; {time.time() - t0:.1f}s)")
     return g_ours
 
@@ -348,8 +251,7 @@ def check_bistream(label, off, ours, text, prompt_text, prompt_speech, steps, se
                 s_ours.append(t)
                 if len(s_ours) >= steps:
                     break
-            first = next((i for i, (x, y) in enumerate(zip(s_off, s_ours)) if x != y), None)
-            row(label, f"LM bistream {case} seed {s}", f"{'identical' if s_off == s_ours else 'MISMATCH at %s' % first}"
+            row(label, f"LM bistream {case} seed {s}", f"{verdict(s_off, s_ours)}"
                 f" ({len(s_ours)} vs {len(s_off)} tokens; {time.time() - t0:.1f}s)")
 
 

@@ -17,22 +17,16 @@ then flow.inference is compared for: non-streaming finalize, the first streaming
 (finalize=False), a second streaming chunk, and streaming finalize. The negative control scales
 one of our weights by 1.001 and must show a clearly larger difference.
 
-Import-only stubs (never used for math): torchaudio, whisper, pyarrow, pyworld, librosa, matplotlib
-and matcha.utils' __init__ (hydra/lightning), as in scripts/bench/check_against_official.py: the
-official flow module pulls in the whole package through cosyvoice.utils.class_utils.
+Import-only stubs (never used for math): scripts/bench/official_env.stub_training_imports, as for
+scripts/bench/check_against_official.py: the official flow module pulls in the whole package through
+cosyvoice.utils.class_utils.
 """
 import argparse
-import importlib.machinery
-import logging
 import os
 import re
-import sys
 import tempfile
-import types
 
 MAIN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OFFICIAL = os.environ.get("OFFICIAL_COSYVOICE", "/tmp/CosyVoice")
-MATCHA = os.environ.get("MATCHA_TTS", os.path.join(OFFICIAL, "third_party", "Matcha-TTS"))
 DEFAULT_YAML = os.path.join(os.path.dirname(MAIN), "shared", "reference", "cosyvoice3.yaml")
 TINY_SIZES = {"channels": 64, "dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
 TINY_CHUNK_TOKENS = 10
@@ -47,7 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=25)
     ap.add_argument("--tokens", type=int, default=53)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--print-keys", action="store_true", help="print the tiny official (key, shape) list")
+    ap.add_argument("--print-keys", action="store_true", help="print the tiny official state-dict keys and shapes")
     args = ap.parse_args(argv)
     if not (args.tiny or args.full):
         args.tiny = args.full = True
@@ -55,42 +49,11 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-for p in (MATCHA, OFFICIAL, MAIN):
-    sys.path.insert(0, p)
+import official_env  # noqa: E402  (sys.path: the official checkout, Matcha-TTS, this repository)
 
 import torch  # noqa: E402
-import transformers  # noqa: E402,F401  (before the stubs: it probes torchaudio's import spec)
 
-
-def _stub(name, **attrs):
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # libraries probe find_spec()
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, mod)
-    return mod
-
-
-def _unused(*a, **k):
-    raise RuntimeError("import-only stub called")
-
-
-_stub("torchaudio"); _stub("torchaudio.compliance"); _stub("torchaudio.compliance.kaldi", fbank=_unused)  # noqa: E702
-_stub("torchaudio.transforms", Spectrogram=_unused, MelSpectrogram=_unused)
-_stub("whisper", log_mel_spectrogram=_unused); _stub("whisper.tokenizer", Tokenizer=object)  # noqa: E702
-_stub("pyarrow"); _stub("pyarrow.parquet")  # noqa: E702
-_stub("pyworld")
-_stub("librosa"); _stub("librosa.filters", mel=_unused); _stub("librosa.util", normalize=_unused)  # noqa: E702
-_stub("matplotlib", use=lambda *a, **k: None); _stub("matplotlib.pylab")  # noqa: E702
-import matcha  # noqa: E402
-_mu = _stub("matcha.utils")
-_mu.__path__ = [os.path.join(os.path.dirname(matcha.__file__), "utils")]  # real submodules, skip its __init__
-_stub("matcha.utils.pylogger", get_pylogger=logging.getLogger)
+official_env.stub_training_imports()
 
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 import cosyvoice.flow.flow  # noqa: E402,F401  (the class the yaml names)
@@ -98,6 +61,7 @@ import cosyvoice.flow.flow  # noqa: E402,F401  (the class the yaml names)
 from light_tts.models.config import Node, load_hyper_yaml  # noqa: E402
 from light_tts.models.flow.cfm import fixed_noise  # noqa: E402
 from light_tts.models.flow.flow_dit import build_dit_flow  # noqa: E402
+from model_util import key_shapes  # noqa: E402
 
 
 # ---------------------------------------------------------------- the flow entry of the yaml
@@ -186,10 +150,9 @@ def compare(name: str, tiny: bool, args) -> None:
     noise_ok = torch.equal(official.decoder.rand_noise, fixed_noise())
     print(f"  fixed noise equal to light_tts.models.flow.cfm.fixed_noise(): {noise_ok}")
     assert noise_ok
-    if tiny and args.print_keys:
+    if tiny and args.print_keys:  # tests/fixtures/official_keys/cv3_flow_tiny.txt
         print("  official tiny keys:")
-        for k, v in official.state_dict().items():
-            print(f"    ({k!r}, {tuple(v.shape)}),")
+        print("\n".join(key_shapes(official.state_dict())))
 
     chunk = official.decoder.estimator.static_chunk_size // official.token_mel_ratio  # tokens per chunk
     k = official.pre_lookahead_len
@@ -220,7 +183,7 @@ def compare(name: str, tiny: bool, args) -> None:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
-    print(f"official {OFFICIAL}, yaml {args.yaml}, torch {torch.__version__}")
+    print(f"official {official_env.OFFICIAL}, yaml {args.yaml}, torch {torch.__version__}")
     if args.tiny:
         compare("tiny", True, args)
     if args.full:

@@ -39,27 +39,17 @@ substitute say so.
 """
 import argparse
 import functools
-import importlib.machinery
 import inspect
+import json
 import os
 import sys
 import tempfile
-import types
 
 MAIN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TEXTS = [
-    "Hello, world! This is a streaming TTS test.",
-    "收到好友从远方寄来的生日礼物，那份意外的惊喜与深深的祝福让我心中充满了甜蜜的快乐。",
-    "Mixed 中英文 text with 12345 and café, Ångström.",
-    "You are a helpful assistant.<|endofprompt|>希望你以后能够做的比我还好呦。",
-    "You are a helpful assistant. 请用广东话表达。<|endofprompt|>",
-    "<|endoftext|><|im_start|>user<|im_end|><|endofsystem|>",
-    "[breath]因为他们那一辈人[breath]在乡里面住的要习惯一点，[laughter]<strong>真的</strong>[noise][mn]",
-    "高管也通过电话、短信、微信等方式对报道[j][ǐ]予好评。",
-    "[HH][AH0][L][OW1] [W][ER1][L][D] [AA3] [b][B][ǜ][iàng][vè]",
-    "abc[ai]def <|endofprompt <laughter>ha</laughter>[quick_breath][vocalized-noise]",
-]
+# The texts whose official ids tests/test_frontend_cv3.py records (--print-ids prints them).
+with open(os.path.join(MAIN, "tests", "fixtures", "cv3_frontend_texts.json"), encoding="utf-8") as _f:
+    TEXTS = json.load(_f)
 
 
 def parse_args(argv=None):
@@ -73,29 +63,15 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None  # --help answers without the official venv
+import official_env  # noqa: E402  (sys.path: the official checkout, Matcha-TTS, this repository)
 
 import numpy as np  # noqa: E402
 import onnxruntime  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402  (before the stubs: it probes torchaudio's import spec)
+import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-
-
-def _stub(name, **attrs):
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, mod)
-    return mod
-
 
 from light_tts.frontend.audio import load_audio, resample  # noqa: E402
 from light_tts.frontend.features import kaldi_fbank, prompt_mel_24k  # noqa: E402
@@ -119,14 +95,8 @@ def _fbank(wave, num_mel_bins=80, dither=0, sample_frequency=16000):
     return kaldi_fbank(wave[0].numpy(), subtract_mean=False)
 
 
-_stub("torchaudio", load=_torchaudio_load)
-_stub("torchaudio.transforms", Resample=_Resample)
-_stub("torchaudio.compliance")
-_stub("torchaudio.compliance.kaldi", fbank=_fbank)
-import matcha  # noqa: E402
-
-_mu = _stub("matcha.utils")  # its __init__ imports hydra/lightning; the real submodules are used
-_mu.__path__ = [os.path.join(os.path.dirname(matcha.__file__), "utils")]
+official_env.stub_torchaudio(load=_torchaudio_load, fbank=_fbank, resample=_Resample)
+official_env.stub_matcha_utils()  # only matcha/utils/audio.py is used
 from matcha.utils.audio import mel_spectrogram  # noqa: E402
 
 from cosyvoice.cli.frontend import CosyVoiceFrontEnd  # noqa: E402

@@ -4,7 +4,8 @@ Run with the official code's venv (torch, numpy, scipy) and a checkout of FunAud
 
     PYTHONPATH=/tmp/CosyVoice:/work/main /tmp/official-venv/bin/python scripts/bench/check_cv3_hift.py [--tiny] [--full]
 
-Per size (tiny: base_channels 32, cond_channels 32; full: the kwargs of cosyvoice3.yaml):
+Per size (tests/model_util.py's TINY_CAUSAL_HIFT_KW: base_channels 32, cond_channels 32, shorter
+kernels; full: CAUSAL_HIFT_KW, the kwargs of cosyvoice3.yaml):
   1. build the official module as hyperpyyaml does (F0 predictor first, then the generator) right
      after torch.manual_seed(noise_seed): its constructor draws the causal source's noise table
      from the global RNG; ours draws the same stream from `noise_seed`;
@@ -14,41 +15,25 @@ Per size (tiny: base_channels 32, cond_channels 32; full: the kwargs of cosyvoic
      of the waveform and of the returned source;
   4. negative controls: ours with the other noise seed, and ours with one weight-norm gain x1.001.
 Also prints the official parameter count (recorded in tests/test_hift_causal.py). Exits 1 if a
-waveform differs by more than 1e-5.
+waveform differs by more than 1e-5. --print-keys prints the official tiny state-dict keys that
+tests/test_hift_causal.py compares with (tests/fixtures/official_keys/cv3_hift_tiny.txt).
 
 No stubs are needed: cosyvoice.hifigan.generator/f0_predictor import only torch, numpy, scipy and
 cosyvoice.transformer.{convolution,activation}, cosyvoice.utils.common (none training-only).
 """
 import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-MAIN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if MAIN not in sys.path:
-    sys.path.insert(0, MAIN)
-
+import official_env  # noqa: E402,F401  (sys.path: this repository and its tests/)
 from cosyvoice.hifigan.f0_predictor import CausalConvRNNF0Predictor as OffF0  # noqa: E402
 from cosyvoice.hifigan.generator import CausalHiFTGenerator as OffHiFT  # noqa: E402
 
 from light_tts.models.hift_causal import build_causal_hift  # noqa: E402
+from model_util import CAUSAL_HIFT_KW, F0_KW, TINY_CAUSAL_HIFT_KW, TINY_F0_KW, key_shapes  # noqa: E402
 
-FULL_KW = {
-    "in_channels": 80, "base_channels": 512, "nb_harmonics": 8, "sampling_rate": 24000,
-    "nsf_alpha": 0.1, "nsf_sigma": 0.003, "nsf_voiced_threshold": 10,
-    "upsample_rates": [8, 5, 3], "upsample_kernel_sizes": [16, 11, 7],
-    "istft_params": {"n_fft": 16, "hop_len": 4},
-    "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "source_resblock_kernel_sizes": [7, 7, 11], "source_resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "lrelu_slope": 0.1, "audio_limit": 0.99, "conv_pre_look_right": 4,
-}
-FULL_F0 = {"num_class": 1, "in_channels": 80, "cond_channels": 512}
-# The tiny config of tests/test_hift_causal.py.
-TINY_KW = dict(FULL_KW, base_channels=32, resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3]] * 2,
-               source_resblock_kernel_sizes=[5, 5, 3], source_resblock_dilation_sizes=[[1, 3]] * 3)
-TINY_F0 = dict(FULL_F0, cond_channels=32)
 WEIGHT_SEED = 1234
 
 
@@ -152,15 +137,20 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--print-keys", action="store_true",
+                    help="print the tiny official state-dict keys (tests/fixtures/official_keys/cv3_hift_tiny.txt)")
     args = ap.parse_args(argv)
+    if args.print_keys:
+        print("\n".join(key_shapes(build_official(TINY_CAUSAL_HIFT_KW, TINY_F0_KW, noise_seed=0).state_dict())))
+        return 0
     if not (args.tiny or args.full):
         args.tiny = args.full = True
     torch.set_num_threads(args.threads)
     worst = 0.0
     if args.tiny:
-        worst = max(worst, check("tiny", TINY_KW, TINY_F0, args.frames, args.seeds))
+        worst = max(worst, check("tiny", TINY_CAUSAL_HIFT_KW, TINY_F0_KW, args.frames, args.seeds))
     if args.full:
-        worst = max(worst, check("full", FULL_KW, FULL_F0, args.frames, args.seeds))
+        worst = max(worst, check("full", CAUSAL_HIFT_KW, F0_KW, args.frames, args.seeds))
     return 0 if worst <= 1e-5 else 1
 
 

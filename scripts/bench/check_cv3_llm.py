@@ -23,16 +23,14 @@ and compares, fp32 on CPU:
      with its speech rows scaled x3 (fewer stop ids drawn in runs, so the final phase is reached)
   negative controls: our task id moved to the eos row (LM input and greedy must differ), and our
   sampling with seed s + 1000 (tokens must differ).
-Import-only stubs (never used for math): torchaudio, torchaudio.compliance.kaldi.
+Import-only stubs (never used for math): torchaudio (scripts/bench/official_env.stub_torchaudio).
 """
 import argparse
 import functools
-import importlib.machinery
 import logging
 import sys
 import tempfile
 import time
-import types
 
 
 def parse_args(argv=None):
@@ -44,31 +42,14 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args() if __name__ == "__main__" else None  # --help answers without the official venv
+import official_env  # noqa: E402  (sys.path: the official checkout, Matcha-TTS, this repository)
+from official_env import first_diff, lm_args, official_greedy, official_lm_input, verdict  # noqa: E402
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
-
-def _stub(name, **attrs):
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, mod)
-    return mod
-
-
-def _unused(*a, **k):
-    raise RuntimeError("import-only stub called")
-
-
-import transformers  # noqa: E402  (before the stubs: it probes torchaudio's import spec)
 transformers.logging.set_verbosity_error()
-_stub("torchaudio"); _stub("torchaudio.compliance"); _stub("torchaudio.compliance.kaldi", fbank=_unused)  # noqa: E702
+official_env.stub_torchaudio()
 
 from cosyvoice.llm.llm import CosyVoice3LM as OffLM, Qwen2Encoder as OffEncoder  # noqa: E402
 from cosyvoice.utils.common import ras_sampling  # noqa: E402
@@ -124,57 +105,6 @@ def t32(ids):
     return torch.tensor([ids], dtype=torch.int32)
 
 
-def off_args(text, prompt_text, prompt_speech, **kw):
-    return dict(text=t32(text), text_len=torch.tensor([len(text)], dtype=torch.int32), prompt_text=t32(prompt_text),
-                prompt_text_len=torch.tensor([len(prompt_text)], dtype=torch.int32),
-                prompt_speech_token=t32(prompt_speech),
-                prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=torch.int32),
-                embedding=torch.zeros(0, 192), **kw)
-
-
-def official_lm_input(off, text, prompt_text, prompt_speech):
-    got = {}
-
-    def capture(lm_input, sampling, min_len, max_len, uuid):
-        got["x"] = lm_input
-        return iter(())
-
-    off.inference_wrapper = capture
-    try:
-        list(off.inference(**off_args(text, prompt_text, prompt_speech)))
-    finally:
-        del off.inference_wrapper
-    return got["x"]
-
-
-@torch.inference_mode()
-def official_greedy(off, lm_input, max_len, min_len, mask_all_stops=False):
-    """The official inference_wrapper (non-vLLM) loop, argmax in place of the sampling call."""
-    cache, out = None, []
-    for i in range(max_len):
-        masks = torch.tril(torch.ones((1, lm_input.shape[1], lm_input.shape[1]))).to(torch.bool)
-        y, cache = off.llm.forward_one_step(lm_input, masks=masks, cache=cache)
-        logp = off.llm_decoder(y[:, -1]).log_softmax(dim=-1).squeeze(0)
-        if mask_all_stops:
-            logp[off.speech_token_size:] = -float("inf")
-        elif i < min_len:
-            logp[off.speech_token_size] = -float("inf")  # what the official sampling_ids masks
-        top = int(logp.argmax())
-        if top in off.stop_token_ids:
-            break
-        out.append(top)
-        lm_input = off.speech_embedding.weight[top].reshape(1, 1, -1)
-    return out
-
-
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
-
-
-def verdict(a, b):
-    return "identical" if a == b else f"MISMATCH at {first_diff(a, b)}"
-
-
 class _FinalPhase(logging.Handler):
     """Notes the official bistream's "no more text token" (its final phase has begun)."""
 
@@ -193,7 +123,7 @@ def check_bistream(label, off, ours, text, prompt_text, prompt_speech, cap, seed
         for s in seeds:
             torch.manual_seed(s)
             a, note, final = [], "", _FinalPhase()
-            args = off_args([], pt, ps, sampling=25)
+            args = lm_args([], pt, ps, sampling=25)
             args.pop("text_len")
             args["text"] = (t32([t]) for t in text)  # one id per item, as the official frontend's generator
             root.handlers, saved = [final], root.handlers
@@ -250,7 +180,7 @@ def check(label, sizes, steps, seeds):
     # 3. seeded sampling through the official inference (its RNG: the global one)
     for s in seeds:
         torch.manual_seed(s)
-        a = [int(t) for t in off.inference(**off_args(text, prompt_text, prompt_speech, sampling=25,
+        a = [int(t) for t in off.inference(**lm_args(text, prompt_text, prompt_speech, sampling=25,
                                                        max_token_text_ratio=max_r, min_token_text_ratio=min_r))]
         b = list(ours.inference(text, prompt_text, prompt_speech, seed=s, min_token_text_ratio=min_r,
                                 max_token_text_ratio=max_r))
@@ -281,7 +211,7 @@ def check(label, sizes, steps, seeds):
     row(label, "negative control: task id on the eos row", f"LM input max abs {d:.2e}, greedy "
         f"{'differs at %s' % first_diff(good, bad) if good != bad else 'IDENTICAL'}", d > 0 and good != bad)
     torch.manual_seed(seeds[0])
-    a = [int(t) for t in off.inference(**off_args(text, prompt_text, prompt_speech, sampling=25,
+    a = [int(t) for t in off.inference(**lm_args(text, prompt_text, prompt_speech, sampling=25,
                                                    max_token_text_ratio=max_r, min_token_text_ratio=0))]
     b = list(ours.inference(text, prompt_text, prompt_speech, seed=seeds[0] + 1000, min_token_text_ratio=0,
                             max_token_text_ratio=max_r))
