@@ -1,11 +1,15 @@
-"""Offline zero-shot synthesis on the plain-PyTorch path: the reference for the server.
+"""Offline synthesis on the plain-PyTorch path: the reference for the server, CosyVoice2 or
+CosyVoice3 (the family is read from the model directory).
 
     python -m light_tts.synthesize --model_dir models/tiny --prompt_wav prompt.wav \\
         --prompt_text "what the prompt says" --tts_text "what to say" --out out.wav [--stream]
 
-Modes as the official CosyVoice2: zero_shot (the LM sees the prompt text and prompt speech
-tokens), cross_lingual (the LM sees neither; only the flow is conditioned on the prompt) and
-instruct2 (the LM sees the instruction instead of the prompt text, and no prompt speech tokens).
+Modes as the official CosyVoice2/3: zero_shot (the LM sees the prompt text and prompt speech
+tokens), cross_lingual (the LM sees no prompt speech; only the flow is conditioned on the prompt)
+and instruct2 (the LM sees the instruction instead of the prompt text, and no prompt speech
+tokens). What the LM sees per mode and family is the frontend's `lm_prompt` (CosyVoice3 adds its
+system prompt, light_tts.frontend.frontend.CosyVoice3Prompts). The LM's tokens pass the family's
+silent-token rule (token2wav.drop_long_silences; CosyVoice3 only) on the way to token2wav.
 """
 from __future__ import annotations
 
@@ -21,44 +25,51 @@ from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
 from light_tts.frontend.audio import AudioError
 from light_tts.frontend.frontend import Frontend
 from light_tts.frontend.voice_cache import Voice
-from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.models.loading import ModelLoadError
-from light_tts.models.token2wav import StreamSchedule, Token2Wav, stream_chunks
+from light_tts.models.pretrained import PretrainedModel, load_model
+from light_tts.models.token2wav import StreamSchedule, Token2Wav, drop_long_silences, stream_chunks
 
 MODES = ("zero_shot", "cross_lingual", "instruct2")
 
 
-def synthesize_piece(model: CosyVoice2Model, voice: Voice, text_ids: list[int], *, mode: str = "zero_shot",
-                     instruct_ids: Optional[list[int]] = None, stream: bool = False, speed: float = 1.0,
-                     seed: Optional[int] = 0, max_speech_tokens: Optional[int] = None,
-                     fixed_speech_tokens: Optional[int] = None, greedy: bool = False) -> Iterator[np.ndarray]:
-    """Audio chunks (float32, 24 kHz) for one normalised text piece."""
+def synthesize_piece(model: PretrainedModel, voice: Voice, text_ids: list[int], *, mode: str = "zero_shot",
+                     instruct_ids: Optional[list[int]] = None, lm_prompt: Optional[tuple] = None,
+                     stream: bool = False, speed: float = 1.0, seed: Optional[int] = 0,
+                     max_speech_tokens: Optional[int] = None, fixed_speech_tokens: Optional[int] = None,
+                     greedy: bool = False) -> Iterator[np.ndarray]:
+    """Audio chunks (float32, 24 kHz) for one normalised text piece.
+
+    lm_prompt: (prompt text ids, prompt speech tokens) the LM sees, from Frontend.lm_prompt (either
+    family). Without it they follow `mode` from the ids given (the voice's transcript and tokens /
+    nothing / `instruct_ids`), which is each family's rule except CosyVoice3 cross_lingual (whose
+    system prompt only the frontend adds)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    prompt_text, prompt_speech = voice.prompt_text_ids, voice.speech_tokens
-    if mode == "cross_lingual":
-        prompt_text, prompt_speech = None, None
-    elif mode == "instruct2":
-        prompt_text, prompt_speech = instruct_ids or [], None
+    if lm_prompt is None:
+        lm_prompt = {"zero_shot": (voice.prompt_text_ids, voice.speech_tokens),
+                     "cross_lingual": (None, None), "instruct2": (instruct_ids or [], None)}[mode]
+    prompt_text, prompt_speech = lm_prompt
     tokens = model.llm.inference(text_ids, prompt_text, prompt_speech, seed=seed, greedy=greedy,
                                  max_new_tokens=max_speech_tokens, fixed_new_tokens=fixed_speech_tokens)
+    tokens = drop_long_silences(tokens, model.llm.SILENT_TOKENS, model.llm.MAX_SILENT_RUN)
     t2w = Token2Wav(model.flow, model.hift, torch.from_numpy(voice.speech_tokens),
                     torch.from_numpy(voice.prompt_feat), torch.from_numpy(voice.embedding),
-                    StreamSchedule(pre_lookahead_len=model.flow.pre_lookahead_len), seed=seed)
+                    StreamSchedule(pre_lookahead_len=model.flow.pre_lookahead_len), seed=seed,
+                    family=model.FAMILY.name)
     yield from stream_chunks(tokens, t2w, stream=stream, speed=speed)
 
 
-def synthesize(model: CosyVoice2Model, frontend: Frontend, tts_text: str, voice: Voice, *,
+def synthesize(model: PretrainedModel, frontend: Frontend, tts_text: str, voice: Voice, *,
                mode: str = "zero_shot", instruct_text: str = "", **kwargs) -> Iterator[np.ndarray]:
     """Normalise and split `tts_text`, then synthesise each piece in turn."""
-    instruct_ids = frontend.instruct_ids(instruct_text) if mode == "instruct2" else None
+    lm_prompt = frontend.lm_prompt(mode, voice, instruct_text=instruct_text, tts_text=tts_text)
     for piece in frontend.normalize(tts_text, split=True):
-        yield from synthesize_piece(model, voice, frontend.tokenize(piece), mode=mode,
-                                    instruct_ids=instruct_ids, **kwargs)
+        yield from synthesize_piece(model, voice, frontend.tokenize(piece), mode=mode, lm_prompt=lm_prompt,
+                                    **kwargs)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Offline CosyVoice2 synthesis (plain PyTorch reference path)")
+    p = argparse.ArgumentParser(description="Offline CosyVoice2 / CosyVoice3 synthesis (plain PyTorch reference path)")
     p.add_argument("--model_dir", required=True)
     p.add_argument("--prompt_wav", required=True, help="prompt recording (WAV, FLAC, OGG or MP3; 0.5-30 s)")
     p.add_argument("--prompt_text", default="", help="transcript of the prompt (zero_shot)")
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
     if args.mode == "instruct2" and not args.instruct_text:
         p.error("--instruct_text is required for --mode instruct2")
     if args.stream and args.speed != 1.0:
-        p.error("--speed works only without --stream (as the official CosyVoice2)")
+        p.error("--speed works only without --stream (as the official)")
     if not args.tts_text.strip():
         p.error("--tts_text is empty")
 
@@ -88,14 +99,14 @@ def main(argv=None) -> int:
         torch.set_flush_denormal(True)  # random and real weights produce subnormals: 2x slower CPU math
     t0 = time.perf_counter()
     try:
-        model = CosyVoice2Model.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
+        model = load_model(args.model_dir, device=args.device, dtype=args.dtype)
         frontend = Frontend(args.model_dir)
         with open(args.prompt_wav, "rb") as f:
             voice = frontend.encode_voice(f.read(), args.prompt_text)
     except (ModelLoadError, AudioError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"loaded in {time.perf_counter() - t0:.2f} s; prompt: {len(voice.speech_tokens)} speech tokens")
+    print(f"loaded {model.FAMILY.title} in {time.perf_counter() - t0:.2f} s; prompt: {len(voice.speech_tokens)} speech tokens")
 
     t_start = time.perf_counter()
     samples = 0

@@ -1,12 +1,26 @@
 """Speech tokens -> 24 kHz audio for one request, plain PyTorch: the reference the batched decode
-engine is checked against.
+engine is checked against. Both families (official CosyVoice2Model / CosyVoice3Model) share the
+flow call and the streaming schedule; they differ only in the vocoder step, one small object per
+family (`VOCODERS`), and CosyVoice3 drops long runs of silent tokens from the LM's stream
+(`drop_long_silences`, applied by the caller between the LM and this module).
 
-Streaming follows the official CosyVoice2 schedule: the first chunk waits for `token_hop_len`
-tokens plus the padding that rounds the prompt up to a whole hop (so the flow encoder's 25-token
-causal chunks line up with the prompt) plus `pre_lookahead_len` (3) lookahead tokens; later hops
-grow by `stream_scale_factor` up to `token_max_hop_len`. Joins are seamless because HiFT keeps the
-last `mel_cache_len` mel frames and their source excitation and the overlapping audio is
-cross-faded with a Hamming window.
+Streaming follows the official schedule (CosyVoice3Model inherits CosyVoice2Model.tts): the first
+chunk waits for `token_hop_len` tokens plus the padding that rounds the prompt up to a whole hop
+(so the flow's 25-token causal chunks line up with the prompt) plus `pre_lookahead_len` (3)
+lookahead tokens; later hops grow by `stream_scale_factor` up to `token_max_hop_len`; the final
+chunk runs the flow with finalize=True and without chunk masks. Each chunk's flow output holds the
+frames of its new tokens only (the lookahead tokens' frames come with the next chunk).
+
+The vocoder step:
+  CosyVoice2 (CrossFadeVocoder): HiFT runs on the new frames plus the last `mel_cache_len` frames
+      of the previous chunk, its excitation continued from the cached source; the overlapping
+      audio is cross-faded with a Hamming window and each non-final chunk holds its tail back.
+  CosyVoice3 (CausalVocoder): the causal HiFT re-vocodes ALL mel so far on every chunk (finalize
+      only on the last) and the samples already sent are sliced off: no cache, no cross-fade.
+      Its output up to a chunk's end never changes when more mel is appended, so the streamed
+      audio equals one causal HiFT pass over the whole mel (to float rounding).
+Speed (mel stretched by linear interpolation before the vocoder) works only without streaming in
+both families, as the official asserts.
 """
 from __future__ import annotations
 
@@ -14,7 +28,7 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -83,58 +97,50 @@ def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> t
     return new
 
 
-class Token2Wav:
-    """Decode state of one request: prompt conditioning and the HiFT cache between chunks."""
+def drop_long_silences(tokens: Iterable[int], silent_tokens: Collection[int], max_run: int = 5) -> Iterator[int]:
+    """The official CosyVoice3Model.llm_job filter on the LM's speech tokens: of each run of
+    consecutive silent tokens (any mix of `silent_tokens`) the first `max_run` pass and the rest
+    are dropped; any other token ends the run. Lazy, so streaming is unchanged. The LM itself
+    still sees every token it drew (the official filters after the LM); CosyVoice2 has no silent
+    tokens and its stream passes unchanged."""
+    silent = frozenset(int(t) for t in silent_tokens)
+    run = 0
+    for token in tokens:
+        if token in silent:
+            run += 1
+            if run > max_run:
+                continue
+        else:
+            run = 0
+        yield token
 
-    def __init__(self, flow, hift, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
-                 embedding: torch.Tensor, schedule: StreamSchedule = StreamSchedule(),
-                 seed: Optional[int] = None, voice: Optional[bytes] = None):
-        p = next(flow.parameters())
-        self.flow, self.hift, self.schedule = flow, hift, schedule
-        self.device, self.dtype = p.device, p.dtype
-        self.prompt_tokens = prompt_tokens.reshape(1, -1).to(self.device, torch.int32)
-        self.prompt_feat = prompt_feat.reshape(1, -1, prompt_feat.shape[-1]).to(self.device, self.dtype)
-        self.embedding = embedding.reshape(1, -1).to(self.device, self.dtype)
+
+class CrossFadeVocoder:
+    """CosyVoice2's vocoder step (official CosyVoice2Model.token2wav) and its state for one
+    sentence: HiFT on the new frames behind the previous chunk's last `mel_cache_len` frames, the
+    excitation continued from the cached source, the overlap cross-faded."""
+
+    def __init__(self, hift, device: torch.device, dtype: torch.dtype, schedule: StreamSchedule,
+                 seed: Optional[int]):
+        self.hift, self.device, self.dtype, self.schedule = hift, device, dtype, schedule
         self.window = torch.from_numpy(np.hamming(2 * schedule.source_cache_len)).float()
         # the NSF noise is drawn where the model runs: on a GPU a CPU generator would make and copy
         # ~1 MB of noise per chunk and request (the official draws from the device's global RNG)
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0 if seed is None else seed)
         self.cache: Optional[dict] = None
-        if voice is not None:   # the caller hashed the voice already (the decode process: once per request)
-            self.conditioning_key = voice
 
-    @functools.cached_property
-    def conditioning_key(self) -> bytes:
-        """The voice's identity for the decode engine's prompt cache (light_tts/server/decode/prompt_cache.py);
-        computed on first use, so a server without the cache never hashes prompts."""
-        return conditioning_digest(self.prompt_tokens, self.prompt_feat, self.embedding)
-
-    @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, token_offset: int, finalize: bool, streaming: bool,
-                 speed: float = 1.0) -> torch.Tensor:
-        """Audio (float32 [1, samples], CPU) for tokens[token_offset:] given all tokens so far."""
-        tokens = tokens.reshape(1, -1).to(self.device, torch.int32)
-        lens = lambda t: torch.tensor([t.shape[1]], dtype=torch.int32, device=self.device)
-        mel, _ = self.flow.inference(token=tokens, token_len=lens(tokens), prompt_token=self.prompt_tokens,
-                                     prompt_token_len=lens(self.prompt_tokens), prompt_feat=self.prompt_feat,
-                                     prompt_feat_len=lens(self.prompt_feat), embedding=self.embedding,
-                                     streaming=streaming, finalize=finalize)
-        mel, cache_source = self.hift_input(mel, token_offset, finalize, speed)
+    def __call__(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> torch.Tensor:
+        mel, cache_source = self.hift_input(mel, finalize, speed)
         speech, source = self.hift.inference(speech_feat=mel.to(self.dtype), cache_source=cache_source,
                                              generator=self.generator)
         return self.hift_output(speech, source, mel, finalize)
 
-    def run(self, chunk: "Chunk") -> torch.Tensor:
-        return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
+    # The two halves around the network, shared with the batched engine (light_tts.server.decode.engine).
 
-    # The two halves around the vocoder, shared with the batched engine (light_tts.server.decode.engine).
-
-    def hift_input(self, mel: torch.Tensor, token_offset: int, finalize: bool,
-                   speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow output (1, 80, frames after the prompt) float32 -> (HiFT input mel float32 with the
-        cached frames in front, cache_source (1, 1, n) for the excitation)."""
-        mel = mel[:, :, token_offset * self.flow.token_mel_ratio:]
+    def hift_input(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """This chunk's new frames (1, 80, n) float32 -> (HiFT input mel float32 with the cached
+        frames in front, cache_source (1, 1, n) for the excitation)."""
         if self.cache is not None:
             mel = torch.cat([self.cache["mel"], mel.to(self.cache["mel"].dtype)], dim=2)
             cache_source = self.cache["source"]
@@ -159,6 +165,113 @@ class Token2Wav:
                           "speech": speech[:, -s.source_cache_len:]}
             speech = speech[:, :-s.source_cache_len]
         return speech
+
+
+class CausalVocoder:
+    """CosyVoice3's vocoder step (official CosyVoice3Model.token2wav) and its state for one
+    sentence: the causal HiFT re-vocodes all mel so far (finalize=False holds back the frames whose
+    samples later mel could still change) and the samples already emitted are sliced off.
+
+    The work per chunk grows with the sentence (the official reference schedule; bounding it to the
+    network's receptive field is a later optimisation). The HiFT noise is a fixed table, so `seed`
+    changes nothing here."""
+
+    generator = None    # the causal HiFT takes no generator
+
+    def __init__(self, hift, device: torch.device, dtype: torch.dtype, schedule: StreamSchedule,
+                 seed: Optional[int]):
+        self.hift, self.dtype = hift, dtype
+        self.mel: Optional[torch.Tensor] = None   # every frame so far (1, 80, frames) float32
+        self.emitted = 0                           # samples already returned
+
+    def __call__(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> torch.Tensor:
+        first = self.mel is None
+        self.mel = mel if first else torch.cat([self.mel, mel.to(self.mel.dtype)], dim=2)
+        mel = self.mel
+        if speed != 1.0:
+            if not (first and finalize):
+                raise ValueError("speed other than 1.0 works only without streaming")
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        speech, _ = self.hift.inference(speech_feat=mel.to(self.dtype), finalize=finalize)
+        speech = speech[:, self.emitted:].float().cpu()
+        self.emitted += speech.shape[1]
+        return speech
+
+
+# The vocoder step of each family (light_tts.models.pretrained.FAMILIES).
+VOCODERS = {"cosyvoice2": CrossFadeVocoder, "cosyvoice3": CausalVocoder}
+
+
+def vocoder_family(hift) -> str:
+    """The family whose vocoder step drives this HiFT network."""
+    from light_tts.models.hift_causal import CausalHiFTGenerator
+    return "cosyvoice3" if isinstance(hift, CausalHiFTGenerator) else "cosyvoice2"
+
+
+class Token2Wav:
+    """Decode state of one request: prompt conditioning and the vocoder state between chunks.
+
+    `family` ("cosyvoice2" / "cosyvoice3") picks the vocoder step (`VOCODERS`); None: the family of
+    the `hift` network given."""
+
+    def __init__(self, flow, hift, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
+                 embedding: torch.Tensor, schedule: StreamSchedule = StreamSchedule(),
+                 seed: Optional[int] = None, voice: Optional[bytes] = None, family: Optional[str] = None):
+        p = next(flow.parameters())
+        self.flow, self.hift, self.schedule = flow, hift, schedule
+        self.device, self.dtype = p.device, p.dtype
+        self.prompt_tokens = prompt_tokens.reshape(1, -1).to(self.device, torch.int32)
+        self.prompt_feat = prompt_feat.reshape(1, -1, prompt_feat.shape[-1]).to(self.device, self.dtype)
+        self.embedding = embedding.reshape(1, -1).to(self.device, self.dtype)
+        self.family = vocoder_family(hift) if family is None else family
+        if self.family not in VOCODERS:
+            raise ValueError(f"unknown model family {self.family!r}; choose from {tuple(VOCODERS)}")
+        self.vocoder = VOCODERS[self.family](hift, self.device, self.dtype, schedule, seed)
+        if voice is not None:   # the caller hashed the voice already (the decode process: once per request)
+            self.conditioning_key = voice
+
+    @functools.cached_property
+    def conditioning_key(self) -> bytes:
+        """The voice's identity for the decode engine's prompt cache (light_tts/server/decode/prompt_cache.py);
+        computed on first use, so a server without the cache never hashes prompts."""
+        return conditioning_digest(self.prompt_tokens, self.prompt_feat, self.embedding)
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        """The NSF noise generator of this request's HiFT calls (None: the network's noise is fixed)."""
+        return self.vocoder.generator
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, token_offset: int, finalize: bool, streaming: bool,
+                 speed: float = 1.0) -> torch.Tensor:
+        """Audio (float32 [1, samples], CPU) for tokens[token_offset:] given all tokens so far."""
+        tokens = tokens.reshape(1, -1).to(self.device, torch.int32)
+        lens = lambda t: torch.tensor([t.shape[1]], dtype=torch.int32, device=self.device)
+        mel, _ = self.flow.inference(token=tokens, token_len=lens(tokens), prompt_token=self.prompt_tokens,
+                                     prompt_token_len=lens(self.prompt_tokens), prompt_feat=self.prompt_feat,
+                                     prompt_feat_len=lens(self.prompt_feat), embedding=self.embedding,
+                                     streaming=streaming, finalize=finalize)
+        return self.vocoder(self.new_frames(mel, token_offset), finalize, speed)
+
+    def run(self, chunk: "Chunk") -> torch.Tensor:
+        return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
+
+    def new_frames(self, mel: torch.Tensor, token_offset: int) -> torch.Tensor:
+        """Flow output (1, 80, frames after the prompt) -> the frames of tokens[token_offset:]."""
+        return mel[:, :, token_offset * self.flow.token_mel_ratio:]
+
+    # CosyVoice2's halves around the vocoder network, for the batched engine (light_tts.server.decode.engine).
+
+    def hift_input(self, mel: torch.Tensor, token_offset: int, finalize: bool,
+                   speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow output (1, 80, frames after the prompt) float32 -> (HiFT input mel float32 with the
+        cached frames in front, cache_source (1, 1, n) for the excitation)."""
+        return self.vocoder.hift_input(self.new_frames(mel, token_offset), finalize, speed)
+
+    def hift_output(self, speech: torch.Tensor, source: torch.Tensor, mel: torch.Tensor,
+                    finalize: bool) -> torch.Tensor:
+        """HiFT output, its source and input mel -> this chunk's audio (CrossFadeVocoder.hift_output)."""
+        return self.vocoder.hift_output(speech, source, mel, finalize)
 
 
 @dataclass(frozen=True)

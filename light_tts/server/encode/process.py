@@ -21,7 +21,6 @@ import logging
 import time
 from collections import OrderedDict
 
-import numpy as np
 import zmq
 
 from light_tts.frontend.audio import AudioError
@@ -37,7 +36,6 @@ from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, stage_devi
 from light_tts.server.encode.voice_store import VoiceStore
 
 log = logging.getLogger("lighttts")
-EMPTY = np.zeros(0, dtype=np.int32)
 MAX_STREAMS = 4096          # bistream text states kept (far above any sane number of open sockets)
 POLL_MS = 100               # longest block on the socket (stats are published between messages)
 
@@ -132,12 +130,8 @@ class EncodeWorker:
         self.send_llm_req(req, voice, pieces, started)
 
     def send_llm_req(self, req: TTSReq, voice: Voice, pieces: list, started: float) -> None:
-        prompt_text, prompt_speech = voice.prompt_text_ids, voice.speech_tokens
-        if req.mode == "cross_lingual":
-            prompt_text, prompt_speech = EMPTY, EMPTY
-        elif req.mode == "instruct2":
-            prompt_text = np.asarray(self.frontend.instruct_ids(req.instruct_text), dtype=np.int32)
-            prompt_speech = EMPTY
+        prompt_text, prompt_speech = self.frontend.lm_prompt(req.mode, voice, instruct_text=req.instruct_text,
+                                                             tts_text=req.tts_text)
         decode = DecodeStartReq(rid=req.rid, reply_to=req.reply_to, prompt_speech_tokens=voice.speech_tokens,
                                 prompt_feat=voice.prompt_feat, embedding=voice.embedding, stream=req.stream,
                                 speed=req.speed, seed=req.seed, created=req.created,
