@@ -318,3 +318,17 @@ def test_the_command_the_scripts_run(tmp_path):
 def test_dataclass_fields_carry_their_declaration():
     for f in dataclasses.fields(ServerArgs):
         assert f.metadata["group"] in ("server", "encode", "LLM", "decode"), f.name
+
+
+def test_a_cosyvoice3_directory_stops_the_start_with_what_to_use(tmp_path, capsys):
+    """The server serves CosyVoice2 only so far: a CosyVoice3 directory is refused at parse time (no
+    stage starts), pointing at offline synthesis; a directory with cosyvoice2.yaml (first in the
+    official AutoModel's order) is accepted."""
+    (tmp_path / "cosyvoice3.yaml").write_text("sample_rate: 24000\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model_dir", str(tmp_path)], environ={})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--model_dir {tmp_path} holds a CosyVoice3 model" in err and "light_tts.synthesize" in err
+    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n")
+    assert parse_args(["--model_dir", str(tmp_path)], environ={}).model_dir == str(tmp_path)
