@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from light_tts.models.cosyvoice2 import CosyVoice2Model
-from test_llm import _one_thread  # noqa: F401 (autouse: one intra-op thread for the tiny model)
 from test_llm_engine import engine, run
 from test_llm_process import make_req, text
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")   # one intra-op thread for the tiny model
 
 MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20
 # Added to the eos logit of a copy of the tiny model. Its random weights leave eos about 0.4-1.0
