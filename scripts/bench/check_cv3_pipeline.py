@@ -35,12 +35,10 @@ Import-only stubs (never used for math): torchaudio, pyarrow, pyworld, matplotli
 __init__ (hydra/lightning). Exits 1 when a comparison fails.
 """
 import argparse
-import importlib.machinery
 import logging
 import os
 import sys
 import time
-import types
 import uuid as uuid_mod
 import warnings
 
@@ -80,22 +78,7 @@ logging.getLogger().setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------- import-only stubs
-def _stub(name, **attrs):
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # libraries probe find_spec()
-    for k, v in attrs.items():
-        setattr(mod, k, v)
-    sys.modules[name] = mod
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, mod)
-    return mod
-
-
-def _unused(*a, **k):
-    raise RuntimeError("import-only stub called")
+from official_env import stub as _stub, unused as _unused  # noqa: E402  (shared with the other checks)
 
 
 _stub("torchaudio"); _stub("torchaudio.compliance"); _stub("torchaudio.compliance.kaldi", fbank=_unused)  # noqa: E702
