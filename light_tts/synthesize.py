@@ -70,7 +70,10 @@ def synthesize(model: PretrainedModel, frontend: Frontend, tts_text: str, voice:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Offline CosyVoice2 / CosyVoice3 synthesis (plain PyTorch reference path)")
-    p.add_argument("--model_dir", required=True)
+    p.add_argument("--model_dir", required=True,
+                   help="a CosyVoice2 or CosyVoice3 model directory, or a ModelScope id (iic/CosyVoice2-0.5B, "
+                        "FunAudioLLM/Fun-CosyVoice3-0.5B-2512; downloading needs pip install "
+                        "'light-tts[modelscope]')")
     p.add_argument("--prompt_wav", required=True, help="prompt recording (WAV, FLAC, OGG or MP3; 0.5-30 s)")
     p.add_argument("--prompt_text", default="", help="transcript of the prompt (zero_shot)")
     p.add_argument("--tts_text", required=True, help="text to speak")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         model = load_model(args.model_dir, device=args.device, dtype=args.dtype)
-        frontend = Frontend(args.model_dir)
+        frontend = Frontend(model.model_dir)   # the local directory when --model_dir is a ModelScope id
         with open(args.prompt_wav, "rb") as f:
             voice = frontend.encode_voice(f.read(), args.prompt_text)
     except (ModelLoadError, AudioError, OSError) as e:

@@ -8,9 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-
-class ModelLoadError(RuntimeError):
-    """The model directory does not hold what the model expects."""
+from light_tts.models.hub import ModelLoadError  # defined torch-free there (the server launcher raises it too)
 
 
 # What each file of the official CosyVoice2-0.5B directory is, for "file missing" messages.

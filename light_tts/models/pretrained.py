@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from light_tts.models.config import ConfigError, CosyVoice2Config, CosyVoice3Config, ModelConfig
+from light_tts.models.hub import resolve_model_dir
 from light_tts.models.loading import ModelLoadError, load_strict, read_state_dict, skip_weight_init
 
 COMPONENTS = ("llm", "flow", "hift")
@@ -204,5 +205,8 @@ def model_class(family: str) -> type:
 
 def load_model(model_dir: str, device: "str | torch.device" = "cpu", dtype: "str | torch.dtype" = torch.float32,
                components: Iterable[str] = COMPONENTS) -> PretrainedModel:
-    """Load whichever family `model_dir` holds (CosyVoice2Model or CosyVoice3Model)."""
+    """Load whichever family `model_dir` holds (CosyVoice2Model or CosyVoice3Model). `model_dir` may
+    be a ModelScope id (iic/CosyVoice2-0.5B), as the official AutoModel's: see light_tts.models.hub;
+    the model's `model_dir` is then the local directory."""
+    model_dir = resolve_model_dir(model_dir)
     return model_class(model_family(model_dir)).from_pretrained(model_dir, device, dtype, components)

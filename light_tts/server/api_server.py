@@ -22,7 +22,13 @@ ARGS_ENV = "LIGHTTTS_SERVER_ARGS"
 
 
 def model_name(model_dir: str) -> str:
-    return os.path.basename(os.path.normpath(model_dir)) or "CosyVoice2-0.5B"
+    """The directory's name; for a hub cache's copy (.../owner--name/snapshots/<revision>, where a
+    ModelScope id in --model_dir leads) the model's name."""
+    path = os.path.normpath(model_dir)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "snapshots":
+        return os.path.basename(os.path.dirname(parent)).rsplit("--", 1)[-1]
+    return os.path.basename(path) or "CosyVoice2-0.5B"
 
 
 def app_factory():

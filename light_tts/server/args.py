@@ -2,7 +2,8 @@
 
 Everything else is derived from it:
 - `build_parser()`: the command line of `python -m light_tts.server.api_server` (`--help`);
-- `validate()`: one line per mistake, from the fields' checks and the cross-flag `CHECKS`;
+- `validate()`: one line per mistake, from the fields' checks and the cross-flag `CHECKS` (the first
+  turns a ModelScope id in --model_dir into its local directory, light_tts.models.hub);
 - `env_argv()` / `args_from_env()`: every flag is also the environment variable of its name in upper
   case (REQUEST_TIMEOUT=30, LOAD_TRT=true, MODE="triton_int8kv triton_flashdecoding"); unset or
   empty variables keep the default. wsgi_wrapper.py (gunicorn) calls `args_from_env()`; the
@@ -22,6 +23,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
+
+from light_tts.models.hub import ModelLoadError, resolve_model_dir
 
 NO_EFFECT = "no effect here: "
 # Stages keep a reply socket per HTTP worker (ipc.ReplySockets): at most this many stay open
@@ -122,7 +125,9 @@ def opt(default=dataclasses.MISSING, help: str = "", *, group: str, check: Optio
 @dataclass
 class ServerArgs:
     # ---- server
-    model_dir: str = opt(help="CosyVoice2 model directory (official layout). From the environment: MODEL_DIR, else "
+    model_dir: str = opt(help="CosyVoice2 model directory (official layout), or its ModelScope id iic/CosyVoice2-0.5B "
+                              "(downloaded at start into the ModelScope cache; needs pip install "
+                              "'light-tts[modelscope]'). From the environment: MODEL_DIR, else "
                               "FINETURED_COSYVOICE2_MODEL_PATH (seed 000's .envrc), else <repo>/pretrained_models/"
                               "CosyVoice2-0.5B", group="server", env=("MODEL_DIR", "FINETURED_COSYVOICE2_MODEL_PATH"),
                          env_default=_default_model_dir)
@@ -265,9 +270,20 @@ def _served_family(model_dir: str) -> Optional[str]:
             f"synthesise CosyVoice3 offline with python -m light_tts.synthesize --model_dir {model_dir}")
 
 
-# Checks between flags, one line each (run after aliases are folded)
+def _local_model_dir(args: ServerArgs) -> Optional[str]:
+    """A ModelScope id in --model_dir becomes its local directory here, once, before any stage starts
+    (each stage loads args.model_dir); a path stays as given."""
+    try:
+        args.model_dir = resolve_model_dir(args.model_dir)
+    except ModelLoadError as e:
+        return f"--model_dir {e}"
+    return None if os.path.isdir(args.model_dir) else f"--model_dir {args.model_dir}: not a directory"
+
+
+# Checks between flags, one line each (run after aliases are folded). The first sets --model_dir to a
+# local directory, which the others read.
 CHECKS: list[Callable[[ServerArgs], Optional[str]]] = [
-    lambda a: None if os.path.isdir(a.model_dir) else f"--model_dir {a.model_dir}: not a directory",
+    _local_model_dir,
     lambda a: _served_family(a.model_dir) if os.path.isdir(a.model_dir) else None,
     lambda a: None if a.batch_max_tokens >= a.max_req_total_len else
     f"--batch_max_tokens ({a.batch_max_tokens}) must be >= --max_req_total_len ({a.max_req_total_len}): "
@@ -354,7 +370,8 @@ def normalize(args: ServerArgs) -> ServerArgs:
 
 
 def validate(args: ServerArgs) -> list[str]:
-    """One line per mistake; empty when the combination is usable."""
+    """One line per mistake; empty when the combination is usable. Sets args.model_dir to the local
+    directory when it is a ModelScope id (downloaded, or found in the ModelScope cache)."""
     errors = []
     for name, f in FIELDS.items():
         value = getattr(args, name)
