@@ -43,7 +43,7 @@ def _inputs(est, lengths, streaming, frames: int):
     mf = mask.float()
     zeros = torch.zeros(b, dtype=torch.int32)
     rows = FrameAttention(torch.tensor(lengths, dtype=torch.int32), torch.tensor(streaming, dtype=torch.int32),
-                          zeros, zeros, branch_rows=b)
+                          zeros, zeros, zeros, zeros, branch_rows=b)
     return (torch.randn(b, 80, frames, generator=g) * mf, mf, torch.randn(b, 80, frames, generator=g) * mf,
             torch.rand(b, generator=g), torch.randn(b, 80, generator=g),
             torch.randn(b, 80, frames, generator=g) * mf), bias, rows

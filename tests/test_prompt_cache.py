@@ -1,11 +1,13 @@
 """The decode engine's prompt cache (light_tts.server.decode.prompt_cache) on the tiny model, CPU, fp32.
 
-A streaming row that continues its voice's cached prompt frames must give the mels and audio the
-uncached engine gives (and the plain streaming reference), whatever else shares its batch: other
-voices, a voice twice, a prompt shorter than one chunk, full-attention rows. The comparisons are
-sharp: a cache whose keys or conv context are off changes the output. Also: the stable-frame rule,
-eviction and a voice that finds no room, the CUDA-graph solver's buffers (replayed eagerly), and
-the decode server filling the cache while idle, before the first tokens arrive.
+A streaming row that continues its voice's cached prompt frames, and its own stream's frames from
+earlier chunks, must give the mels and audio the uncached engine gives (and the plain streaming
+reference), whatever else shares its batch: other voices, a voice twice, a prompt shorter than one
+chunk, full-attention rows, a shorter first hop. The comparisons are sharp: a cache whose keys or
+conv context are off changes the output. Also: the stable-frame rule, eviction and a voice that
+finds no room, streams that grow, move, and recompute when the pool is short, the CUDA-graph
+solver's buffers (replayed eagerly), and the decode server filling the cache while idle, before
+the first tokens arrive, and freeing a stream's frames when its request ends or is aborted.
 """
 import numpy as np
 import pytest
@@ -45,21 +47,23 @@ def _tokens(flow, n, seed):
     return torch.randint(0, flow.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _engine(model, frames=None, solver=None):
-    """The fused estimator, eager; with a prompt cache of `frames` frames unless None."""
+def _engine(model, frames=None, solver=None, streams=True):
+    """The fused estimator, eager; with a prompt cache of `frames` frames unless None (and its
+    stream cache unless streams=False)."""
     flow, hift, _ = model
     engine = DecodeEngine(flow, hift)
     step = FusedEstimator(flow.decoder.estimator)
     engine.flow.solver = solver(step) if solver else EagerSolver(flow.decoder, step, 10)
     if frames is not None:
         engine.flow.prompt_cache = PromptCache(step, 10, frames, flow.token_mel_ratio, flow.pre_lookahead_len,
-                                               flow.encoder.static_chunk_size, "cpu", torch.float32)
+                                               flow.encoder.static_chunk_size, "cpu", torch.float32, streams=streams)
     return engine
 
 
-def _streams(model, engine, requests):
+def _streams(model, engine, requests, schedule=None):
     """Every (voice, tokens, stream) request decoded in lockstep; audio chunks per request."""
-    flow, hift, schedule = model
+    flow, hift, default = model
+    schedule = schedule or default
     decoders = []
     for (pt, pf, emb), tokens, stream in requests:
         d = StreamingDecoder(Token2Wav(flow, hift, pt, pf, emb, schedule, seed=0), stream=stream)
@@ -83,9 +87,11 @@ def _streams(model, engine, requests):
 @torch.inference_mode()
 def test_estimator_continues_a_recorded_prefix():
     """At the estimator level, on an estimator whose attention width (2 heads x 32) differs from its
-    channels (32): record frames [0, 12), then compute [12, 20) from the cache = the whole 20."""
+    channels (32), chunks of 6 frames: record frames [0, 12) as a voice, then compute [12, 20) from
+    it while recording its first whole chunk [12, 18) as a stream, then [18, 20) from both = the
+    whole 20 computed at once."""
     from light_tts.server.decode.batched_flow import FrameAttention
-    from light_tts.server.decode.prompt_cache import Recorder
+    from light_tts.server.decode.prompt_cache import Recorder, RowPrefix, Target
     from light_tts.models.flow.estimator import CausalConditionalDecoder
     torch.manual_seed(0)
     est = CausalConditionalDecoder(in_channels=320, out_channels=80, channels=(32,), attention_head_dim=32,
@@ -98,23 +104,32 @@ def test_estimator_continues_a_recorded_prefix():
     x, mu, cond = (torch.randn(2, 80, 20, generator=g) for _ in range(3))
     t, spks = torch.rand(2, generator=g), torch.randn(2, 80, generator=g)
     rows = lambda *v: torch.tensor(v, dtype=torch.int32)
+    none = dict(prefix_start=rows(0, 0), prefix_len=rows(0, 0), stream_start=rows(0, 0), stream_len=rows(0, 0))
 
     def run(lo, hi, **kw):
         mask = torch.ones(2, 1, hi - lo)
-        fa = FrameAttention(rows(hi - lo, hi - lo), rows(1, 1), **kw, branch_rows=1)
+        fa = FrameAttention(rows(hi - lo, hi - lo), rows(1, 1), **{**none, **kw}, branch_rows=1)
         return fused(x[:, :, lo:hi], mask, mu[:, :, lo:hi], t, spks, cond[:, :, lo:hi], fa)
 
-    whole = run(0, 20, prefix_start=rows(0, 0), prefix_len=rows(0, 0))
-    entry = cache._allocate(b"voice", 12, set())
-    entry.start = 5   # not at slot 0
-    record = Recorder.for_entries(cache, [entry], 1, 12)
-    run(0, 12, prefix_start=rows(0, 0), prefix_len=rows(0, 0), record=record)
-    record.finish([entry])
-    ctx = cache.context([entry], 1)
+    whole = run(0, 20)
+    voice = cache._allocate(b"voice", 12, set())
+    voice.start = 5   # not at slot 0
+    record = Recorder.for_targets(cache, [Target(0, voice, 0, 12)], 1, 12)
+    run(0, 12, record=record)
+    record.finish()
+    stream = cache._new_entry(25, 0, 6, base=12)
+    prefix = RowPrefix(voice=voice)
+    record = Recorder.for_targets(cache, [Target(0, stream, 0, 6)], 1, 8)
     rest = run(12, 20, prefix_start=rows(5, 5), prefix_len=rows(12, 12), cache=cache,
-               ctx=ctx.flatten(0, 1))
+               ctx=cache.context([prefix], 1).flatten(0, 1), record=record)
+    record.finish()
     assert float(whole.abs().max()) > 0.1
     torch.testing.assert_close(rest, whole[:, :, 12:], rtol=1e-5, atol=1e-5)
+    assert stream.frames == 6
+    prefix.stream = stream
+    last = run(18, 20, prefix_start=rows(5, 5), prefix_len=rows(12, 12), stream_start=rows(25, 25),
+               stream_len=rows(6, 6), cache=cache, ctx=cache.context([prefix], 1).flatten(0, 1))
+    torch.testing.assert_close(last, whole[:, :, 18:], rtol=1e-5, atol=1e-5)
 
 
 def test_stable_frames_follow_the_chunk_rule(model):
@@ -134,15 +149,18 @@ def mixed(model):
             (a, _tokens(flow, 60, 4), True), (short, _tokens(flow, 50, 5), True), (a, _tokens(flow, 45, 6), False)]
 
 
-def test_streams_with_the_cache_equal_the_streams_without(model, mixed):
+@pytest.mark.parametrize("streams", [False, True])
+def test_streams_with_the_cache_equal_the_streams_without(model, mixed, streams):
     flow, hift, schedule = model
     plain = _streams(model, _engine(model), mixed)
-    engine = _engine(model, frames=1000)
+    engine = _engine(model, frames=2000, streams=streams)
     cached = _streams(model, engine, mixed)
     cache = engine.flow.prompt_cache
     # voices a, b, c filled once each; a's second request and a's second chunk reuse a
     assert cache.misses == 3 and cache.hits == 2
     assert sorted(e.frames for e in cache.entries.values()) == [50, 100, 150]
+    # the second chunks continued their streams' first; every final chunk freed its stream
+    assert (cache.stream_frames_reused > 0) == streams and not cache.streams
     for got, want, (voice, tokens, stream) in zip(cached, plain, mixed):
         assert len(got) == len(want)
         np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=0, atol=ATOL)
@@ -155,7 +173,7 @@ def test_the_comparison_sees_a_wrong_cache(model, mixed):
     """Keys 1% off, or the conv context zeroed (what a cache without it would compute), move the
     mels well past the tolerance above: the equality is not vacuous."""
     flow, hift, schedule = model
-    engine = _engine(model, frames=1000)
+    engine = _engine(model, frames=1000, streams=False)   # a chunk run three times: the voice alone
     voice, tokens, _ = mixed[0]
     t2w = Token2Wav(flow, hift, *voice, schedule, seed=0)
     rows = [(t2w, Chunk(torch.tensor(tokens[:schedule.first_hop(voice[0].numel()) + 3]), 0, False, True))]
@@ -168,6 +186,73 @@ def test_the_comparison_sees_a_wrong_cache(model, mixed):
     entry.ctx.copy_(saved)
     engine.flow.prompt_cache.kv.mul_(1.01)
     assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("wrong", ["keys", "context"])
+def test_the_comparison_sees_a_wrong_stream_cache(model, wrong):
+    """A stream's cached frames 1% off, or its conv context zeroed, after its first chunk: its
+    second chunk moves well past the tolerance of the equality tests."""
+    flow, hift, schedule = model
+    voice, = _voices(flow, [63], seed=5)
+    tokens = _tokens(flow, 120, 9)
+
+    def second_chunk(engine, spoil=None):
+        t2w = Token2Wav(flow, hift, *voice, schedule, seed=0)
+        d = StreamingDecoder(t2w, stream=True)
+        d.feed(tokens)
+        engine.run([(t2w, d.next_chunk())])
+        if spoil is not None:
+            spoil(engine.flow.prompt_cache.streams[t2w], engine.flow.prompt_cache)
+        chunk = d.next_chunk()
+        # the chunk's own frames (a stream's cached frames before them come back as zeros)
+        return engine.flow([(t2w, chunk)])[0][:, :, chunk.offset * flow.token_mel_ratio:]
+
+    want = second_chunk(_engine(model))
+    assert float(want.abs().max()) > 0.1
+    assert float((second_chunk(_engine(model, frames=2000)) - want).abs().max()) < ATOL
+
+    def spoil(entry, cache):
+        assert entry.frames == 100   # the first chunk's final frames, all it computed
+        if wrong == "keys":
+            cache.kv[entry.start:entry.start + entry.frames].mul_(1.01)
+        else:
+            entry.ctx.zero_()
+    assert float((second_chunk(_engine(model, frames=2000), spoil) - want).abs().max()) > 100 * ATOL
+
+
+def test_streams_grow_move_and_recompute_when_the_pool_is_short(model):
+    """Three long streams in lockstep grow past their room (moving, copying their frames); in a
+    pool too small for them, the rows that find no room recompute. Same audio either way."""
+    flow = model[0]
+    a, b, c = _voices(flow, [63, 30, 80], seed=8)
+    requests = [(a, _tokens(flow, 320, 1), True), (b, _tokens(flow, 300, 2), True), (c, _tokens(flow, 280, 3), True)]
+    want = _streams(model, _engine(model), requests)
+    for frames, moves, short in ((4000, True, False), (700, None, True)):
+        engine = _engine(model, frames=frames)
+        got = _streams(model, engine, requests)
+        cache = engine.flow.prompt_cache
+        assert cache.stream_frames_reused > 0 and not cache.streams
+        if moves:
+            assert cache.stream_moves > 0 and cache.stream_fallbacks == 0
+        if short:
+            assert cache.stream_fallbacks > 0
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
+
+
+def test_a_short_first_hop_keeps_only_final_frames(model, mixed):
+    """--decode_first_hop 10: the first chunks end inside a 50-frame chunk, so a stream keeps only
+    its whole chunks and recomputes the rest: still the uncached engine's audio."""
+    from light_tts.models.token2wav import StreamSchedule
+    flow = model[0]
+    schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=10)
+    want = _streams(model, _engine(model), mixed, schedule)
+    engine = _engine(model, frames=2000)
+    got = _streams(model, engine, mixed, schedule)
+    assert engine.flow.prompt_cache.stream_frames_reused > 0
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
 
 
 def test_split_by_frames_cuts_where_padding_costs_more_than_a_call():
@@ -207,7 +292,7 @@ def test_split_batches_equal_one_batch(model, mixed):
 def test_eviction_and_a_voice_without_room(model):
     flow = model[0]
     a, b, c = _voices(flow, [63, 30, 80], seed=7)
-    engine = _engine(model, frames=160)
+    engine = _engine(model, frames=160, streams=False)   # voices only: streams take room (tested below)
     cache = engine.flow.prompt_cache
     # 60 tokens: each has a streaming chunk (the final chunk has full attention: never cached)
     _streams(model, engine, [(a, _tokens(flow, 60, 1), True), (b, _tokens(flow, 60, 2), True)])
@@ -269,8 +354,9 @@ def test_graph_solver_buffers_carry_the_prefixes(model, mixed):
     want = _streams(model, _engine(model), mixed)
     solver = engine.flow.solver
     # the padded path ran, for chunks and for fills
-    assert not solver.failed and any(key[0] > 1 for key in solver.graphs if key[0] != "fill")
-    assert any(key[0] == "fill" for key in solver.graphs)
+    assert not solver.failed and any(key[-2] > 1 for key in solver.graphs)   # keys end (rows, frames)
+    # voice fills, and chunks of streams that keep their frames (with a cached prefix: ctx)
+    assert any(key[0] == "fill" for key in solver.graphs) and any(key[0] == "record" for key in solver.graphs)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
     # a later fill of another size is a new capture, whose warm-up runs must not touch the cached
@@ -317,8 +403,19 @@ def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_p
         while server.states:
             server.step()
         assert cache.misses == 1 and cache.hits >= 1     # its chunks found the voice cached
+        # a stream keeps its chunk's final frames for the next; its abort frees them at once
+        server.handle_start(DecodeStartReq(rid="r3", reply_to=endpoints.http("test"), stream=True, speed=1.0, seed=0,
+                                           prompt_speech_tokens=pt.numpy(), prompt_feat=pf.numpy(),
+                                           embedding=emb.numpy()))
+        server.handle_tokens(SpeechTokensBatchOutput(rids=["r3"], tokens=[_tokens(flow, 60, 2)], pieces=[0],
+                                                     piece_done=[False], finished=[False]))
+        server.step()
+        assert len(cache.streams) == 1 and cache.stream_frames_reused == 0
+        server.handle_abort(AbortReq(rid="r3"))
+        assert not cache.streams and not server.states
         server.publish_stats()                           # what /metrics shows
         stats = read_stats(endpoints)["decode:0"]
+        assert stats["stream_cache_streams"] == 0
         assert (stats["prompt_cache_misses"], stats["prompt_cache_hits"], stats["prompt_cache_voices"]) == \
             (1, cache.hits, 1)
     finally:

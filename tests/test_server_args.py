@@ -65,6 +65,7 @@ SAMPLES = {
     "load_jit": ("true", ["yes"]),
     "disable_fused_estimator": ("true", ["1"]),
     "decode_prompt_cache_gb": ("1.5", ["1.5"]),
+    "disable_stream_cache": ("true", ["1"]),
     "decode_first_hop": ("10", ["10"]),
 }
 

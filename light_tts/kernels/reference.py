@@ -235,20 +235,25 @@ def frame_norm(a: torch.Tensor, out: torch.Tensor, *, delta=None, pre_bias=None,
 
 def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, streaming: torch.Tensor,
                    prefix_start: torch.Tensor, prefix_len: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                   chunk_frames: int, sm_scale: float, *, branch_rows: int, out=None, block_m: int = 64,
-                   block_n: int = 64) -> torch.Tensor:
+                   chunk_frames: int, sm_scale: float, *, branch_rows: int, out=None, stream_start=None,
+                   stream_len=None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
     """The flow estimator's attention over a padded batch with cached prefixes
     (light_tts/kernels/flow_attention.py says the rule): per row, the prefix's keys from the pool
-    and the new keys, a boolean mask, scaled_dot_product_attention; zeros past each row's length."""
+    (the voice's run, then the stream's), the new keys, a boolean mask,
+    scaled_dot_product_attention; zeros past each row's length."""
     b, t, h, d = q.shape
     o = torch.zeros_like(q) if out is None else out.zero_()
     for r in range(b):
-        n, plen = int(lengths[r]), int(prefix_len[r])
+        n = int(lengths[r])
         if n == 0:
             continue
-        start, br = int(prefix_start[r]), r // branch_rows
-        keys = torch.cat([k_pool[start:start + plen, br], k[r, :n]])       # [plen + n, H, D]
-        vals = torch.cat([v_pool[start:start + plen, br], v[r, :n]])
+        br = r // branch_rows
+        runs = [(int(prefix_start[r]), int(prefix_len[r]))]
+        if stream_start is not None:
+            runs.append((int(stream_start[r]), int(stream_len[r])))
+        keys = torch.cat([k_pool[s:s + m, br] for s, m in runs] + [k[r, :n]])       # [plen + n, H, D]
+        vals = torch.cat([v_pool[s:s + m, br] for s, m in runs] + [v[r, :n]])
+        plen = sum(m for _, m in runs)
         pos = plen + torch.arange(n, device=q.device)
         key_pos = torch.arange(plen + n, device=q.device)
         if bool(streaming[r]) and chunk_frames > 0:

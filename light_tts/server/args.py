@@ -246,10 +246,15 @@ class ServerArgs:
                                         group="decode")
     decode_prompt_cache_gb: float = opt(
         0.0, "GPU memory (GB) of each decode process's prompt cache: per voice, the flow's prompt frames that no "
-             "generated token changes, computed once (2.3 MB per frame in fp16/bf16, 0.46 GB for a 5 s prompt), so a "
-             "streaming chunk computes only its own frames. Pays off when decode is the bottleneck and voices "
-             "repeat; 0 = off (default); fused estimator only (not with --load_trt or --disable_fused_estimator)",
+             "generated token changes, computed once, and per streaming request the frames of its earlier chunks "
+             "(2.3 MB per frame in fp16/bf16: 0.46 GB for a 5 s prompt, 1.15 GB for 10 s of streamed audio), so a "
+             "streaming chunk computes only its own frames; the same audio. What does not fit is recomputed. Pays "
+             "off when decode is the bottleneck; 0 = off (default); fused estimator only (not with --load_trt or "
+             "--disable_fused_estimator)",
         group="decode", parse=gigabytes, metavar="GB")
+    disable_stream_cache: bool = opt(False, "keep only voices in the prompt cache, not the frames of each stream's "
+                                            "earlier chunks (every chunk then recomputes its sentence so far)",
+                                     group="decode")
     decode_first_hop: int = opt(0, "speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
                                    "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from "
                                    "the official)", group="decode", check=_first_hop)

@@ -31,7 +31,7 @@ def inputs(est, rows: int, frames: int, dtype, dev, fused: bool):
     rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(dtype)
     mask = valid_mask(torch.full((b,), frames, device=dev), frames)
     index = lambda v: torch.full((b,), v, device=dev, dtype=torch.int32)
-    attn = FrameAttention(index(frames), index(1), index(0), index(0), branch_rows=rows) if fused else \
+    attn = FrameAttention(index(frames), index(1), index(0), index(0), index(0), index(0), branch_rows=rows) if fused else \
         attention_bias(mask, torch.ones(b, dtype=torch.bool, device=dev), est.static_chunk_size, dtype)
     return (rnd(b, 80, frames), mask.to(dtype), rnd(b, 80, frames), torch.full((b,), 0.5, device=dev, dtype=dtype),
             rnd(b, 80), rnd(b, 80, frames), attn)

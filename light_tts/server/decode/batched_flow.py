@@ -18,7 +18,8 @@ eager, torch.compile, CUDA graphs and the ONNX/TensorRT export. On a GPU the def
 fused estimator (fused_estimator.py), which takes the same rule as a `FrameAttention` (lengths and
 streaming flags, no (B, 1, T, T) tensor) and can continue a cached prefix: with a prompt cache
 (prompt_cache.py) a streaming row computes only the frames after its voice's cached prompt
-frames, which no later token changes.
+frames and its own stream's earlier frames, which no later token changes, and keeps the frames of
+its chunk that are final for the next one.
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ class FrameAttention:
     prefix those frames continue (prompt_cache.py; kernels/flow_attention.py says the rule)."""
     lengths: torch.Tensor        # (B,) int32 frames computed
     streaming: torch.Tensor      # (B,) int32 1: chunk-causal mask
-    prefix_start: torch.Tensor   # (B,) int32 first pool slot of the row's cached frames
-    prefix_len: torch.Tensor     # (B,) int32 cached frames before the computed ones (0: none)
+    prefix_start: torch.Tensor   # (B,) int32 first pool slot of the row's cached voice frames
+    prefix_len: torch.Tensor     # (B,) int32 cached voice frames (0: none)
+    stream_start: torch.Tensor   # (B,) int32 first pool slot of the row's cached stream frames
+    stream_len: torch.Tensor     # (B,) int32 cached stream frames, after the voice's (0: none)
     branch_rows: int             # rows per CFG branch: row r reads the pool's branch r // branch_rows
     step: int = 0                # Euler step: which slice of the pool and of ctx
     ctx: Optional[torch.Tensor] = None   # (B, steps, ctx_size) the causal convs' inputs just before
@@ -112,14 +115,18 @@ class FlowBatch:
     streaming: torch.Tensor     # (B,) int32
     prefix_start: torch.Tensor  # (B,) int32
     prefix_len: torch.Tensor    # (B,) int32
+    stream_start: torch.Tensor  # (B,) int32
+    stream_len: torch.Tensor    # (B,) int32
     ctx: Optional[torch.Tensor] = None    # (2, B, steps, ctx_size): per CFG branch (prompt cache on)
     bias: Optional[torch.Tensor] = None   # (B, 1, T, T): estimators that take a dense bias
     cache: Optional[object] = None
     frames: Sequence[int] = ()          # real frames per row, prefix included
     prompt_frames: Sequence[int] = ()
-    skipped: Sequence[int] = ()         # cached prefix frames per row (not computed)
+    prefixes: Sequence = ()             # per row its prompt_cache.RowPrefix or None
+    skipped: Sequence[int] = ()         # cached frames per row (not computed), as the pass began
 
-    TENSORS = ("mu", "mask", "spks", "cond", "lengths", "streaming", "prefix_start", "prefix_len", "ctx", "bias")
+    TENSORS = ("mu", "mask", "spks", "cond", "lengths", "streaming", "prefix_start", "prefix_len", "stream_start",
+               "stream_len", "ctx", "bias")
 
 
 def euler_cfg(step: Callable, x: torch.Tensor, batch: FlowBatch, t_span: torch.Tensor, cfg_rate: float,
@@ -138,7 +145,8 @@ def euler_cfg(step: Callable, x: torch.Tensor, batch: FlowBatch, t_span: torch.T
         bias_in = two(batch.bias)
         attention = lambda i: bias_in
     else:
-        rows = [two(t) for t in (batch.lengths, batch.streaming, batch.prefix_start, batch.prefix_len)]
+        rows = [two(t) for t in (batch.lengths, batch.streaming, batch.prefix_start, batch.prefix_len,
+                                 batch.stream_start, batch.stream_len)]
         ctx = None if batch.ctx is None else batch.ctx.flatten(0, 1)   # the doubled batch's rows
         attention = lambda i: FrameAttention(*rows, branch_rows=b, step=i, ctx=ctx, cache=batch.cache, record=record)
     w = cfg_rate
@@ -205,11 +213,12 @@ class EagerSolver:
 
     def run(self, batch: FlowBatch, record=None) -> torch.Tensor:
         """The Euler loop on this batch as it is (eager). Row r starts from the official noise at
-        its own frames: columns prefix_len[r] ... (a cached prefix took the ones before)."""
+        its own frames: columns prefix_len[r] + stream_len[r] ... (a cached prefix took the ones before)."""
         mu = batch.mu
         t = mu.size(2)
         noise = self.noise(NOISE_FRAMES, mu.device, mu.dtype)[0]              # (80, NOISE_FRAMES)
-        cols = (batch.prefix_len.long().unsqueeze(1) + torch.arange(t, device=mu.device)).clamp_(max=NOISE_FRAMES - 1)
+        first = (batch.prefix_len + batch.stream_len).long().unsqueeze(1)
+        cols = (first + torch.arange(t, device=mu.device)).clamp_(max=NOISE_FRAMES - 1)
         x0 = noise[:, cols].transpose(0, 1)                                     # (B, 80, T)
         t_span = self.cfm.time_grid(self.n_timesteps, mu.device, mu.dtype)
         return euler_cfg(self.step, x0, batch, t_span, self.cfm.inference_cfg_rate, record)
@@ -217,9 +226,10 @@ class EagerSolver:
     def __call__(self, batch: FlowBatch) -> torch.Tensor:
         return self.run(batch)
 
-    def run_recording(self, batch: FlowBatch, record) -> None:
-        """A prompt-cache fill pass (prompt_cache.Recorder says what is kept); no output."""
-        self.run(batch, record)
+    def run_recording(self, batch: FlowBatch, record) -> torch.Tensor:
+        """A pass that keeps keys/values and conv context in the prompt cache (prompt_cache.Recorder
+        says what): a voice's fill, or the chunks of streams."""
+        return self.run(batch, record)
 
 
 class RowEncoder:
@@ -285,7 +295,7 @@ class BatchedFlow:
                    streaming: Sequence[bool], prefixes: Sequence) -> FlowBatch:
         """The padded FlowBatch of rows given as their computed frames: mu_rows[i] (80, n_i), the
         prompt condition feats[i] (frames, 80) counted from the row's first computed frame, the
-        speaker embeddings (B, 192), and per row its cached prefix (prompt_cache.Entry) or None."""
+        speaker embeddings (B, 192), and per row its cached prefix (prompt_cache.RowPrefix) or None."""
         rows = len(mu_rows)
         n = [m.size(1) for m in mu_rows]
         b, t = self.solver.bucket(rows, max(n))
@@ -302,10 +312,14 @@ class BatchedFlow:
         lengths, stream = as_tensor(n), as_tensor(int(x) for x in streaming)
         frame_mask = valid_mask(lengths, t)
         cache = self.prompt_cache
+        voice = [p.voice if p is not None else None for p in prefixes]
+        own = [p.stream if p is not None else None for p in prefixes]
         batch = FlowBatch(mu=mu, mask=frame_mask.to(dtype), spks=spks, cond=cond, lengths=lengths, streaming=stream,
-                          prefix_start=as_tensor(e.start if e else 0 for e in prefixes),
-                          prefix_len=as_tensor(e.frames if e else 0 for e in prefixes), cache=cache,
-                          skipped=[e.frames if e else 0 for e in prefixes])
+                          prefix_start=as_tensor(e.start if e else 0 for e in voice),
+                          prefix_len=as_tensor(e.frames if e else 0 for e in voice),
+                          stream_start=as_tensor(e.start if e else 0 for e in own),
+                          stream_len=as_tensor(e.frames if e else 0 for e in own), cache=cache,
+                          prefixes=list(prefixes), skipped=[p.frames if p is not None else 0 for p in prefixes])
         if cache is not None:
             batch.ctx = cache.context(prefixes, b)
         if not self.frame_attention:
@@ -317,9 +331,8 @@ class BatchedFlow:
         (`split_by_frames`), each a padded FlowBatch with the indices of its rows."""
         enc, frames = self.encode_rows(rows)
         cache = self.prompt_cache
-        prefixes = cache.prefixes(self, [(t2w, c.streaming) for t2w, c in rows]) if cache is not None \
-            else [None] * len(rows)
-        skip = [e.frames if e else 0 for e in prefixes]
+        prefixes = cache.prefixes(self, rows) if cache is not None else [None] * len(rows)
+        skip = [p.frames if p is not None else 0 for p in prefixes]
         out = []
         for group in split_by_frames([f - s for f, s in zip(frames, skip)], self.solver.bucket, self.split_cost):
             sub = [rows[i] for i in group]
@@ -346,10 +359,29 @@ class BatchedFlow:
                 out[i] = e
         if good:
             for group, batch in self.prepare([rows[i] for i in good]):
-                mel = self.solver(batch)
+                record = self.prompt_cache.recorder(batch.prefixes, batch.mu.size(0), batch.mu.size(2)) \
+                    if self.prompt_cache is not None else None
+                if record is None:
+                    mel = self.solver(batch)
+                else:   # streaming rows keep their final frames for their next chunk
+                    mel = self.solver.run_recording(batch, record)
+                    record.finish()
                 for j, g in enumerate(group):
-                    s = batch.skipped[j]
-                    out[good[g]] = mel[j:j + 1, :, batch.prompt_frames[j] - s:batch.frames[j] - s]
+                    out[good[g]] = self._generated_mel(mel[j:j + 1], batch, j, rows[good[g]][1])
+        return out
+
+    def _generated_mel(self, mel: torch.Tensor, batch: FlowBatch, j: int, chunk) -> torch.Tensor:
+        """Row j's mel over the generated frames (1, 80, frames - prompt), as flow.inference gives
+        it. Generated frames its stream had cached were not computed: zeros stand in for them, and
+        the chunk's audio starts after them (a stream caches only frames of earlier chunks)."""
+        skip, prompt = batch.skipped[j], batch.prompt_frames[j]
+        out = mel[:, :, max(prompt - skip, 0):batch.frames[j] - skip]
+        lead = max(skip - prompt, 0)
+        if lead:
+            if chunk.offset * self.flow.token_mel_ratio < lead:
+                raise RuntimeError(f"flow: the stream cache holds {lead} generated frames but the chunk "
+                                   f"starts at frame {chunk.offset * self.flow.token_mel_ratio}")
+            out = torch.cat([out.new_zeros(1, out.size(1), lead), out], dim=2)
         return out
 
     def check_row(self, t2w, chunk) -> None:

@@ -19,6 +19,7 @@ WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt +
 WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
 WARM_FILL_FRAMES = (100, 200, 300, 400)                 # prompt-cache fills: prompts of 2-8 s ...
 WARM_FILL_VOICES = (1, 2, 4, 8)                         # ... of up to prompt_cache.FILL_ROWS voices
+WARM_RECORD_FRAMES = (100, 200, 300)                    # chunks of streams: a hop's own frames (<= 100 tokens)
 
 
 def compile_engine(engine, estimator: bool = True):
@@ -55,12 +56,18 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
             index = lambda v: torch.full((rb,), v, device=dev, dtype=torch.int32)
             batch = FlowBatch(mu=zeros(rb, c, tb), mask=torch.ones(rb, 1, tb, device=dev, dtype=dtype),
                               spks=zeros(rb, c), cond=zeros(rb, c, tb), lengths=index(tb), streaming=index(1),
-                              prefix_start=index(0), prefix_len=index(0), cache=flow.prompt_cache)
+                              prefix_start=index(0), prefix_len=index(0), stream_start=index(0), stream_len=index(0),
+                              cache=flow.prompt_cache)
             if flow.prompt_cache is not None:
                 batch.ctx = flow.prompt_cache.context([], rb)
             if not flow.frame_attention:
                 batch.bias = zeros(rb, 1, tb, tb)
             flow.solver(batch)
+            cache = flow.prompt_cache
+            if cache is not None and cache.stream_cache and t in WARM_RECORD_FRAMES:
+                from light_tts.server.decode.prompt_cache import Recorder
+                # the same pass keeping what it computes (no target: only the trash slot is written)
+                flow.solver.run_recording(batch, Recorder.for_targets(cache, [], rb, tb))
         gens = [torch.Generator(device=dev).manual_seed(0) for _ in range(b)]
         for t in hift_frames:
             mels = [torch.zeros(1, c, t, device=dev, dtype=engine.hift.dtype) for _ in range(b)]

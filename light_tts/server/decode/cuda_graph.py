@@ -106,7 +106,7 @@ class GraphSolver(GraphCache, EagerSolver):
         self.frame_bucket = frame_bucket
         self.max_frames = -(-max_frames // frame_bucket) * frame_bucket
         self.init_graphs(pool)
-        self.fill_failed = False
+        self.record_failed = False
         self.buffers: dict = {}
 
     def bucket(self, rows: int, frames: int) -> tuple[int, int]:
@@ -120,6 +120,7 @@ class GraphSolver(GraphCache, EagerSolver):
         c = like.mu.size(1)
         return {"mu": (rows, c, frames), "mask": (rows, 1, frames), "spks": (rows, c), "cond": (rows, c, frames),
                 "lengths": (rows,), "streaming": (rows,), "prefix_start": (rows,), "prefix_len": (rows,),
+                "stream_start": (rows,), "stream_len": (rows,),
                 "ctx": (2, rows, *tuple(like.ctx.shape[2:])) if like.ctx is not None else None,
                 "bias": (rows, 1, frames, frames)}[name]
 
@@ -152,10 +153,11 @@ class GraphSolver(GraphCache, EagerSolver):
         return inputs
 
     def capture(self, key: tuple, like):
-        """A solver graph for key (rows, frames), or a prompt-cache fill graph for ("fill", rows,
-        frames) (`like` is then (batch, recorder))."""
+        """A solver graph for key (rows, frames), or one of a pass that records into the prompt
+        cache for ("fill" | "record", rows, frames) (`like` is then (batch, recorder)): a voice's
+        fill (no cached prefix) or chunks of streams (with one)."""
         t0 = time.perf_counter()
-        if key[0] == "fill":
+        if key[0] in ("fill", "record"):
             batch, record = like
             flow_inputs = self._zeroed_inputs(key[1], key[2], batch)
             # the recorder's own static tensors: slots (the trash slot until a replay: the capture's
@@ -185,20 +187,23 @@ class GraphSolver(GraphCache, EagerSolver):
             if buf is not None:
                 buf.copy_(src)
 
-    def run_recording(self, batch: FlowBatch, record) -> None:
-        """A prompt-cache fill pass (prompt_cache.py), from a graph for small batches."""
-        key = ("fill", batch.mu.size(0), batch.mu.size(2))   # prompt_cache.FILL_ROWS voices at most
+    def run_recording(self, batch: FlowBatch, record) -> torch.Tensor:
+        """A pass that records into the prompt cache (prompt_cache.py): a voice's fill or chunks of
+        streams, from a graph when the shape has one."""
+        kind = "fill" if batch.ctx is None else "record"   # their static inputs differ (ctx)
+        key = (kind, batch.mu.size(0), batch.mu.size(2))
         entry = None
-        if not self.fill_failed and self.graphable(*key[1:]):   # a failed fill capture leaves the rest on graphs
-            entry = self.graph_for(key, (batch, record), "prompt cache fill", flag="fill_failed")
+        if not self.record_failed and self.graphable(*key[1:]):   # a failed capture leaves the rest on graphs
+            entry = self.graph_for(key, (batch, record), f"prompt cache {kind}", flag="record_failed")
         if entry is None:
             return self.run(batch, record)
-        graph, (inputs, static), _ = entry
+        graph, (inputs, static), output = entry
         self._load(inputs, batch, key)
         for name in ("slots", "ends"):
             getattr(static, name).copy_(getattr(record, name))
         graph.replay()
         record.ctx.copy_(static.ctx)
+        return output.clone()
 
     def __call__(self, batch: FlowBatch) -> torch.Tensor:
         key = (batch.mu.size(0), batch.mu.size(2))

@@ -7,8 +7,8 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 `hift_output`); the engine batches the two model calls in between.
 
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py),
-with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once:
-prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
+with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once, and
+unless --disable_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
 the HiFT network (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt: it replaces the fused
 estimator and the Euler loop's graph, the loop runs eagerly around the engine, and --load_jit is
@@ -65,17 +65,25 @@ class DecodeEngine:
         if cache is None:
             return 0
         misses = cache.misses
-        cache.prefixes(self.flow, [(t, True) for t in t2ws], count=False)
+        cache.prefixes(self.flow, [(t, None) for t in t2ws], count=False)
         return cache.misses - misses
+
+    def release(self, t2ws: Sequence) -> None:
+        """These sentences end (finished, failed or aborted): free their cached stream frames now."""
+        cache = self.flow.prompt_cache
+        if cache is not None:
+            for t2w in t2ws:
+                cache.release(t2w)
 
 
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
-                 prompt_cache_gb: float = 0.0) -> DecodeEngine:
+                 prompt_cache_gb: float = 0.0, stream_cache: bool = True) -> DecodeEngine:
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
-    `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only)."""
+    `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
+    which keeps the streams' frames too with `stream_cache`."""
     on_cuda = device.startswith("cuda")
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
@@ -98,7 +106,8 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         step = FusedEstimator(flow.decoder.estimator)
         if prompt_cache_gb > 0:
             from light_tts.server.decode.prompt_cache import PromptCache
-            engine.flow.prompt_cache = PromptCache.for_flow(flow, step, engine.flow.solver.n_timesteps, prompt_cache_gb)
+            engine.flow.prompt_cache = PromptCache.for_flow(flow, step, engine.flow.solver.n_timesteps, prompt_cache_gb,
+                                                             streams=stream_cache)
     if load_trt:
         from light_tts.server.decode.trt import TrtEstimator
         step = TrtEstimator.load_or_build(engine.flow.estimator, model_dir, data_type, device,

@@ -144,7 +144,8 @@ class FusedEstimator(nn.Module):
                 attn.record.keys(attn.step, layer + i, qkv[:, :, 1:])
             k_pool, v_pool = self._pools(attn, layer + i, q)
             o = flow_attention(q, k, v, attn.lengths, attn.streaming, attn.prefix_start, attn.prefix_len, k_pool, v_pool,
-                               self.chunk_frames, self.head_dim ** -0.5, branch_rows=attn.branch_rows)
+                               self.chunk_frames, self.head_dim ** -0.5, branch_rows=attn.branch_rows,
+                               stream_start=attn.stream_start, stream_len=attn.stream_len)
             a = F.linear(o.view(b, t, -1), proj.to_out[0].weight)
             n3 = block.norm3
             n = frame_norm(h, n, delta=a, pre_bias=proj.to_out[0].bias, sum_out=h, weight=n3.weight, bias=n3.bias,

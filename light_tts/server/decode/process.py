@@ -250,7 +250,7 @@ class DecodeServer:
 
     def finish_completed(self) -> None:
         for rid in [rid for rid, s in self.states.items() if s.complete]:
-            state = self.states.pop(rid)
+            state = self.forget(rid)
             self.reply(state.req.reply_to, AudioOutput(rid=rid, pcm=b"", finished=True))
 
     # ---- messages ----------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class DecodeServer:
             state.req.marks["tokens_ready"] = time.time()   # the first chunk can run
 
     def handle_abort(self, msg: AbortReq) -> None:
-        if self.states.pop(msg.rid, None) is not None:
+        if self.forget(msg.rid) is not None:
             self.aborted_count += 1
             log.debug("%s: aborted", msg.rid)
         else:
@@ -339,8 +339,15 @@ class DecodeServer:
 
     def drop_request(self, rid: str) -> Optional[str]:
         """Dispatcher hook for a failed request: drop its state; returns its reply address if held."""
-        state = self.states.pop(rid, None)
+        state = self.forget(rid)
         return state.req.reply_to if state is not None else None
+
+    def forget(self, rid: str) -> Optional[DecodeState]:
+        """Drop a request's state and free what the engine keeps for its sentences; returns it."""
+        state = self.states.pop(rid, None)
+        if state is not None:
+            self.engine.release([piece.t2w for piece in state.pieces])
+        return state
 
     def forget_old_aborts(self) -> None:
         now = time.monotonic()
@@ -354,7 +361,9 @@ class DecodeServer:
         cache = self.engine.flow.prompt_cache
         if cache is not None:
             stats.update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses,
-                         prompt_cache_voices=len(cache.entries))
+                         prompt_cache_voices=len(cache.entries), stream_cache_streams=len(cache.streams),
+                         stream_cache_frames_reused=cache.stream_frames_reused,
+                         stream_cache_fallbacks=cache.stream_fallbacks)
         write_stats(self.endpoints, self.stage, stats)
 
 
@@ -412,7 +421,8 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         engine = build_engine(flow, hift, device, cuda_graph=not args.disable_cudagraph, load_jit=args.load_jit,
                               load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
                               max_batch_size=args.decode_max_batch_size, fused=not args.disable_fused_estimator,
-                              prompt_cache_gb=args.decode_prompt_cache_gb)
+                              prompt_cache_gb=args.decode_prompt_cache_gb,
+                              stream_cache=not args.disable_stream_cache)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)
