@@ -24,6 +24,8 @@
 #                     SERVER_ARGS="--gpu_memory_limit_gb 22 --decode_max_batch_size 16" bash scripts/gpu.sh report
 #                     report then prints "cap: X GB (Y MiB), peak: Z MiB, within cap: yes|no", the peak being
 #                     nvidia-smi's memory.used during the run less what was in use before the server started
+#   report: FIRST_LONG=N streams one N-token sentence (1500: 60 s) as the first request after the server is
+#           ready, then once more warm, each with its chunks' arrival times (benchmark.py --hops), before the load
 #   report: MPS=1 runs the server under NVIDIA MPS (a private control daemon, stopped at the end);
 #           PLAIN_REFERENCE=0 skips the plain pipeline; PROMPT_WAV / PROMPT_TEXT: another prompt for both
 #   ws: DECODE_PROCS (decode processes, default 1)      decode: BENCH_BUDGET_S (default 400)
@@ -126,6 +128,12 @@ report() {
   grep -E "ready|GPU memory" "$SERVER_LOG" | head -20
   echo "per process at ready (nvidia-smi, empty where the container hides pids): used_memory less the 'holds' logged above is its CUDA context"
   apps
+  if [ -n "${FIRST_LONG:-}" ]; then
+    try python3 scripts/bench/benchmark.py --url "http://127.0.0.1:$PORT" --repeat 1 --warmup 0 --stream yes \
+      --fixed_speech_tokens "$FIRST_LONG" --hops "${prompt[@]}"
+    try python3 scripts/bench/benchmark.py --url "http://127.0.0.1:$PORT" --repeat 1 --warmup 0 --stream yes \
+      --fixed_speech_tokens "$FIRST_LONG" --hops "${prompt[@]}"
+  fi
   try python3 scripts/bench/benchmark.py --url "http://127.0.0.1:$PORT" --concurrency "${levels[@]}" \
     --fixed_speech_tokens 250 --stream both --warmup 2 --json "$OUT_DIR/benchmark.json" "${prompt[@]}"
   metrics "llm_(max_batch_size|kv_total)|decode_prompt_cache"

@@ -61,6 +61,7 @@ async def one(client: httpx.AsyncClient, args, prompt: bytes, i: int, stream: bo
               "files": {"prompt_wav": ("prompt.wav", prompt, "audio/wav")}}
     t0 = time.perf_counter()
     first, size, status, err = None, 0, 0, ""
+    arrivals = []   # (seconds since the request, bytes) per piece of the body
     try:
         async with client.stream("POST", args.url + "/inference_zero_shot", **kw) as r:
             status = r.status_code
@@ -71,13 +72,38 @@ async def one(client: httpx.AsyncClient, args, prompt: bytes, i: int, stream: bo
                     if chunk and first is None:
                         first = time.perf_counter() - t0
                     size += len(chunk)
+                    if chunk:
+                        arrivals.append((time.perf_counter() - t0, len(chunk)))
     except httpx.HTTPError as e:
         err = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
     audio = pcm_seconds(max(0, size - (0 if stream else WAV_HEADER_BYTES)))
     ok = status == 200 and audio > 0
     return {"ok": ok, "status": status, "error": err, "first": first, "total": total, "audio": audio,
-            "rtf": total / audio if audio else None}
+            "rtf": total / audio if audio else None, "arrivals": arrivals}
+
+
+def hops(arrivals: list, gap_s: float = 0.02) -> list[tuple[float, float]]:
+    """A streamed body's pieces grouped into the server's chunks (pieces closer than gap_s are one
+    chunk): (arrival seconds, audio seconds) per chunk."""
+    out: list = []
+    for t, n in arrivals:
+        if out and t - out[-1][0] < gap_s:
+            out[-1] = (t, out[-1][1] + pcm_seconds(n))
+        else:
+            out.append((t, pcm_seconds(n)))
+    return out
+
+
+def hop_table(result: dict) -> str:
+    """One streamed request's chunks: when each arrived, its gap to the one before, its audio."""
+    lines = ["chunk | arrived ms | gap ms | audio s | audio so far s", "--- | ---: | ---: | ---: | ---:"]
+    prev, total = 0.0, 0.0
+    for i, (t, a) in enumerate(hops(result["arrivals"]), 1):
+        total += a
+        lines.append(f"{i} | {t * 1e3:.0f} | {(t - prev) * 1e3:.0f} | {a:.2f} | {total:.2f}")
+        prev = t
+    return "\n".join(lines)
 
 
 async def run_level(args, prompt: bytes, concurrency: int, stream: bool) -> dict:
@@ -187,6 +213,8 @@ def main() -> int:
     p.add_argument("--fixed_speech_tokens", type=int, default=250, help="0: let the model decide")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write every request's numbers here")
+    p.add_argument("--hops", action="store_true",
+                   help="with --repeat and streaming: print each request's chunks (arrival, gap, audio)")
     args = p.parse_args()
     if args.repeat < 0:
         p.error("--repeat must be >= 0")
@@ -203,6 +231,11 @@ def main() -> int:
             print(table([row]).splitlines()[-1], flush=True)
             for e in row["error_samples"]:
                 print(f"  error: {e}", flush=True)
+    if args.hops:
+        for row in rows:
+            for k, r in enumerate(row["results"]):
+                if row["mode"] == "stream" and r["ok"]:
+                    print(f"\nrequest {k + 1} of {row['requests']}, chunks as they arrived:\n{hop_table(r)}")
     print()
     print(medians_table(rows) if args.repeat else table(rows))
     parts = breakdown(rows)
