@@ -82,6 +82,9 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES, WARM_FILL_VOICES)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    for runner in (flow.solver, flow.encoder, engine.hift):
+        if hasattr(runner, "warm"):
+            runner.warm = True
     seconds = time.perf_counter() - t0
     log.info("decode warm-up (batch <= %d, %d frame buckets) took %.1f s", max_batch_size, len(frames), seconds)
     return seconds

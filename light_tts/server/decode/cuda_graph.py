@@ -28,7 +28,7 @@ log = logging.getLogger("lighttts")
 
 FRAME_BUCKET = 100
 MAX_FRAMES = 1500
-MAX_GRAPHS = 96
+MAX_GRAPHS = 128   # per runner: the solver's warm-up alone captures ~95 (with the stream cache's record passes)
 ENCODER_GRAPH_MAX_ROWS = 8   # GraphEncoder: larger batches run the encoder eagerly
 HIFT_GRAPH_MAX_ROWS = 8      # GraphHift: the same reasoning (launch bound only at small batches)
 HIFT_FRAME_BUCKET = 16       # GraphHift: mel frames rounded up to a multiple of this ...
@@ -61,6 +61,8 @@ class GraphCache:
         self.graphs: OrderedDict = OrderedDict()   # key -> (graph, static inputs, output)
         self.pool = pool   # one pool for all decode graphs (graph_pool_handle): they replay one at a time
         self.failed = False
+        self.warm = False   # set after the start's warm-up: a capture after it stalls requests (logged)
+        self.late_captures = 0
 
     def capture_fn(self, fn: Callable):
         """(graph, output) of fn() captured in this runner's pool (tests replace it with eager replay)."""
@@ -81,7 +83,13 @@ class GraphCache:
             self.graphs.move_to_end(key)
             return entry
         try:
-            return self.capture(key, like)
+            t0 = time.perf_counter()
+            entry = self.capture(key, like)
+            if self.warm:   # a shape the warm-up did not cover, or one evicted since: say so
+                self.late_captures += 1
+                log.info("%s: CUDA graph for %s captured while serving (%.2f s; %d graphs kept)", what, key,
+                         time.perf_counter() - t0, len(self.graphs))
+            return entry
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:

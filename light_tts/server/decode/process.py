@@ -357,7 +357,9 @@ class DecodeServer:
     def publish_stats(self) -> None:
         stats = {"active": len(self.states), "chunks": self.chunks, "audio_seconds": round(self.audio_seconds, 3),
                  "aborted": self.aborted_count, "errors": self.dispatch.errors,
-                 "batch_sizes": dict(sorted(self.batch_sizes.items()))}
+                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                 "graph_captures_while_serving": sum(getattr(r, "late_captures", 0) for r in (
+                     self.engine.flow.solver, self.engine.flow.encoder, self.engine.hift))}
         cache = self.engine.flow.prompt_cache
         if cache is not None:
             stats.update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses,

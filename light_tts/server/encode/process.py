@@ -78,6 +78,25 @@ class EncodeWorker:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Pay at start what the first request would pay: ONNX Runtime's first runs (speech
+        tokenizer, speaker model), the text normaliser's grammars. One prompt and two sentences,
+        nothing cached; a failure only warns (the first request then pays it)."""
+        import numpy as np
+        from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes, wav_header
+        t0 = time.perf_counter()
+        t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+        pcm = pcm16_bytes(0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t)))
+        try:
+            self.frontend.encode_voice(wav_header(len(pcm)) + pcm, "Warming up, one two three.", use_cache=False)
+            for text in ("It is 10:30 on March 3rd, 2026; the total is $12.50.", "今天是2026年12月3日，气温12度。"):
+                for piece in self.frontend.normalize(text, split=True):
+                    self.frontend.tokenize(piece)
+        except Exception as e:
+            log.warning("warm-up failed (%s); the first request pays for it", e)
+            return
+        log.info("warm-up took %.2f s", time.perf_counter() - t0)
+
     def run_forever(self) -> None:
         while True:
             if self.recv_from_http.poll(POLL_MS):
@@ -188,6 +207,7 @@ def run_encode_process(args, endpoints: Endpoints, index: int) -> None:
     import torch
     torch.set_num_threads(1)
     worker = EncodeWorker(args, endpoints, index)
+    worker.warm_up()
     hb.ready()
     log.info("ready (cache capacity %d)", args.cache_capacity)
     worker.run_forever()
