@@ -65,8 +65,9 @@ SAMPLES = {
     "load_jit": ("true", ["yes"]),
     "disable_fused_estimator": ("true", ["1"]),
     "decode_prompt_cache_gb": ("1.5", ["1.5"]),
-    "disable_stream_cache": ("true", ["1"]),
+    "decode_stream_cache": ("true", ["1"]),
     "decode_first_hop": ("10", ["10"]),
+    "first_hop_tokens": ("10", ["10"]),
 }
 
 
@@ -213,6 +214,7 @@ def test_seed_spellings_still_parse(tmp_path):
     assert a.data_type == "bf16" and a.running_max_req_size == 150 and a.decode_max_batch_size == 2
     assert parse_args(["--model_dir", d, "--mode", "ppl_int8kv"], environ={}).mode == ["ppl_int8kv"]
     assert parse_args(["--model_dir", d, "--load_trt"], environ={}).load_trt is True
+    assert parse_args(["--model_dir", d, "--first_hop_tokens", "12"], environ={}).decode_first_hop == 12
 
 
 def test_api_key_stays_off_command_lines_and_help(tmp_path, capsys):

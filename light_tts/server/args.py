@@ -33,7 +33,8 @@ MODES = ("triton_flashdecoding", "triton_int8kv", "ppl_int8kv", "triton_gqa_flas
 INT8_KV_MODES = ("triton_int8kv", "ppl_int8kv")
 DATA_TYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32")
 # LightTTS's names that, when set, override the flag the code reads
-ALIASES = {"gpt_paral_num": "running_max_req_size", "decode_paral_num": "decode_max_batch_size"}
+ALIASES = {"gpt_paral_num": "running_max_req_size", "decode_paral_num": "decode_max_batch_size",
+           "first_hop_tokens": "decode_first_hop"}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Extra api_server flags, appended to what the environment sets (scripts and gunicorn alike)
 EXTRA_ARGS_ENV = "EXTRA_ARGS"
@@ -252,12 +253,18 @@ class ServerArgs:
              "off when decode is the bottleneck; 0 = off (default); fused estimator only (not with --load_trt or "
              "--disable_fused_estimator)",
         group="decode", parse=gigabytes, metavar="GB")
-    disable_stream_cache: bool = opt(False, "keep only voices in the prompt cache, not the frames of each stream's "
-                                            "earlier chunks (every chunk then recomputes its sentence so far)",
-                                     group="decode")
+    decode_stream_cache: bool = opt(False, "with --decode_prompt_cache_gb, keep also each stream's frames from its "
+                                           "earlier chunks, so a chunk computes only its own frames (the same audio): "
+                                           "chunk times stay flat in a long sentence (60 s: 0.16-0.23 s per 4 s chunk "
+                                           "instead of up to 0.7 s) and first audio at 64 streams drops, but at 64 "
+                                           "streams of 10 s it costs about 40%% of the streaming throughput and needs "
+                                           "2.3 MB per frame (docs/benchmarks.md); off by default",
+                                    group="decode")
     decode_first_hop: int = opt(0, "speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
                                    "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from "
                                    "the official)", group="decode", check=_first_hop)
+    first_hop_tokens: Optional[int] = opt(None, "another name for --decode_first_hop; if set, overrides it",
+                                          group="decode")
 
     def public(self) -> dict:
         """The settings without secrets, for logs."""

@@ -4,7 +4,8 @@ stream part (light_tts/server/decode/prompt_cache.py), in one run.
     python scripts/bench/bench_stream.py --model_dir /tmp/lighttts-full --make full --dtype bf16
 
 Modes: "plain" (no prompt cache: the server's default), "voice" (voices cached,
---disable_stream_cache), "voice+stream" (voices and each stream's earlier chunks cached).
+the server's --decode_prompt_cache_gb), "voice+stream" (voices and each stream's earlier chunks
+cached: --decode_stream_cache).
 1. Hops: one sentence of --long_tokens speech tokens (1500: 60 s of audio) streamed alone on the
    official schedule; each chunk's engine time (flow + HiFT, synchronised), in the second of two
    runs (the first captures the graphs a start would warm up).

@@ -8,7 +8,7 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py),
 with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once, and
-unless --disable_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
+with --decode_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
 the HiFT network (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt: it replaces the fused
 estimator and the Euler loop's graph, the loop runs eagerly around the engine, and --load_jit is
@@ -79,7 +79,7 @@ class DecodeEngine:
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
-                 prompt_cache_gb: float = 0.0, stream_cache: bool = True) -> DecodeEngine:
+                 prompt_cache_gb: float = 0.0, stream_cache: bool = False) -> DecodeEngine:
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
     `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
