@@ -27,8 +27,8 @@ a GPU; its output is not needed); the decode process runs it while idle, as soon
 request arrives, so the LLM's first tokens usually hide it. A stream's entry is written by the
 chunk's own pass (a `Recorder` beside it) and grows by moving when the slots after it are taken.
 Voice entries are dropped least recently used; a stream entry lives until its request's final
-chunk (or abort). Short of room, a row runs without what does not fit (recomputing it: the same
-output, slower). Full-attention rows (non-streaming requests, a stream's final chunk) see later
+chunk (or abort); streams take only free slots (voices come first: many requests share one).
+Short of room, a row runs without what does not fit (recomputing it: the same output, slower). Full-attention rows (non-streaming requests, a stream's final chunk) see later
 frames, so they never use the cache.
 """
 from __future__ import annotations
@@ -245,7 +245,7 @@ class PromptCache:
     def _stream_room(self, t2w, base: int, need: int, pinned: set) -> Optional[Entry]:
         """The stream entry of `t2w` (after `base` voice frames) with room for `need` frames: kept,
         grown in place, moved (its frames copied), or new; None (and none kept) if it cannot fit.
-        Room for a stream may evict voices (they refill), never another stream."""
+        A stream takes only free slots: it evicts neither voices nor other streams."""
         entry = self.streams.get(t2w)
         if entry is not None and entry.capacity >= need:
             return entry
@@ -258,7 +258,9 @@ class PromptCache:
                 return entry
         size, start = want, self._slots(want, pinned, entry, evict=False)
         if start is None:
-            size, start = need, self._slots(need, pinned, entry)
+            # never by evicting a voice: its refill costs a pass, and a voice that then finds no
+            # room would drop every stream of it (their frames continue the voice's)
+            size, start = need, self._slots(need, pinned, entry, evict=False)
         if start is None:
             self.release(t2w)
             return None

@@ -60,13 +60,24 @@ class StageCollector:
         for key, help_text in (("active", "requests held by a decode process"),
                                ("prompt_cache_hits", "streaming rows that found their voice's prompt frames cached"),
                                ("prompt_cache_misses", "voices whose prompt frames were computed into the cache"),
-                               ("prompt_cache_voices", "voices in the prompt cache")):
-            kind = CounterMetricFamily if key in ("prompt_cache_hits", "prompt_cache_misses") else GaugeMetricFamily
+                               ("prompt_cache_voices", "voices in the prompt cache"),
+                               ("stream_cache_streams", "streams holding cached frames (--decode_stream_cache)"),
+                               ("stream_cache_frames_reused", "cached stream frames chunks continued instead of "
+                                                              "recomputing"),
+                               ("stream_cache_fallbacks", "chunks that recomputed their stream's frames for want of "
+                                                          "room"),
+                               ("graph_captures_while_serving", "decode CUDA graphs captured after the start's "
+                                                                "warm-up (each stalls the decode loop)")):
+            kind = CounterMetricFamily if key in COUNTERS else GaugeMetricFamily
             family = kind(f"lighttts_decode_{key}", help_text, labels=["stage"])
             for stage, s in stats.items():
                 if stage.startswith("decode") and key in s:
                     family.add_metric([stage], float(s[key]))
             yield family
+
+
+COUNTERS = ("prompt_cache_hits", "prompt_cache_misses", "stream_cache_frames_reused", "stream_cache_fallbacks",
+            "graph_captures_while_serving")
 
 
 class Metrics:
