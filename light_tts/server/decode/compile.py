@@ -19,7 +19,9 @@ WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt +
 WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
 WARM_FILL_FRAMES = (100, 200, 300, 400)                 # prompt-cache fills: prompts of 2-8 s ...
 WARM_FILL_VOICES = (1, 2, 4, 8)                         # ... of up to prompt_cache.FILL_ROWS voices
-WARM_RECORD_FRAMES = (100, 200, 300)                    # chunks of streams: a hop's own frames (<= 100 tokens)
+# chunks of streams: a hop's own frames (<= 100 tokens), and 400 for rows that recompute a hop
+# they had no room to keep (captured while serving at 16 and 32 rows, 1.5 s each, without it)
+WARM_RECORD_FRAMES = (100, 200, 300, 400)
 
 
 def compile_engine(engine, estimator: bool = True):
