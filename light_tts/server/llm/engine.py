@@ -7,7 +7,9 @@ prompt_text_ids, prompt_speech_tokens, seed=..., max_new_tokens=..., fixed_new_t
 yields, as light_tts.synthesize calls it for each sentence (same length bounds and sampling
 rules, the request's seed re-applied at the start of every piece); the pieces of one request run
 one after another, requests run together. With the "exact" sampler (the CPU default) tokens are
-identical to that call's; see light_tts.server.llm.sampler for the batched GPU sampler.
+identical to that call's; see light_tts.server.llm.sampler for the batched GPU sampler. The LM is
+a CosyVoice2 Qwen2LM or a CosyVoice3LM: what differs (the tables of sos / task id, the stop ids, the
+bistream policy, which text it reads) is asked of the model, never branched on here.
 
 Parts (one owner each):
     KVPool (mem_manager)       token slots of every layer, alloc / free O(tokens)
@@ -102,8 +104,8 @@ class LLMEngine:
                  int8_kv: bool = False, cuda_graph: bool = True, graph_max_batch_size: int = 64,
                  graph_max_len_in_batch: int = 32768, prefix_cache_entries: int = 64, sampler: str = "auto",
                  bistream_max_len: int = 3000):
-        self.llm = llm                                  # light_tts.models.llm.Qwen2LM, eval mode
-        self.device = llm.llm_embedding.weight.device
+        self.llm = llm                                  # light_tts.models.llm.Qwen2LM or CosyVoice3LM, eval mode
+        self.device = llm.device
         self.init_limits(max_total_token_num, max_req_total_len, running_max_req_size, batch_max_tokens,
                          router_max_wait_tokens, router_token_ratio, router_max_new_token_len, bistream_max_len)
         self.init_memory(int8_kv, prefix_cache_entries)
@@ -131,7 +133,7 @@ class LLMEngine:
     def init_memory(self, int8_kv: bool, prefix_cache_entries: int) -> None:
         cfg = self.llm.llm.model.model.config
         self.pool = KVPool(self.max_total_token_num, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                           self.llm.llm_embedding.weight.dtype, self.device, int8=int8_kv)
+                           self.llm.dtype, self.device, int8=int8_kv)
         self.reqs = ReqManager(self.running_max_req_size, self.max_req_total_len, self.pool.pad_slot, self.device)
         self.prefix = PrefixCache(self.pool, prefix_cache_entries)
         self.runner = ModelRunner(self.llm, self.pool, self.reqs)
@@ -170,8 +172,7 @@ class LLMEngine:
         batched prefills of real requests do not pay for compiling new kernel specialisations
         (the first-chunk breakdown showed a 316 ms mean prefill at the first 16-request level against
         33 ms later). Slots and rows are given back; nothing is sampled."""
-        hidden = self.llm.llm_embedding.weight.shape[1]
-        dtype = self.llm.llm_embedding.weight.dtype
+        hidden, dtype = self.llm.llm_input_size, self.llm.dtype
         for b, n in shapes:
             b, total = min(b, self.reqs.num_free), min(b, self.reqs.num_free) * n
             if b == 0 or total > min(self.pool.num_free, self.batch_max_tokens) or n > self.reqs.max_req_len:

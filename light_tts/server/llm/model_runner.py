@@ -41,8 +41,7 @@ class ModelRunner:
         self.llm = llm
         self.body = llm.llm.model.model
         cfg = self.body.config
-        self.device = llm.llm_embedding.weight.device
-        self.dtype = llm.llm_embedding.weight.dtype
+        self.device, self.dtype = llm.device, llm.dtype
         self.pool = pool
         self.reqs = reqs
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -110,7 +109,7 @@ class ModelRunner:
         return x, delta
 
     def head(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Last residual add + final norm + speech head on the rows given -> logits [B, S + 3]."""
+        """Last residual add + final norm + speech head on the rows given -> logits [B, V]."""
         return self.llm.llm_decoder(self._norm(x, delta, self.body.norm.weight))
 
     # ---- prefill ----------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ class ModelRunner:
                 max_new_len: int) -> torch.Tensor:
         """x [N, hidden] (embeddings of the new tokens), positions [N] long, slots [N] int64 (pool
         slots of the new tokens, already written into req_to_token) and the b_* int32 [B] tensors
-        (device) -> logits [B, S + 3] of each request's last new token. x becomes the residual stream:
+        (device) -> logits [B, V] of each request's last new token. x becomes the residual stream:
         it is overwritten (pass a copy to keep it)."""
         r2t = self.reqs.req_to_token
 
@@ -140,7 +139,7 @@ class ModelRunner:
                slots: torch.Tensor, max_len: int) -> torch.Tensor:
         """One new token per request: tokens [B] long (speech tokens fed back), b_req_idx /
         b_seq_len int32 [B] (length including the new token), slots int64 [B] (where it goes; written
-        into req_to_token here) -> logits [B, S + 3]. Graph-capturable when the kernels are."""
+        into req_to_token here) -> logits [B, V]. Graph-capturable when the kernels are."""
         x = F.embedding(tokens, self.llm.speech_embedding.weight)
         positions = (b_seq_len - 1).long()
         r2t = self.reqs.req_to_token

@@ -1,10 +1,11 @@
 """Sampling of one step's tokens for the whole batch (Qwen2LM.sample_token's rules, batched).
 
-Rules per row (light_tts.models.llm / sampling): scores = log_softmax(logits) in fp32; eos masked
-while the piece is shorter than its min length (`ignore_eos`), every non-speech token masked in
-fixed-length mode (`block_stops`); greedy = argmax; otherwise RAS: nucleus (top-p, top-k) draw,
-and if that token occurs >= win_size * tau_r times in the piece's last win_size tokens, a draw
-from the full distribution without it.
+Rules per row (light_tts.models.llm / sampling): scores = log_softmax(logits) in fp32; id S masked
+while the piece is shorter than its min length (`ignore_eos`: the one id the official masks, which
+is CosyVoice2's eos and CosyVoice3's sos, so a CosyVoice3 piece may still end on its other stop
+ids), every non-speech token masked in fixed-length mode (`block_stops`); greedy = argmax;
+otherwise RAS: nucleus (top-p, top-k) draw, and if that token occurs >= win_size * tau_r times in
+the piece's last win_size tokens, a draw from the full distribution without it.
 
 Two ways to draw, same distribution:
 
@@ -112,7 +113,7 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
-        """logits [B, S + 3] -> one token per row."""
+        """logits [B, V] (V = S + 3 for CosyVoice2, S + 200 for CosyVoice3) -> one token per row."""
         if self.per_request_rng:
             flags = torch.tensor(_flags(rows), dtype=torch.int64, device=logits.device)
             return self._exact(self.masked_scores(logits, flags), rows)
@@ -139,7 +140,7 @@ class Sampler:
         return out
 
     def draw(self, logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """logits [B, S + 3], inputs int64 [3 + W, B] on the same device -> tokens int64 [B], on the
+        """logits [B, V], inputs int64 [3 + W, B] on the same device -> tokens int64 [B], on the
         device. Graph-capturable: fixed shapes, no host sync."""
         seed, counter, flags, hist = inputs[0], inputs[1], inputs[2], inputs[3:].t()
         scores = self.masked_scores(logits, flags)

@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from light_tts.models.bistream import SPEECH, BistreamPolicy
+from light_tts.models.bistream import SPEECH
 from light_tts.server.io_struct import LLMReq
 from light_tts.server.llm.router import Load, expected_new_tokens
 from light_tts.server.llm.sampler import SampleRow
@@ -163,7 +163,7 @@ class SentenceSequence(Sequence):
     def check(cls, req: LLMReq, cfg: SeqConfig) -> Optional[str]:
         if not req.text_pieces:
             return "no text to speak"
-        bad = check_ids(req, cfg)
+        bad = check_ids(req, cfg) or check_text(req, cfg)
         if bad:
             return bad
         worst = max(plan(req, cfg), key=lambda p: p.input_len + p.max_len)
@@ -196,7 +196,7 @@ class SentenceSequence(Sequence):
         llm = self.cfg.llm
         x = llm.build_lm_input(plan_.text_ids, self.prompt_text, self.prompt_speech)[0]
         if self.decoded:
-            fed = torch.tensor(self.decoded, dtype=torch.long, device=llm.llm_embedding.weight.device)
+            fed = torch.tensor(self.decoded, dtype=torch.long, device=llm.device)
             x = torch.cat((x, llm.speech_embedding(fed)))
         return x, 0, self.prefix_key
 
@@ -242,7 +242,7 @@ class BistreamSequence(Sequence):
                  generator: Optional[torch.Generator] = None):
         super().__init__(req, cfg, seed, order, generator)   # one RNG for the whole utterance
         self.max_len = cfg.bistream_max_len
-        self.policy = BistreamPolicy(self.prompt_text, self.prompt_speech, cfg.speech_token_size, cfg.llm.mix_ratio)
+        self.policy = cfg.llm.bistream_policy(self.prompt_text, self.prompt_speech)   # the family's rules
         self.fed: list = []          # items in the KV, and the sampled token about to be fed (replayed after a pause)
         self.replay: list = []       # items to prefill again after a pause
         self.replay_ready = False    # ... ending in a token to draw after (paused mid-run)
@@ -255,6 +255,10 @@ class BistreamSequence(Sequence):
         bad = check_ids(req, cfg)
         if bad:
             return bad
+        try:                                     # the family's bistream rules accept this prompt
+            cfg.llm.bistream_policy(_ids(req.prompt_text_ids), _ids(req.prompt_speech_tokens))
+        except ValueError as e:
+            return str(e)
         prompt = 2 + len(req.prompt_text_ids) + len(req.prompt_speech_tokens)
         if prompt + 16 > cfg.bistream_max_len:   # room for at least one 15-token run and its fill
             return (f"prompt too long for bistream: {prompt} tokens (prompt text {len(req.prompt_text_ids)} + prompt "
@@ -358,6 +362,16 @@ def check_ids(req: LLMReq, cfg: SeqConfig) -> Optional[str]:
         bad = [int(t) for t in ids if not 0 <= int(t) < limit]
         if bad:
             return f"{name} token id {bad[0]} out of range [0, {limit})"
+    return None
+
+
+def check_text(req: LLMReq, cfg: SeqConfig) -> Optional[str]:
+    """Why the model family cannot read a piece (CosyVoice3: no <|endofprompt|> in prompt text + piece), or None."""
+    try:
+        for piece in req.text_pieces:
+            cfg.llm.check_text(piece, _ids(req.prompt_text_ids))
+    except ValueError as e:
+        return str(e)
     return None
 
 
