@@ -2,6 +2,7 @@
 modes, aliases, JSON+base64, voices, bad input, concurrency across 2 HTTP workers."""
 import base64
 import concurrent.futures
+import json
 import os
 import re
 import time
@@ -93,6 +94,13 @@ def test_json_base64(server):
     r = httpx.post(server.url + "/inference_zero_shot", content=b"{broken", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["detail"]
+    # what a plain json.loads lets through as a 500: deep nesting (RecursionError), a lone surrogate
+    for path in ("/inference_zero_shot", "/v1/audio/speech", "/voices"):
+        r = httpx.post(server.url + path, content=b"[" * 100000, timeout=30, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], (path, r.text)
+    r = httpx.post(server.url + "/inference_zero_shot", content=json.dumps(dict(body, tts_text="Hi \ud800")),
+                   timeout=30, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "field 'tts_text'" in r.json()["detail"] and "surrogate" in r.json()["detail"]
 
 
 def test_official_runtime_get_returns_raw_pcm(server):

@@ -141,7 +141,8 @@ def test_malformed_messages_get_errors_and_the_socket_goes_on(server):
                  json.dumps({"type": "finish"}), json.dumps({"type": "start"}),
                  json.dumps({"type": "start", "voice_id": "../etc"}),
                  json.dumps({"type": "start", "prompt_wav": "%%%", "prompt_text": "x"}),
-                 json.dumps({"type": "start", "voice_id": "v", "seed": "abc"})]
+                 json.dumps({"type": "start", "voice_id": "v", "seed": "abc"}),
+                 "[" * 100000, json.dumps({"type": "text", "text": "Hi \ud800"})]   # (json.loads: a 500 once)
         for raw in cases:
             ws.send(raw)
             ev = recv_json(ws)

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from light_tts.audio_out import SAMPLE_RATE, wav_header
+from light_tts.server.http import client_json
 from light_tts.server.http.manager import BackendClient, Overloaded
 from light_tts.server.http.metrics import Metrics
 from light_tts.server.http.ws import TTSSocket, lighttts_bistream
@@ -97,10 +98,7 @@ async def read_params(request: Request) -> dict:
     params: dict = dict(request.query_params)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "request body is not valid JSON")
+        body = client_json.loads(await request.body(), "request body")
         if not isinstance(body, dict):
             raise RequestError(400, "JSON body must be an object")
         params.update(body)

@@ -23,6 +23,7 @@ from typing import Optional
 from fastapi import WebSocket, WebSocketDisconnect
 
 from light_tts.audio_out import SAMPLE_RATE
+from light_tts.server.http import client_json
 from light_tts.server.http.manager import Overloaded
 from light_tts.server.io_struct import ErrorOutput, RequestError
 
@@ -133,10 +134,7 @@ class TTSSocket:
         if raw.get("text") is None:
             raise RequestError(400, "binary frames are not accepted here: send JSON text frames "
                                     "(docs/websocket.md)")
-        try:
-            msg = json.loads(raw["text"])
-        except ValueError:
-            raise RequestError(400, "not JSON: every message is a JSON object with a \"type\"")
+        msg = client_json.loads(raw["text"], "message (every message is a JSON object with a \"type\")")
         if not isinstance(msg, dict):
             raise RequestError(400, "a message must be a JSON object with a \"type\"")
         kind = msg.get("type")
@@ -308,7 +306,7 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         finally:  # ended, failed or timed out: free it in every stage now, not when the client leaves
             await utt.request.close()
     try:
-        start = json.loads(await receive("text"))
+        start = client_json.loads(await receive("text"), "the first message")
         if not isinstance(start, dict):
             raise RequestError(400, "the first message must be a JSON object {prompt_text, tts_model_name}")
         audio = await receive("bytes")
@@ -320,7 +318,7 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         utt = Utterance(api, request, 0)
         pump = asyncio.create_task(forward(utt))
         while True:   # no receive limit here: a stalled text stream ends with the stages' 504
-            msg = json.loads(await receive("text", None))
+            msg = client_json.loads(await receive("text", None), "text message")
             if not isinstance(msg, dict) or not (msg.get("finish") or isinstance(msg.get("tts_text"), str)):
                 raise RequestError(400, 'text messages must be {"tts_text": "<text>"} or {"finish": true}')
             if msg.get("finish"):
