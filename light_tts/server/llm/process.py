@@ -21,8 +21,11 @@ failed), not until its audio is out: an approximation of the decoder's real queu
 needs no message back from the decoders.
 
 Abort: the request leaves the waiting queue or the running batch at once (its KV slots are freed)
-and nothing more is sent for it. An abort that arrives before its LLMReq (the HTTP worker gave
-up while the encode stage was still busy) is remembered, and the LLMReq is then dropped.
+and nothing more is sent for it but an AbortReq to its decoder, if it had one: an abort may come
+from the encode stage alone (a bistream request whose text failed there), which no decode process
+hears of otherwise; a decoder drops a second abort (the HTTP worker's) as unknown. An abort that
+arrives before its LLMReq (the HTTP worker gave up while the encode stage was still busy) is
+remembered, and the LLMReq is then dropped.
 
 Errors: a message whose handler raises, and a request the engine fails (StepResult.errors), fail
 that request by the Dispatcher's rule (light_tts.server.stage): ErrorOutput(stage="llm") to its
@@ -103,11 +106,15 @@ class LLMServer:
         """Dispatcher hook for a failed request: free it in the engine and in its decoder; returns
         its reply address if the engine still held it."""
         seq = self.engine.abort(rid)
+        self.free_in_decoder(rid)
+        return seq.req.reply_to if seq is not None else None
+
+    def free_in_decoder(self, rid: str) -> None:
+        """Tell the request's decoder (if it has one) to drop what it holds; stop counting it there."""
         i = self.decoder_of.get(rid)
-        if i is not None:  # let its decoder free what it holds
+        if i is not None:
             sock_send(self.send_to_decode[i], AbortReq(rid=rid))
         self.release_decoder(rid)
-        return seq.req.reply_to if seq is not None else None
 
     # ---- handlers -----------------------------------------------------------------------------
 
@@ -136,7 +143,7 @@ class LLMServer:
                 self.early_aborts.popitem(last=False)
             return
         self.counters["aborted"] += 1
-        self.release_decoder(msg.rid)
+        self.free_in_decoder(msg.rid)
 
     # ---- outputs ------------------------------------------------------------------------------
 
