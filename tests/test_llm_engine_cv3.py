@@ -1,6 +1,7 @@
 """The LLM engine running CosyVoice3LM (CPU, tiny random CosyVoice3 model, reference kernels): every
 piece's tokens equal CosyVoice3LM.inference (greedy and seeded, batched, prefix-cache hits), bistream
-equals CosyVoice3LM.inference_bistream, and text without <|endofprompt|> is refused up front.
+equals CosyVoice3LM.inference_bistream, both after the silent-token rule (drop_long_silences, per
+piece), and text without <|endofprompt|> is refused up front.
 
 The CosyVoice3 rules this checks: sos and task id are rows S and S + 2 of speech_embedding (no
 llm_embedding), every id >= S ends a piece (200 of them), and during min_len only id S is masked,
@@ -12,14 +13,29 @@ import pytest
 import torch
 
 from light_tts.models.cosyvoice3 import CosyVoice3Model
-from test_bistream_engine import add, bistream_req, drive, random_script, merge, reference as bistream_reference
+from light_tts.models.token2wav import drop_long_silences
+from test_bistream_engine import add, bistream_req, drive, feed, random_script, merge
+from test_bistream_engine import reference as bistream_lm_reference
 from test_llm_engine import assert_pool_free, engine, run
-from test_llm_process import make_req, reference, text
+from test_llm_process import make_req, reference as lm_reference, text
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_cv3_model_dir):
     return CosyVoice3Model.from_pretrained(tiny_cv3_model_dir, components=("llm",)).llm
+
+
+def kept(lm, tokens):
+    return list(drop_long_silences(tokens, lm.SILENT_TOKENS, lm.MAX_SILENT_RUN))
+
+
+def reference(lm, req, greedy=False):
+    """What the engine sends on: the plain model's tokens per piece, past the silent-token rule."""
+    return [kept(lm, piece) for piece in lm_reference(lm, req, greedy)]
+
+
+def bistream_reference(lm, req, all_text, greedy, eng):
+    return kept(lm, bistream_lm_reference(lm, req, all_text, greedy, eng))
 
 
 def prompt(lm):
@@ -104,3 +120,31 @@ def test_comparison_detects_a_wrong_special_row(lm, row):
     assert not errors
     assert [got[r.rid] for r in reqs] != [reference(lm, r, greedy=True) for r in reqs]
     assert [got[r.rid] for r in reqs] == [reference(bad, r, greedy=True) for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def silent_lm(lm):
+    """The model with a head that only scores silent token 1 (h . v) and silent token 2 (-h . v): greedy
+    draws nothing else, so every run is longer than MAX_SILENT_RUN."""
+    bad = copy.deepcopy(lm)
+    v = torch.randn(bad.llm_decoder.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bad.llm_decoder.weight.zero_()
+        bad.llm_decoder.weight[1], bad.llm_decoder.weight[2] = v, -v
+    return bad
+
+
+def test_silent_token_rule(silent_lm):
+    """The LM is fed all 12 silent tokens of a piece; the first MAX_SILENT_RUN go out, the run count
+    starting again at each piece and running over a whole bistream utterance."""
+    lm = silent_lm
+    req = make_req("u", [text(3), text(2)], prompt_text=prompt(lm), fixed_speech_tokens=12)
+    b = bistream_req("b", seed=1, prompt_text=prompt(lm), max_speech_tokens=30)
+    got, _, errors = drive(engine(lm, greedy=True), {0: [add(b), feed("b", text(12, 300), finish=True)]})
+    plain = lm_reference(lm, req, greedy=True)
+    assert all(len(p) == 12 and set(p) <= {1, 2} for p in plain)
+    got_u, _, errors_u = run(engine(lm, greedy=True), {0: [req]})
+    assert not errors and not errors_u
+    assert got_u["u"] == [p[:lm.MAX_SILENT_RUN] for p in plain] == reference(lm, req, greedy=True)
+    assert got["b"] == bistream_reference(lm, b, text(12, 300), True, None)
+    assert len(got["b"]) == lm.MAX_SILENT_RUN

@@ -97,22 +97,29 @@ def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> t
     return new
 
 
+class SilenceFilter:
+    """The official CosyVoice3Model.llm_job filter on the LM's speech tokens, one token at a time:
+    of each run of consecutive silent tokens (any mix of `silent_tokens`) the first `max_run` pass
+    and the rest are dropped; any other token ends the run. The LM itself still sees every token it
+    drew (the official filters after the LM); CosyVoice2 has no silent tokens: everything passes."""
+
+    def __init__(self, silent_tokens: Collection[int], max_run: int = 5):
+        self.silent = frozenset(int(t) for t in silent_tokens)
+        self.max_run = int(max_run)
+        self.run = 0
+
+    def passes(self, token: int) -> bool:
+        if token not in self.silent:
+            self.run = 0
+            return True
+        self.run += 1
+        return self.run <= self.max_run
+
+
 def drop_long_silences(tokens: Iterable[int], silent_tokens: Collection[int], max_run: int = 5) -> Iterator[int]:
-    """The official CosyVoice3Model.llm_job filter on the LM's speech tokens: of each run of
-    consecutive silent tokens (any mix of `silent_tokens`) the first `max_run` pass and the rest
-    are dropped; any other token ends the run. Lazy, so streaming is unchanged. The LM itself
-    still sees every token it drew (the official filters after the LM); CosyVoice2 has no silent
-    tokens and its stream passes unchanged."""
-    silent = frozenset(int(t) for t in silent_tokens)
-    run = 0
-    for token in tokens:
-        if token in silent:
-            run += 1
-            if run > max_run:
-                continue
-        else:
-            run = 0
-        yield token
+    """`tokens` through a SilenceFilter; lazy, so streaming is unchanged."""
+    keep = SilenceFilter(silent_tokens, max_run)
+    return (token for token in tokens if keep.passes(token))
 
 
 class CrossFadeVocoder:

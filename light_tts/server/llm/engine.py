@@ -78,7 +78,7 @@ WARM_PREFILL = ((1, 200), (2, 37), (4, 201), (16, 150))
 class TokenOutput:
     """One request's new speech tokens of one step (the LLM process batches them per decoder)."""
     rid: str
-    tokens: list                 # new speech token ids of text piece `piece`
+    tokens: list                 # new speech token ids of text piece `piece`, past the silent-token rule
     piece: int = 0
     piece_done: bool = False     # piece `piece` has ended (eos or length limit)
     finished: bool = False       # the whole request has ended
@@ -476,11 +476,13 @@ class LLMEngine:
                 continue
             if verdict == SPEAK:
                 seq.next_token = token
-                res.outputs.append(TokenOutput(seq.rid, [token], seq.piece))
+                said = seq.passed_on(token)
+                if said:                                # nothing to send for a dropped silent token
+                    res.outputs.append(TokenOutput(seq.rid, said, seq.piece))
             elif verdict == WAIT:                       # holds its KV, out of the decode batch until its next input
                 seq.next_token = None
             else:                                       # STOP: the token is not emitted; LAST: it is
-                self._end_piece(seq, [token] if verdict == LAST else [], res)
+                self._end_piece(seq, seq.passed_on(token) if verdict == LAST else [], res)
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ The interface (Sequence):
     empty                                             the current piece ends without a forward
     sample_row() / forced_token()                     how its next token is drawn
     accept(token) -> SPEAK | WAIT | STOP | LAST       what a drawn token does (LengthExceeded: 413)
+    passed_on(token)                                  what of a spoken token goes out (silent-token rule)
     next_piece()                                      after a piece ends: is there another one
     on_pause()                                        its KV is about to be dropped (pool full)
     load(busy)                                        the router's admission estimate
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from light_tts.models.bistream import SPEECH
+from light_tts.models.token2wav import SilenceFilter
 from light_tts.server.io_struct import LLMReq
 from light_tts.server.llm.router import Load, expected_new_tokens
 from light_tts.server.llm.sampler import SampleRow
@@ -99,6 +101,16 @@ class Sequence:
         self.next_token: Optional[int] = None    # sampled, not yet fed
         self.prompt_text = _ids(req.prompt_text_ids)
         self.prompt_speech = _ids(req.prompt_speech_tokens)
+        self.new_silence_filter()
+
+    def new_silence_filter(self) -> None:
+        """A fresh run count of the family's silent-token rule (per piece, as the official per call)."""
+        self.silence = SilenceFilter(self.cfg.llm.SILENT_TOKENS, self.cfg.llm.MAX_SILENT_RUN)
+
+    def passed_on(self, token: int) -> list:
+        """What of a spoken token goes to the flow: [token], or [] where the silent-token rule drops it
+        (the LM is fed it either way)."""
+        return [token] if self.silence.passes(token) else []
 
     @property
     def rid(self) -> str:
@@ -217,6 +229,7 @@ class SentenceSequence(Sequence):
             return False
         self.piece += 1                          # prefilled at the next prefill step
         self.decoded = []
+        self.new_silence_filter()
         self.paused = False
         return True
 
