@@ -254,6 +254,26 @@ def test_client_disconnect_aborts_in_every_stage(server):
     assert _metric(text, "lighttts_llm_kv_used") == 0
 
 
+def test_client_leaving_a_non_streaming_request_aborts_it(server):
+    """A non-streaming request's first output is its whole audio: a client that hangs up before
+    it is aborted in every stage within about a second, not run to the end."""
+    import time
+    before = _metric(httpx.get(server.url + "/metrics").text, "lighttts_llm_aborted") or 0
+    with pytest.raises(httpx.ReadTimeout):   # the client gives up after 1.5 s
+        httpx.post(server.url + "/inference_zero_shot", timeout=httpx.Timeout(60, read=1.5),
+                   data={"prompt_text": PROMPT_TEXT, "tts_text": "A long request nobody waits for.",
+                         "fixed_speech_tokens": "1500"}, files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
+    left = time.time()
+    while time.time() < left + 10:
+        text = httpx.get(server.url + "/metrics").text
+        if (_metric(text, "lighttts_llm_aborted") or 0) > before and _metric(text, "lighttts_llm_running") == 0 \
+                and all(float(v) == 0 for v in re.findall(r'^lighttts_decode_active\{[^}]*\} (\S+)$', text, re.M)):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"request not aborted everywhere:\n{text}")
+
+
 def test_websocket_bistream_lighttts_protocol(server):
     import json
     from websockets.sync.client import connect

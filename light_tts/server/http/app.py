@@ -82,6 +82,10 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
+GONE = object()        # Api._next_unless_gone: the client disconnected
+CLIENT_CLOSED = 499    # the status nginx logs for a client that closed the request (metrics only)
+
+
 def error(status: int, message: str, **headers) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
 
@@ -222,10 +226,16 @@ class Api:
         t0 = time.time()
         outputs = self.client.synthesize(self.args.request_timeout, **fields)
         try:
-            first = await outputs.__anext__()   # the generator's first step admits it or raises Overloaded
+            # the generator's first step admits it or raises Overloaded; a non-streaming request's
+            # first output is its whole audio, so a client that leaves meanwhile must abort it here
+            first = await self._next_unless_gone(request, outputs)
         except Overloaded as e:
             self.metrics.done(endpoint, e.status)
             return overloaded_response(e)
+        if first is GONE:
+            await outputs.aclose()   # drops the request in every stage
+            self.metrics.done(endpoint, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         if isinstance(first, ErrorOutput):
             self.metrics.done(endpoint, first.status)
             return error(first.status, first.message)
@@ -267,8 +277,9 @@ class Api:
             self.metrics.done(endpoint, status, audio_seconds=samples / SAMPLE_RATE, wall=time.time() - t0)
 
     @staticmethod
-    async def _until_disconnect(request: Request, outputs):
-        """Iterate outputs; if the client leaves first, closing the generator aborts the request."""
+    async def _next_unless_gone(request: Request, outputs):
+        """The generator's next item, or GONE if the client disconnects first (the pending step is
+        cancelled; the caller closes the generator, which aborts the request)."""
         nxt = asyncio.ensure_future(outputs.__anext__())
         try:
             while True:
@@ -276,21 +287,28 @@ class Api:
                 done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt in done:
                     gone.cancel()
-                    try:
-                        out = nxt.result()
-                    except StopAsyncIteration:
-                        return
-                    yield out
-                    nxt = asyncio.ensure_future(outputs.__anext__())
-                elif gone.result():
-                    nxt.cancel()
-                    await asyncio.gather(nxt, return_exceptions=True)  # let it unwind before aclose()
-                    return
-                else:
-                    await asyncio.sleep(0.05)
+                    return nxt.result()
+                if gone.result():
+                    return GONE
+                await asyncio.sleep(0.05)
         finally:
             if not nxt.done():
                 nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)  # let it unwind before aclose()
+
+    @classmethod
+    async def _until_disconnect(cls, request: Request, outputs):
+        """Iterate outputs; if the client leaves first, closing the generator aborts the request."""
+        try:
+            while True:
+                try:
+                    out = await cls._next_unless_gone(request, outputs)
+                except StopAsyncIteration:
+                    return
+                if out is GONE:
+                    return
+                yield out
+        finally:
             await outputs.aclose()
 
 
