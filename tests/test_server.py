@@ -233,8 +233,20 @@ def _metric(text, name):
     return float(m.group(1)) if m else None
 
 
+def _wait_aborted_everywhere(server, before: float, seconds: float = 10) -> str:
+    """/metrics once the LLM counts an abort more than `before`, runs nothing, and no decode process
+    holds a request (fails after `seconds`)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        text = httpx.get(server.url + "/metrics").text
+        if (_metric(text, "lighttts_llm_aborted") or 0) > before and _metric(text, "lighttts_llm_running") == 0 \
+                and all(float(v) == 0 for v in re.findall(r'^lighttts_decode_active\{[^}]*\} (\S+)$', text, re.M)):
+            return text
+        time.sleep(0.2)
+    pytest.fail(f"request not aborted everywhere:\n{text}")
+
+
 def test_client_disconnect_aborts_in_every_stage(server):
-    import time
     before = _metric(httpx.get(server.url + "/metrics").text, "lighttts_llm_aborted") or 0
     with httpx.stream("POST", server.url + "/inference_zero_shot", timeout=60,
                       data={"prompt_text": PROMPT_TEXT, "tts_text": "A long streaming request.", "stream": "true",
@@ -242,36 +254,19 @@ def test_client_disconnect_aborts_in_every_stage(server):
                       files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}) as r:
         assert r.status_code == 200
         next(r.iter_raw())  # first audio arrived; now hang up mid-stream
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        text = httpx.get(server.url + "/metrics").text
-        if (_metric(text, "lighttts_llm_aborted") or 0) > before and _metric(text, "lighttts_llm_running") == 0 \
-                and all(float(v) == 0 for v in re.findall(r'^lighttts_decode_active\{[^}]*\} (\S+)$', text, re.M)):
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail(f"request not aborted everywhere:\n{text}")
+    text = _wait_aborted_everywhere(server, before)
     assert _metric(text, "lighttts_llm_kv_used") == 0
 
 
 def test_client_leaving_a_non_streaming_request_aborts_it(server):
     """A non-streaming request's first output is its whole audio: a client that hangs up before
     it is aborted in every stage within about a second, not run to the end."""
-    import time
     before = _metric(httpx.get(server.url + "/metrics").text, "lighttts_llm_aborted") or 0
     with pytest.raises(httpx.ReadTimeout):   # the client gives up after 1.5 s
         httpx.post(server.url + "/inference_zero_shot", timeout=httpx.Timeout(60, read=1.5),
                    data={"prompt_text": PROMPT_TEXT, "tts_text": "A long request nobody waits for.",
                          "fixed_speech_tokens": "1500"}, files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")})
-    left = time.time()
-    while time.time() < left + 10:
-        text = httpx.get(server.url + "/metrics").text
-        if (_metric(text, "lighttts_llm_aborted") or 0) > before and _metric(text, "lighttts_llm_running") == 0 \
-                and all(float(v) == 0 for v in re.findall(r'^lighttts_decode_active\{[^}]*\} (\S+)$', text, re.M)):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"request not aborted everywhere:\n{text}")
+    _wait_aborted_everywhere(server, before)
 
 
 def test_websocket_bistream_lighttts_protocol(server):
