@@ -43,7 +43,7 @@ def test_health_and_model_query(server):
     assert httpx.get(server.url + "/liveness").status_code == 200
     for method in ("GET", "POST"):
         r = httpx.request(method, server.url + "/query_tts_model")
-        assert r.json() == {"tts_models": ["tiny"]}
+        assert r.json() == {"tts_models": ["tiny"], "model_family": "cosyvoice2"}
 
 
 def test_zero_shot_wav(server):

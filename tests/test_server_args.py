@@ -323,15 +323,7 @@ def test_dataclass_fields_carry_their_declaration():
         assert f.metadata["group"] in ("server", "encode", "LLM", "decode"), f.name
 
 
-def test_a_cosyvoice3_directory_stops_the_start_with_what_to_use(tmp_path, capsys):
-    """The server serves CosyVoice2 only so far: a CosyVoice3 directory is refused at parse time (no
-    stage starts), pointing at offline synthesis; a directory with cosyvoice2.yaml (first in the
-    official AutoModel's order) is accepted."""
+def test_a_cosyvoice3_directory_is_accepted(tmp_path):
+    """The server serves CosyVoice3 too (each stage loads the directory's family): no refusal at parse time."""
     (tmp_path / "cosyvoice3.yaml").write_text("sample_rate: 24000\n")
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--model_dir", str(tmp_path)], environ={})
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert f"--model_dir {tmp_path} holds a CosyVoice3 model" in err and "light_tts.synthesize" in err
-    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n")
     assert parse_args(["--model_dir", str(tmp_path)], environ={}).model_dir == str(tmp_path)

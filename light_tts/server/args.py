@@ -271,17 +271,6 @@ class ServerArgs:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["secret"]}
 
 
-def _served_family(model_dir: str) -> Optional[str]:
-    """The server runs CosyVoice2 only so far: a CosyVoice3 directory (its yaml and no cosyvoice2.yaml,
-    the official AutoModel's order, as light_tts.models.pretrained.model_family reads it; that module
-    imports torch, which the launcher and gunicorn's master do not) stops the start here."""
-    if os.path.isfile(os.path.join(model_dir, "cosyvoice2.yaml")) or \
-            not os.path.isfile(os.path.join(model_dir, "cosyvoice3.yaml")):
-        return None
-    return (f"--model_dir {model_dir} holds a CosyVoice3 model: the server serves CosyVoice2 only so far; "
-            f"synthesise CosyVoice3 offline with python -m light_tts.synthesize --model_dir {model_dir}")
-
-
 def _local_model_dir(args: ServerArgs) -> Optional[str]:
     """A ModelScope id in --model_dir becomes its local directory here, once, before any stage starts
     (each stage loads args.model_dir); a path stays as given."""
@@ -296,7 +285,6 @@ def _local_model_dir(args: ServerArgs) -> Optional[str]:
 # local directory, which the others read.
 CHECKS: list[Callable[[ServerArgs], Optional[str]]] = [
     _local_model_dir,
-    lambda a: _served_family(a.model_dir) if os.path.isdir(a.model_dir) else None,
     lambda a: None if a.batch_max_tokens >= a.max_req_total_len else
     f"--batch_max_tokens ({a.batch_max_tokens}) must be >= --max_req_total_len ({a.max_req_total_len}): "
     "a request's prompt must fit one prefill",

@@ -32,6 +32,16 @@ class DecodeEngine:
         self.flow = BatchedFlow(flow, solver)
         self.hift = BatchedHift(hift)
 
+    @property
+    def prompt_cache(self):
+        """The flow's prompt cache (decode/prompt_cache.py) or None: what the decode process asks."""
+        return self.flow.prompt_cache
+
+    @property
+    def late_captures(self) -> int:
+        """CUDA graphs captured while serving (a shape the warm-up missed): the decode stats."""
+        return sum(getattr(r, "late_captures", 0) for r in (self.flow.solver, self.flow.encoder, self.hift))
+
     @torch.inference_mode()
     def run(self, rows: Sequence) -> list:
         """rows: (Token2Wav, Chunk) pairs, at most one per Token2Wav. Returns per row float32
@@ -76,18 +86,33 @@ class DecodeEngine:
                 cache.release(t2w)
 
 
+def new_engine(flow, hift):
+    """The engine of this flow's family, without speed paths: the batched DecodeEngine for CosyVoice2,
+    the one-row-at-a-time PlainEngine for CosyVoice3's DiT flow (BatchedFlow runs the conformer flow only)."""
+    from light_tts.models.flow.flow_dit import CausalMaskedDiffWithDiT
+    if isinstance(flow, CausalMaskedDiffWithDiT):
+        from light_tts.server.decode.plain_engine import PlainEngine
+        return PlainEngine(flow, hift)
+    return DecodeEngine(flow, hift)
+
+
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
-                 prompt_cache_gb: float = 0.0, stream_cache: bool = False) -> DecodeEngine:
+                 prompt_cache_gb: float = 0.0, stream_cache: bool = False):
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
     `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
-    which keeps the streams' frames too with `stream_cache`."""
+    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 flow gets the PlainEngine
+    (none of these paths)."""
     on_cuda = device.startswith("cuda")
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
-    engine = DecodeEngine(flow, hift)
+    engine = new_engine(flow, hift)
+    if not isinstance(engine, DecodeEngine):
+        log.info("CosyVoice3 decode runs one request at a time (plain pipeline, not batched yet); "
+                 "the speed flags (CUDA graphs, fused estimator, prompt cache, --load_jit, --load_trt) do not apply")
+        return engine
     graphs = on_cuda and cuda_graph
     if graphs:
         from light_tts.server.decode.cuda_graph import GraphEncoder, GraphHift

@@ -15,7 +15,8 @@ fresh Token2Wav (the official decodes every sentence with its own tts() call: ne
 same seed). The loop: take every waiting message, then compute the next chunk of up to
 --decode_max_batch_size ready requests in ONE batched flow call and ONE batched HiFT call
 (light_tts.server.decode.engine; served requests move to the back so none starves; waiting first chunks
-run before the later chunks of streams with audio to spare: pick_batch), send each chunk
+run before the later chunks of streams with audio to spare: pick_batch; CosyVoice3 runs those rows one
+at a time for now: decode/plain_engine.py), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready.
 
 The launcher (light_tts.server.backend) starts run_decode_process in a 'spawn' process. torch and
@@ -131,10 +132,10 @@ class DecodeServer:
         self.init_state()
 
     def init_model(self, flow, hift, engine, first_hop: int) -> None:
-        from light_tts.server.decode.engine import DecodeEngine
+        from light_tts.server.decode.engine import new_engine
         from light_tts.models.token2wav import StreamSchedule
         self.flow, self.hift = flow, hift
-        self.engine = engine or DecodeEngine(flow, hift)
+        self.engine = engine or new_engine(flow, hift)
         self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=first_hop)
         self.batch_sizes: dict[int, int] = {}          # rows per engine call -> calls (stats)
 
@@ -264,10 +265,10 @@ class DecodeServer:
         self.check_conditioning(req)
         state = DecodeState(req=req)
         state.pieces.append(self.new_piece(req))   # builds the tensors now: bad input fails at once
-        if self.engine.flow.prompt_cache is not None:   # the voice's key, hashed once for every sentence
+        if self.engine.prompt_cache is not None:   # the voice's key, hashed once for every sentence
             state.voice = state.pieces[0].t2w.conditioning_key
         self.states[req.rid] = state
-        if req.stream and self.engine.flow.prompt_cache is not None:
+        if req.stream and self.engine.prompt_cache is not None:
             self.to_warm.append((req.rid, state.pieces[0].t2w))
 
     def handle_tokens(self, batch: SpeechTokensBatchOutput) -> None:
@@ -329,7 +330,7 @@ class DecodeServer:
         conditioning = (torch.from_numpy(np.asarray(req.prompt_speech_tokens)),
                         torch.from_numpy(np.asarray(req.prompt_feat, dtype=np.float32)),
                         torch.from_numpy(np.asarray(req.embedding, dtype=np.float32)))
-        if voice is None and self.engine.flow.prompt_cache is not None:
+        if voice is None and self.engine.prompt_cache is not None:
             voice = conditioning_digest(*conditioning)
         t2w = Token2Wav(self.flow, self.hift, *conditioning, self.schedule, seed=req.seed, voice=voice)
         return StreamingDecoder(t2w, req.stream, req.speed)
@@ -358,9 +359,8 @@ class DecodeServer:
         stats = {"active": len(self.states), "chunks": self.chunks, "audio_seconds": round(self.audio_seconds, 3),
                  "aborted": self.aborted_count, "errors": self.dispatch.errors,
                  "batch_sizes": dict(sorted(self.batch_sizes.items())),
-                 "graph_captures_while_serving": sum(getattr(r, "late_captures", 0) for r in (
-                     self.engine.flow.solver, self.engine.flow.encoder, self.engine.hift))}
-        cache = self.engine.flow.prompt_cache
+                 "graph_captures_while_serving": self.engine.late_captures}
+        cache = self.engine.prompt_cache
         if cache is not None:
             stats.update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses,
                          prompt_cache_voices=len(cache.entries), stream_cache_streams=len(cache.streams),
@@ -370,10 +370,9 @@ class DecodeServer:
 
 
 def load_decode_model(model_dir: str, device: str, data_type: str):
-    """(flow, hift) on `device`, weight norm folded into HiFT's convolutions."""
-    from light_tts.models.cosyvoice2 import CosyVoice2Model
-    model = CosyVoice2Model.from_pretrained(model_dir, device, stage_dtype(data_type, device),
-                                            components=("flow", "hift"))
+    """(flow, hift) of the directory's family on `device`, weight norm folded into HiFT's convolutions."""
+    from light_tts.models.pretrained import load_model
+    model = load_model(model_dir, device, stage_dtype(data_type, device), components=("flow", "hift"))
     if hasattr(model.hift, "fold_weight_norm"):
         model.hift.fold_weight_norm()
     return model.flow, model.hift

@@ -16,6 +16,7 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import re
 import time
 from typing import Optional
@@ -170,12 +171,22 @@ def _audio(params: dict) -> Optional[bytes]:
     return None
 
 
+def model_family(model_dir: str) -> Optional[str]:
+    """"cosyvoice2" / "cosyvoice3": the yaml the directory holds, in the official AutoModel's order (as
+    light_tts.models.pretrained.model_family, which imports torch: the HTTP workers do not); None if neither."""
+    for family in ("cosyvoice2", "cosyvoice3"):
+        if os.path.isfile(os.path.join(model_dir, f"{family}.yaml")):
+            return family
+    return None
+
+
 class Api:
     def __init__(self, args, endpoints: Endpoints, model_name: str):
         self.args = args
         self.client = BackendClient(endpoints, max_in_flight=args.max_queue_size)
         self.metrics = Metrics(endpoints)
         self.model_name = model_name
+        self.model_family = model_family(getattr(args, "model_dir", "") or "")
 
     # -- synthesis request from parameters --
     def tts_fields(self, params: dict, mode: str, default_format: str) -> dict:
@@ -417,7 +428,7 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
 
     @app.api_route("/query_tts_model", methods=["GET", "POST"])
     async def query_tts_model():
-        return {"tts_models": [api.model_name]}
+        return {"tts_models": [api.model_name], "model_family": api.model_family}
 
     @app.get("/metrics")
     async def metrics():

@@ -218,7 +218,7 @@ def run_llm_process(args, endpoints: Endpoints) -> None:
     from light_tts.server.stage import stage_device, stage_dtype, start_stage
     hb = start_stage(endpoints, "llm", args.log_level)
     import torch
-    from light_tts.models.cosyvoice2 import CosyVoice2Model
+    from light_tts.models.pretrained import load_model
     from light_tts.server.gpu_memory import cap_memory_or_exit, log_reserved, out_of_memory_hint
 
     device = stage_device(0)
@@ -227,8 +227,8 @@ def run_llm_process(args, endpoints: Endpoints) -> None:
     plan = cap_memory_or_exit(args, "llm", device)   # --gpu_memory_limit_gb, before any allocation
     t0 = time.perf_counter()
     try:
-        model = CosyVoice2Model.from_pretrained(args.model_dir, device=device,
-                                                dtype=stage_dtype(args.data_type, device), components=("llm",))
+        # the directory's family: Qwen2LM (CosyVoice2) or CosyVoice3LM (the engine asks the model what differs)
+        model = load_model(args.model_dir, device, stage_dtype(args.data_type, device), components=("llm",))
         server = LLMServer(args, endpoints, model.llm)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", out_of_memory_hint(args, "llm", plan))
