@@ -326,7 +326,7 @@ class Api:
 def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") -> FastAPI:
     api = Api(args, endpoints, model_name)
     app = FastAPI(title="LightTTS", version="0.1.0",
-                  description="CosyVoice2 text-to-speech: zero-shot voice cloning over HTTP")
+                  description="CosyVoice2 and CosyVoice3 text-to-speech: zero-shot voice cloning over HTTP")
     app.state.api = api
 
     @app.on_event("startup")
