@@ -276,3 +276,14 @@ def test_process_sends_one_token_batch_per_decoder_per_step(server, lm):
         rows = [m for _, m in msgs[1:]]
         assert all(isinstance(m, Row) for m in rows) and rows[-1].finished
         assert [t for m in rows for t in m.tokens] == reference(lm, r)[0], r.rid
+
+
+def test_stats_line_names_errors_only_when_there_are_some():
+    """Operators grep logs for 'error': 'errors 0' on every stats line matched them all."""
+    from light_tts.server.llm.process import stats_line
+    s = dict(running=1, waiting=0, batch_size=1, max_batch_size=4, steps=10, generated_tokens=9, kv_used=30,
+             kv_total=2000, kv_cached=5, prefix_hits=1, prefix_misses=2, finished=3, aborted=0, rejected=0,
+             errors=0, paused=0, decode_load=[1, 0])
+    assert "error" not in stats_line(s).lower() and "running 1" in stats_line(s)
+    assert stats_line(dict(s, errors=2)).endswith(" errors 2")
+

@@ -52,6 +52,7 @@ log = logging.getLogger("lighttts")
 
 IDLE_POLL_MS = 100          # how long an idle loop blocks on its socket
 EARLY_ABORTS_KEPT = 4096    # aborts for rids not seen yet, remembered (oldest forgotten first)
+IDLE_LOG_SECONDS = 300      # an unchanged stats line (an idle server) is logged at most this often
 
 
 class LLMServer:
@@ -69,6 +70,8 @@ class LLMServer:
                              last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, finished=0)
         self.stats_ticker = Ticker(STATS_SECONDS)
         self.log_ticker = Ticker(args.log_stats_interval)
+        self.idle_log_ticker = Ticker(IDLE_LOG_SECONDS)   # an unchanged stats line is logged this rarely
+        self.last_stats_line = ""
 
     def init_sockets(self) -> None:
         self.ctx = zmq.Context()
@@ -204,13 +207,24 @@ class LLMServer:
     def publish_stats(self) -> None:
         s = self.stats()
         write_stats(self.endpoints, "llm", s)
-        if not self.args.disable_log_stats and self.log_ticker.due():
-            log.info("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d (cached %d) "
-                     "prefix hits %d misses %d finished %d aborted %d rejected %d errors %d paused %d decode_load %s",
-                     s["running"], s["waiting"], s["batch_size"], s["max_batch_size"], s["steps"],
-                     s["generated_tokens"], s["kv_used"], s["kv_total"], s["kv_cached"], s["prefix_hits"],
-                     s["prefix_misses"], s["finished"], s["aborted"], s["rejected"], s["errors"], s["paused"],
-                     s["decode_load"])
+        if self.args.disable_log_stats or not self.log_ticker.due():
+            return
+        line = stats_line(s)
+        # an idle server repeats itself: log a line that changed, the same one only now and then
+        if line != self.last_stats_line or self.idle_log_ticker.due():
+            log.info("%s", line)
+            self.last_stats_line = line
+
+
+def stats_line(s: dict) -> str:
+    """The LLM's stats log line. It names errors only when there are some: operators grep logs for
+    'error', and 'errors 0' on every line matched them all."""
+    line = ("running %d waiting %d batch_size %d (max %d) steps %d tokens %d kv %d/%d (cached %d) prefix hits %d "
+            "misses %d finished %d aborted %d rejected %d paused %d decode_load %s"
+            % (s["running"], s["waiting"], s["batch_size"], s["max_batch_size"], s["steps"], s["generated_tokens"],
+               s["kv_used"], s["kv_total"], s["kv_cached"], s["prefix_hits"], s["prefix_misses"], s["finished"],
+               s["aborted"], s["rejected"], s["paused"], s["decode_load"]))
+    return line + (f" errors {s['errors']}" if s["errors"] else "")
 
 
 def run_llm_process(args, endpoints: Endpoints) -> None:
