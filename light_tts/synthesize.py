@@ -14,6 +14,7 @@ silent-token rule (token2wav.drop_long_silences; CosyVoice3 only) on the way to 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Iterator, Optional
@@ -96,6 +97,12 @@ def main(argv=None) -> int:
         p.error("--speed works only without --stream (as the official)")
     if not args.tts_text.strip():
         p.error("--tts_text is empty")
+    # what would otherwise fail after the model is loaded (or after the whole synthesis)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        p.error(f"--out {args.out}: the directory {out_dir} does not exist")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
 
     import soundfile as sf
     if args.device == "cpu":

@@ -327,3 +327,19 @@ def test_a_cosyvoice3_directory_is_accepted(tmp_path):
     """The server serves CosyVoice3 too (each stage loads the directory's family): no refusal at parse time."""
     (tmp_path / "cosyvoice3.yaml").write_text("sample_rate: 24000\n")
     assert parse_args(["--model_dir", str(tmp_path)], environ={}).model_dir == str(tmp_path)
+
+
+def test_a_port_in_use_stops_the_start_before_any_stage(tmp_path):
+    """Another server on the port: one line and exit 2 at once, not after every stage has loaded."""
+    import socket
+    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n")
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "light_tts.server.api_server", "--model_dir", str(tmp_path),
+                            "--host", "127.0.0.1", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "starting" not in r.stderr   # the backend never started a stage
+

@@ -63,6 +63,15 @@ def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model_dir", tiny_model_dir, "--prompt_wav", PROMPT_WAV, "--prompt_text", "x", "--tts_text", "hi",
               "--out", "o.wav", "--stream", "--speed", "1.5"])
+    # refused before the model loads: an output directory that is not there, a GPU that is not there
+    args = ["--model_dir", tiny_model_dir, "--prompt_wav", PROMPT_WAV, "--prompt_text", "x", "--tts_text", "hi"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--out", str(tmp_path / "missing" / "o.wav")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--out", str(tmp_path / "o.wav"), "--device", "cuda"])
+        assert e.value.code == 2 and "sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_stream_schedule_matches_the_official():

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+from typing import Optional
 
 from light_tts.server.args import ServerArgs, parse_args
 from light_tts.server.backend import Backend, endpoints_for
@@ -31,6 +33,18 @@ def model_name(model_dir: str) -> str:
     return os.path.basename(path) or "CosyVoice2-0.5B"
 
 
+def port_in_use(host: str, port: int) -> Optional[str]:
+    """Why the HTTP port cannot be listened on, or None. Checked before the stages load (15 s and
+    more), so a port already taken fails at once; uvicorn binds the same way (SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}): another server there?"
+    return None
+
+
 def app_factory():
     """uvicorn worker entry: rebuild the args the launcher validated and build the app."""
     from light_tts.server.http.app import create_app
@@ -41,6 +55,10 @@ def app_factory():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
     setup_logging("api_server", args.log_level)
     log.debug("settings: %s", args.public())
     # The launcher keeps its command line so runbooks' `pkill -f 'python.*api_server'` finds it;
