@@ -139,7 +139,10 @@ def test_voices_lifecycle(server):
                    json={"model": "tiny", "input": "OpenAI shape.", "voice": "alice", "response_format": "pcm",
                          "fixed_speech_tokens": N})
     assert r.status_code == 200 and len(r.content) == SAMPLES * 2
+    listed = httpx.get(server.url + "/voices").json()["voices"]
+    assert [v["voice_id"] for v in listed] == ["alice"] and listed[0]["registered_at"].endswith("+00:00")
     assert httpx.delete(server.url + "/voices/alice").status_code == 200
+    assert httpx.get(server.url + "/voices").json() == {"voices": []}
     assert httpx.delete(server.url + "/voices/alice").status_code == 404
     r = httpx.post(server.url + "/inference_zero_shot", timeout=30, data={"tts_text": "x", "voice_id": "alice"})
     assert r.status_code == 404 and "unknown voice_id" in r.json()["detail"]

@@ -43,8 +43,8 @@ class VoiceStore:
         except FileNotFoundError:
             pass
 
-    def load_all(self, limit: int) -> list[tuple[str, Voice]]:
-        """Up to `limit` stored voices, oldest first; an unreadable file is logged and skipped."""
+    def _dated(self) -> list[tuple[float, str]]:
+        """(modification time, file name) of every stored voice, oldest first."""
         dated = []
         for name in os.listdir(self.dir):
             if name.endswith(".npz"):
@@ -52,8 +52,24 @@ class VoiceStore:
                     dated.append((os.path.getmtime(os.path.join(self.dir, name)), name))
                 except OSError:   # deleted meanwhile (another encode process handled a DELETE)
                     pass
+        return sorted(dated)
+
+    def list(self) -> list[tuple[str, float]]:
+        """(voice_id, registered at: seconds since the epoch) of every stored voice, oldest first.
+        Reads only each file's id (np.load is lazy); a file unreadable or deleted meanwhile is left out."""
         out = []
-        for _, name in sorted(dated)[:max(0, limit)]:
+        for mtime, name in self._dated():
+            try:
+                with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
+                    out.append((str(z["voice_id"]), mtime))
+            except Exception:  # noqa: BLE001 - being written or deleted: the next listing shows it
+                pass
+        return out
+
+    def load_all(self, limit: int) -> list[tuple[str, Voice]]:
+        """Up to `limit` stored voices, oldest first; an unreadable file is logged and skipped."""
+        out = []
+        for _, name in self._dated()[:max(0, limit)]:
             try:
                 with np.load(os.path.join(self.dir, name), allow_pickle=False) as z:
                     out.append((str(z["voice_id"]), Voice(*(z[k] for k in FIELDS))))

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from datetime import datetime, timezone
 from typing import Optional
 
 from fastapi import FastAPI, Request, WebSocket
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from light_tts.audio_out import SAMPLE_RATE, wav_header
+from light_tts.server.encode.voice_store import VoiceStore
 from light_tts.server.http import client_json
 from light_tts.server.http.manager import BackendClient, Overloaded
 from light_tts.server.http.metrics import Metrics
@@ -397,6 +399,14 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         if isinstance(out, ErrorOutput):
             return error(out.status, out.message)
         return {"voice_id": voice_id, "speech_tokens": int(len(out.voice.speech_tokens))}
+
+    voice_store = VoiceStore(endpoints.root)   # what the encode processes keep (encode/voice_store.py)
+
+    @app.get("/voices")
+    async def list_voices():
+        """The registered voices of this instance, oldest first, each with when it was registered."""
+        return {"voices": [{"voice_id": voice_id, "registered_at": datetime.fromtimestamp(t, timezone.utc).isoformat()}
+                           for voice_id, t in voice_store.list()]}
 
     @app.delete("/voices/{voice_id}")
     async def delete_voice(voice_id: str):
