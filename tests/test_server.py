@@ -148,6 +148,13 @@ def test_voices_lifecycle(server):
     assert r.status_code == 404 and "unknown voice_id" in r.json()["detail"]
 
 
+def test_the_300m_instruct_route_points_to_instruct2(server):
+    for method in ("GET", "POST"):
+        r = httpx.request(method, server.url + "/inference_instruct", data={"tts_text": "x", "spk_id": "a"},
+                          timeout=30)
+        assert r.status_code == 400 and "/inference_instruct2" in r.json()["detail"]
+
+
 @pytest.mark.parametrize("data,files,status,reason", [
     ({"prompt_text": PROMPT_TEXT}, True, 400, "tts_text is required"),
     ({"prompt_text": PROMPT_TEXT, "tts_text": "   "}, True, 400, "tts_text is required"),

@@ -366,6 +366,14 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         path = f"/inference_{mode}"
         app.add_api_route(path, synth_route(mode, path), methods=["GET", "POST"], name=f"inference_{mode}")
 
+    @app.api_route("/inference_instruct", methods=["GET", "POST"])
+    async def inference_instruct():
+        # the official runtime's route for CosyVoice-300M-Instruct (a speaker id + instruction): no
+        # such model here; CosyVoice2/3 take the instruction with a prompt voice
+        api.metrics.done("/inference_instruct", 400)
+        return error(400, "/inference_instruct is CosyVoice-300M-Instruct's route; with CosyVoice2 and CosyVoice3 "
+                          "use /inference_instruct2 (tts_text, instruct_text, and prompt_wav or voice_id)")
+
     @app.post("/v1/audio/speech")
     async def openai_speech(request: Request):
         try:
