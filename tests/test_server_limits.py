@@ -128,8 +128,13 @@ def test_second_instance_on_the_same_port_is_refused(server, tiny_model_dir):
     import sys
     from server_util import ROOT, server_env
     zmq_dir = server.proc.args[server.proc.args.index("--zmq_mode") + 1]
-    out = subprocess.run([sys.executable, "-m", "light_tts.server.api_server", "--model_dir", tiny_model_dir,
-                          "--port", str(server.port), "--zmq_mode", zmq_dir], cwd=ROOT, env=server_env(),
-                         capture_output=True, text=True, timeout=120)
+    second = [sys.executable, "-m", "light_tts.server.api_server", "--model_dir", tiny_model_dir,
+              "--port", str(server.port), "--zmq_mode", zmq_dir]
+    # the HTTP port is taken: refused before any stage starts
+    out = subprocess.run(second, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"--port {server.port}: cannot listen" in out.stderr, out.stderr
+    # another address, so the port is free there: the instance's IPC directory (named by the port) is not
+    out = subprocess.run(second + ["--host", "127.0.0.2"], cwd=ROOT, env=server_env(), capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 1 and "another LightTTS instance is running" in out.stderr + out.stdout
     assert post(server.url).status_code == 200  # the running instance was left alone
