@@ -101,15 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- the server's processes and memory -------------------------------------------------------------
 
-def server_processes(session: int | None) -> dict[int, str]:
-    """{pid: name} of the server: the session we started, else every lighttts / api_server process."""
+def server_processes(session: int | None, port: int) -> dict[int, str]:
+    """{pid: name} of the server: the session we started, else the processes of the instance on
+    `port` (stage titles end in @port; the launcher's command line names --port), not another
+    server's on the same machine."""
     out = {}
     for pid, fields, argv in process_table():
         title, cmd = argv[0], " ".join(argv)
         if session is not None:
             mine = int(fields[3]) == session
         else:
-            mine = title.startswith("lighttts::") or "light_tts.server" in cmd or "wsgi_wrapper" in cmd
+            mine = (title.startswith("lighttts::") and title.endswith(f"@{port}")) or \
+                ("light_tts.server.api_server" in cmd and re.search(rf"--port[= ]{port}\b", cmd) is not None)
         if mine and pid != os.getpid():
             out[pid] = title if title.startswith("lighttts::") else ("api_server" if "api_server" in cmd else
                                                                       os.path.basename(title) or "?")
@@ -296,7 +299,7 @@ def run(a) -> int:
 
         # baseline memory at 20% of the run (past allocator warm-up), then progress lines
         time.sleep(0.2 * duration)
-        procs = server_processes(session)
+        procs = server_processes(session, urlparse(url).port or 80)
         rss0 = {pid: rss_mb(pid) for pid in procs}
         gpu0 = gpu_used_mb()
         next_print = time.time() + 30

@@ -259,7 +259,7 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
         settings = open(os.path.join(tmp, "production.env")).read()
         assert "WORKERS=2" in settings and "DECODE_PROCESS_NUM=2" in settings
         # the deployed value reaches the server (a10_single.env's DECODE_PROCESS_NUM=1 must not win)
-        decoders = {t.split("@")[0] for t in stage_pids("lighttts::decode")}   # titles end in @port
+        decoders = {t.split("@")[0] for t in stage_pids("lighttts::decode")}   # title@port@pid
         assert decoders == {"lighttts::decode:0", "lighttts::decode:1"}, decoders
         master = int(open(os.path.join(tmp, "light-tts.pid")).read())
         assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()

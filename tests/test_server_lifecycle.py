@@ -44,14 +44,15 @@ def test_dead_stage_fails_fast_and_sigterm_cleans_up(tiny_model_dir, tmp_path):
     srv = Server.api_server(tiny_model_dir, tmp_path).wait_healthy()
     try:
         names = titles(descendants(srv.proc.pid))
-        for stage in ("lighttts::encode:0", "lighttts::llm", "lighttts::decode:0"):
-            assert stage in names.values(), names
+        # titles carry the instance's port: two servers on one machine stay apart in ps
+        for stage in ("encode:0", "llm", "decode:0"):
+            assert f"lighttts::{stage}@{srv.port}" in names.values(), names
         ipc_dirs = [d for d in os.listdir(tmp_path) if d.startswith("lighttts-")]
         assert len(ipc_dirs) == 1 and oct(os.stat(tmp_path / ipc_dirs[0]).st_mode & 0o777) == "0o700"
         assert request(srv.url).status_code == 200
 
         # a long streaming request in flight when the decode process is killed
-        decode_pid = next(p for p, t in names.items() if t == "lighttts::decode:0")
+        decode_pid = next(p for p, t in names.items() if t == f"lighttts::decode:0@{srv.port}")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             inflight = pool.submit(request, srv.url, 1500)
             time.sleep(1.0)
@@ -78,7 +79,7 @@ def test_dead_stage_fails_fast_and_sigterm_cleans_up(tiny_model_dir, tmp_path):
 def test_health_monitor_restarts_a_stage(tiny_model_dir, tmp_path):
     with Server.api_server(tiny_model_dir, tmp_path, "--health_monitor") as srv:
         names = titles(descendants(srv.proc.pid))
-        llm = next(p for p, t in names.items() if t == "lighttts::llm")
+        llm = next(p for p, t in names.items() if t == f"lighttts::llm@{srv.port}")
         os.kill(llm, signal.SIGKILL)
         time.sleep(1.5)
         srv.wait_healthy(timeout=120)
@@ -122,15 +123,15 @@ def test_gunicorn_four_workers_share_one_backend(tiny_model_dir, tmp_path):
         # a gunicorn worker (or of the master with --preload), the LLM a child of the backend
         new = [p for p in os.listdir("/proc") if p.isdigit() and p not in before]
         gunicorn = {str(srv.proc.pid)} | {p for p in new if _ppid(p) == str(srv.proc.pid)}
-        backends = [p for p in new if _title(p) == "lighttts::backend" and _ppid(p) in gunicorn]
-        llms = [p for p in new if _title(p) == "lighttts::llm" and _ppid(p) in backends]
+        backends = [p for p in new if _title(p) == f"lighttts::backend@{port}" and _ppid(p) in gunicorn]
+        llms = [p for p in new if _title(p) == f"lighttts::llm@{port}" and _ppid(p) in backends]
         assert len(backends) == 1 and len(llms) == 1  # once for all workers, not once per worker
     finally:
         srv.stop()
     deadline = time.time() + 20
-    while time.time() < deadline and any(_title(p) == "lighttts::backend" for p in backends):
+    while time.time() < deadline and any(_title(p) == f"lighttts::backend@{port}" for p in backends):
         time.sleep(0.3)
-    assert not any(_title(p) == "lighttts::backend" for p in backends), "backend outlived gunicorn"
+    assert not any(_title(p) == f"lighttts::backend@{port}" for p in backends), "backend outlived gunicorn"
 
 
 def _title(pid) -> str:
@@ -147,3 +148,23 @@ def _ppid(pid) -> str:
             return f.read().rsplit(")", 1)[1].split()[1]
     except OSError:
         return ""
+
+
+def test_the_readme_stop_recipe_stops_one_instance_only(tiny_model_dir, tmp_path):
+    """Two servers on one machine: the README's stop command for one (its LLM stage's parent, found
+    by the title that carries its port) ends that instance and leaves the other serving."""
+    import subprocess
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Server.api_server(tiny_model_dir, tmp_path / "a")
+    b = Server.api_server(tiny_model_dir, tmp_path / "b")
+    try:
+        a.wait_healthy()
+        b.wait_healthy()
+        subprocess.run(["bash", "-c", f"kill $(ps -o ppid= -p $(pgrep -fx 'lighttts::llm@{a.port}'))"], check=True)
+        a.proc.wait(timeout=60)
+        assert request(b.url).status_code == 200
+        assert {t for t in titles(descendants(b.proc.pid)).values()} >= {f"lighttts::llm@{b.port}"}
+    finally:
+        a.stop()
+        b.stop()

@@ -69,7 +69,7 @@ def server(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("stage", ["encode:0", "llm", "decode:0"])
 def test_kill_stage_under_load(server, stage):
     url = server.url
-    pid = stage_pid(server, f"lighttts::{stage}")
+    pid = stage_pid(server, f"lighttts::{stage}@{server.port}")
     assert pid, f"no lighttts::{stage} process"
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         # light load: two long requests in flight (one streaming) when the stage dies
@@ -106,7 +106,7 @@ def test_kill_stage_under_load(server, stage):
 
     # --health_monitor restarts the stage in place; the server serves again with everything free
     server.wait_healthy(timeout=180)
-    new_pid = stage_pid(server, f"lighttts::{stage}")
+    new_pid = stage_pid(server, f"lighttts::{stage}@{server.port}")
     assert new_pid and new_pid != pid
     r = post(url, 25)
     assert r.status_code == 200 and len(r.content) == 44 + 25 * 1920, r.text[:300]

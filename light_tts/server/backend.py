@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from light_tts.server.stage import name_process, setup_logging
     setup_logging("backend", args.log_level)
     log.debug("settings: %s", args.public())
-    name_process("backend")
+    name_process("backend", args.port)
     backend = Backend(args)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -30,11 +30,12 @@ class Endpoints:
     root: str
     encode_num: int
     decode_num: int
+    port: int = 0     # the instance's HTTP port: its processes' titles carry it (0: none)
 
     @classmethod
     def for_instance(cls, zmq_mode: str, port: int, encode_num: int, decode_num: int) -> "Endpoints":
         base = zmq_mode[len("ipc://"):] if zmq_mode.startswith("ipc://") else "/tmp/"
-        return cls(os.path.join(base or "/tmp/", f"lighttts-{os.getuid()}-{port}"), encode_num, decode_num)
+        return cls(os.path.join(base or "/tmp/", f"lighttts-{os.getuid()}-{port}"), encode_num, decode_num, port)
 
     def _addr(self, name: str) -> str:
         return f"ipc://{os.path.join(self.root, name)}.ipc"

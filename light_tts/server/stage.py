@@ -96,11 +96,17 @@ def setup_logging(stage: str, level: str = "info") -> None:
                         format=f"%(asctime)s %(levelname)s [{stage}] %(message)s")
 
 
-def name_process(stage: str) -> None:
-    """`ps` shows lighttts::encode:0, lighttts::llm, lighttts::decode:1, ..."""
+def process_title(stage: str, port: int = 0) -> str:
+    """lighttts::encode:0@8080, lighttts::llm@8080, ...: the instance's port tells two servers on one
+    machine apart in `ps` (and in what pkill / pgrep -f match)."""
+    return f"lighttts::{stage}" + (f"@{port}" if port else "")
+
+
+def name_process(stage: str, port: int = 0) -> None:
+    """`ps` shows process_title(stage, port)."""
     try:
         import setproctitle
-        setproctitle.setproctitle(f"lighttts::{stage}")
+        setproctitle.setproctitle(process_title(stage, port))
     except ImportError:
         pass
 
@@ -136,7 +142,7 @@ class Heartbeat:
 
 def start_stage(endpoints: Endpoints, stage: str, log_level: str) -> Heartbeat:
     die_with_parent()
-    name_process(stage)
+    name_process(stage, endpoints.port)
     setup_logging(stage, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us with SIGTERM
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
