@@ -84,7 +84,7 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES, WARM_FILL_VOICES)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    for runner in (flow.solver, flow.encoder, engine.hift):
+    for runner in engine.runners:   # from now on a capture stalls a request: logged and counted
         if hasattr(runner, "warm"):
             runner.warm = True
     seconds = time.perf_counter() - t0

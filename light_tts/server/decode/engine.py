@@ -8,7 +8,8 @@ cache, NSF generator) and does the per-row work around the vocoder (`hift_input`
 
 Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py),
 with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once, and
-with --decode_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs of the Euler loop and, for small batches, of the token encoder and
+with --decode_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs
+of the Euler loop and, for small batches, of the token encoder and
 the HiFT network (unless disabled); torch.compile of HiFT, and of the estimator
 when it is not the fused one (--load_jit); a TensorRT estimator (--load_trt: it replaces the fused
 estimator and the Euler loop's graph, the loop runs eagerly around the engine, and --load_jit is
@@ -38,9 +39,14 @@ class DecodeEngine:
         return self.flow.prompt_cache
 
     @property
+    def runners(self) -> tuple:
+        """The solver, encoder and HiFT runners (CUDA-graph runners on a GPU: cuda_graph.GraphCache)."""
+        return self.flow.solver, self.flow.encoder, self.hift
+
+    @property
     def late_captures(self) -> int:
         """CUDA graphs captured while serving (a shape the warm-up missed): the decode stats."""
-        return sum(getattr(r, "late_captures", 0) for r in (self.flow.solver, self.flow.encoder, self.hift))
+        return sum(getattr(r, "late_captures", 0) for r in self.runners)
 
     @torch.inference_mode()
     def run(self, rows: Sequence) -> list:

@@ -210,12 +210,16 @@ class PromptCache:
         held = [e for e in self.entries.values()] + [e for e in self.streams.values()]
         return sorted((e.start, e.start + e.capacity) for e in held if e is not skip)
 
-    def _slots(self, frames: int, pinned: set, skip: Optional[Entry] = None, evict: bool = True) -> Optional[int]:
-        """The first slot of `frames` free consecutive slots (first fit), with `evict` dropping
-        least recently used voices not in `pinned` until they fit; None if they cannot."""
+    def _free_slots(self, frames: int, skip: Optional[Entry] = None) -> Optional[int]:
+        """The first slot of `frames` free consecutive slots (first fit; `skip`'s count as free)."""
+        return self._first_fit(self._used(skip), frames)
+
+    def _slots(self, frames: int, pinned: set) -> Optional[int]:
+        """Free slots for `frames` frames, dropping least recently used voices not in `pinned` until
+        they fit; None if they cannot."""
         while True:
-            start = self._first_fit(self._used(skip), frames)
-            if start is not None or not evict:
+            start = self._free_slots(frames)
+            if start is not None:
                 return start
             victim = next((k for k in self.entries if k not in pinned), None)
             if victim is None:
@@ -242,7 +246,7 @@ class PromptCache:
             start = max(start, hi)
         return start if self.capacity - start >= frames else None
 
-    def _stream_room(self, t2w, base: int, need: int, pinned: set) -> Optional[Entry]:
+    def _stream_room(self, t2w, base: int, need: int) -> Optional[Entry]:
         """The stream entry of `t2w` (after `base` voice frames) with room for `need` frames: kept,
         grown in place, moved (its frames copied), or new; None (and none kept) if it cannot fit.
         A stream takes only free slots: it evicts neither voices nor other streams."""
@@ -256,11 +260,11 @@ class PromptCache:
             if entry.start + need <= nxt:   # grow in place
                 entry.capacity = min(want, nxt - entry.start)
                 return entry
-        size, start = want, self._slots(want, pinned, entry, evict=False)
+        # free slots only, never by evicting a voice: its refill costs a pass, and a voice that then
+        # finds no room would drop every stream of it (their frames continue the voice's)
+        size, start = want, self._free_slots(want, entry)
         if start is None:
-            # never by evicting a voice: its refill costs a pass, and a voice that then finds no
-            # room would drop every stream of it (their frames continue the voice's)
-            size, start = need, self._slots(need, pinned, entry, evict=False)
+            size, start = need, self._free_slots(need, entry)
         if start is None:
             self.release(t2w)
             return None
@@ -318,10 +322,10 @@ class PromptCache:
         if self.stream_cache:
             for j, (t2w, chunk) in enumerate(rows):
                 if chunk is not None and chunk.streaming:
-                    out[j] = self._stream_prefix(t2w, chunk, out[j], pinned)
+                    out[j] = self._stream_prefix(t2w, chunk, out[j])
         return out
 
-    def _stream_prefix(self, t2w, chunk, prefix: Optional[RowPrefix], pinned: set) -> Optional[RowPrefix]:
+    def _stream_prefix(self, t2w, chunk, prefix: Optional[RowPrefix]) -> Optional[RowPrefix]:
         """A streaming chunk's prefix with its stream: the frames earlier chunks kept, and room to
         keep the frames of this one that are final."""
         prefix = prefix or RowPrefix()
@@ -335,7 +339,7 @@ class PromptCache:
             self.release(t2w)
             stream = None
         if record_to > base + (stream.frames if stream else 0):
-            stream = self._stream_room(t2w, base, record_to - base, pinned)
+            stream = self._stream_room(t2w, base, record_to - base)
             if stream is None:
                 self.stream_fallbacks += 1
                 log.debug("prompt cache: no room for a stream's %d frames; it recomputes them", record_to - base)
