@@ -424,3 +424,10 @@ def test_idle_decode_server_fills_the_cache_before_the_first_tokens(model, tmp_p
         pull.close()
         ctx.term()
         endpoints.remove()
+
+
+def test_a_stream_cache_without_a_prompt_cache_is_said_ignored(model, caplog):
+    from light_tts.server.decode.engine import build_engine
+    flow, hift, _ = model
+    engine = build_engine(flow, hift, "cpu", stream_cache=True)
+    assert engine.flow.prompt_cache is None and "--decode_stream_cache ignored" in caplog.text

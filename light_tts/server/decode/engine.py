@@ -129,6 +129,9 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         engine.hift = GraphHift(hift, max_batch_size, pool=pool)   # before --load_jit compiles its network
     step = engine.flow.estimator
     fused = fused and on_cuda and not load_trt
+    if stream_cache and prompt_cache_gb <= 0:
+        log.warning("--decode_stream_cache ignored: the streams' frames live in the prompt cache; "
+                    "set --decode_prompt_cache_gb too")
     if prompt_cache_gb > 0 and not fused:
         log.warning("--decode_prompt_cache_gb %g ignored: the prompt cache needs the fused estimator on a GPU "
                     "(not --load_trt, --disable_fused_estimator or a CPU)", prompt_cache_gb)
