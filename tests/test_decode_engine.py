@@ -1,8 +1,9 @@
-"""The batched decode engine (light_tts.decode) on the tiny model, CPU, fp32.
+"""The batched decode engine (light_tts.decode) on the tiny models, CPU, fp32.
 
 Batching: requests of different prompt and token lengths, streaming and final chunks mixed in one
-flow call and one HiFT call, equal decoding each alone (float rounding only); the streamed chunks
-equal the offline streaming reference (stream_chunks). Also: the estimator's ONNX export against
+flow call (and for CosyVoice2 one HiFT call; CosyVoice3's causal HiFT runs per row), equal decoding
+each alone (float rounding only); the streamed chunks equal the offline streaming reference
+(stream_chunks). Both families for the flow; the HiFT tests are CosyVoice2's batched HiFT. Also: the estimator's ONNX export against
 PyTorch under onnxruntime, the worker -> GPU assignment, and the --load_trt start-up message.
 """
 import os
@@ -25,6 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def model(tiny_model_dir):
     flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
     torch.set_flush_denormal(True)  # as the decode process on CPU: subnormals make these random inputs 10x slower
+    try:
+        yield flow, hift, StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module", params=["cosyvoice2", "cosyvoice3"])
+def family_model(request):
+    """The `model` fixture's triple for each family's tiny model."""
+    if request.param == "cosyvoice2":
+        yield request.getfixturevalue("model")
+        return
+    flow, hift = load_decode_model(request.getfixturevalue("tiny_cv3_model_dir"), "cpu", "fp32")
+    torch.set_flush_denormal(True)
     try:
         yield flow, hift, StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
     finally:
@@ -66,7 +81,8 @@ def _run_batched(engine, decoders):
     return out, batches
 
 
-def test_batched_equals_each_alone_and_the_streaming_reference(model):
+def test_batched_equals_each_alone_and_the_streaming_reference(family_model):
+    model = family_model
     flow, hift, _ = model
     reqs = _requests(flow, [(13, 70, 0), (30, 120, 5), (47, 40, 7)])
     alone = [list(stream_chunks(iter(r[3]), _t2w(model, r), stream=True)) for r in reqs]
@@ -88,7 +104,8 @@ def test_batched_equals_each_alone_and_the_streaming_reference(model):
         np.testing.assert_allclose(np.concatenate(out), np.concatenate(ref), rtol=0, atol=1e-5)
 
 
-def test_bucket_padding_is_invisible(model):
+def test_bucket_padding_is_invisible(family_model):
+    model = family_model
     """CUDA graphs pad rows to a power of two, frames to FRAME_BUCKET and the encoder's tokens to
     FRAME_BUCKET / 2: same mels (run eagerly here)."""
     from light_tts.server.decode.batched_flow import BatchedFlow, EagerSolver, RowEncoder
@@ -188,7 +205,8 @@ def test_a_failed_graph_capture_falls_back_to_eager_but_out_of_memory_surfaces(m
         oom(mels, [None], [torch.Generator().manual_seed(0)])
 
 
-def test_one_row_is_bit_exact_with_the_plain_path(model):
+def test_one_row_is_bit_exact_with_the_plain_path(family_model):
+    model = family_model
     flow, hift, _ = model
     req = _requests(flow, [(21, 60, 3)])[0]
     ref = list(stream_chunks(iter(req[3]), _t2w(model, req), stream=True))

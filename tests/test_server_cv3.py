@@ -1,6 +1,7 @@
 """CosyVoice3 served end to end (subprocess server, tiny CosyVoice3 model, CPU): zero-shot in both
 response modes, instruct2, transcripts with and without `<|endofprompt|>`, /query_tts_model; and
-the plain decode engine (CosyVoice3 decodes one request at a time for now) against the reference."""
+the decode engine build_engine gives a CosyVoice3 model, one request against the reference (batches
+of requests: tests/test_decode_engine.py)."""
 import httpx
 import numpy as np
 import pytest
@@ -8,8 +9,7 @@ import torch
 
 from light_tts.models.pretrained import load_model
 from light_tts.models.token2wav import StreamingDecoder, Token2Wav, stream_chunks
-from light_tts.server.decode.engine import build_engine
-from light_tts.server.decode.plain_engine import PlainEngine
+from light_tts.server.decode.engine import DecodeEngine, build_engine
 
 from server_util import PROMPT_TEXT, PROMPT_WAV, Server, wav_info
 
@@ -60,12 +60,12 @@ def test_instruct2(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_plain_engine_is_the_reference_pipeline(tiny_cv3_model_dir, stream):
-    """build_engine gives a CosyVoice3 flow the PlainEngine; chunk by chunk it returns what
-    stream_chunks returns on the same tokens (it adds only bookkeeping)."""
+def test_decode_engine_is_the_reference_pipeline(tiny_cv3_model_dir, stream):
+    """build_engine gives a CosyVoice3 flow the batched engine with the per-row causal vocoder (no
+    prompt cache: it is CosyVoice2's); chunk by chunk it returns what stream_chunks returns."""
     model = load_model(tiny_cv3_model_dir, components=("flow", "hift"))
-    engine = build_engine(model.flow, model.hift, "cpu")
-    assert isinstance(engine, PlainEngine) and engine.prompt_cache is None
+    engine = build_engine(model.flow, model.hift, "cpu", prompt_cache_gb=1.0, stream_cache=True)
+    assert isinstance(engine, DecodeEngine) and engine.hift is None and engine.prompt_cache is None
     g = torch.Generator().manual_seed(1)
     conditioning = (torch.randint(0, 6561, (37,), generator=g), torch.randn(74, 80, generator=g),
                     torch.randn(192, generator=g))

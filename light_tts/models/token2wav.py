@@ -263,6 +263,12 @@ class Token2Wav:
     def run(self, chunk: "Chunk") -> torch.Tensor:
         return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
 
+    @torch.inference_mode()
+    def vocode(self, mel: torch.Tensor, chunk: "Chunk") -> torch.Tensor:
+        """The vocoder step alone, on this chunk's flow output (1, 80, frames after the prompt):
+        what the batched engine runs per row for CosyVoice3 (CosyVoice2's HiFT is batched there)."""
+        return self.vocoder(self.new_frames(mel, chunk.offset), chunk.finalize, chunk.speed)
+
     def new_frames(self, mel: torch.Tensor, token_offset: int) -> torch.Tensor:
         """Flow output (1, 80, frames after the prompt) -> the frames of tokens[token_offset:]."""
         return mel[:, :, token_offset * self.flow.token_mel_ratio:]

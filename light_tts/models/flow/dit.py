@@ -215,15 +215,20 @@ class DiT(nn.Module):
                 streaming=False) -> torch.Tensor:
         """x, mu, cond (B, 80, T); mask (B, 1, T) (any dtype, nonzero = real frame); t (B,) or scalar;
         spks (B, spk_dim); streaming: bool, or a (B,) bool tensor choosing the chunk mask per row."""
+        attn_mask = row_attention_mask(mask.bool(), self.static_chunk_size, streaming).unsqueeze(1)
+        return self.forward_masked(x, mask, mu, t, spks, cond, attn_mask)
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                       spks: torch.Tensor | None, cond: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """forward with the attention mask given: bool (B, 1, T|1, T), True = visible, or the same as
+        an additive bias (the batched decode engine's dense bias, light_tts.server.decode.batched_flow)."""
         b, _, n = x.shape
         if t.ndim == 0:
             t = t.repeat(b)
         t_emb = self.time_embed(t)
         h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
         rope = self.rotary_embed(n)
-        pad_mask = mask.bool()
-        attn_mask = row_attention_mask(pad_mask, self.static_chunk_size, streaming).unsqueeze(1)
-        frame_mask = pad_mask.transpose(1, 2)  # (B, T, 1)
+        frame_mask = mask.bool().transpose(1, 2)  # (B, T, 1)
         residual = h
         for block in self.transformer_blocks:
             h = block(h, t_emb, attn_mask, rope, frame_mask)

@@ -111,6 +111,14 @@ class CausalMaskedDiffWithXvec(MaskedDiffFlow):
                                     streaming=streaming)
         return self.encoder_proj(h).transpose(1, 2).contiguous(), masks
 
+    def encode_rows(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
+                    streaming: torch.Tensor) -> torch.Tensor:
+        """encode for a padded batch of rows (the batched decode engine's RowEncoder): ids (B, W) with
+        -1 past each row's n tokens (look-ahead tokens inline after the lens that yield frames),
+        streaming (B,) bool -> mu (B, 80, ratio * t), zero past each row's frames."""
+        h, masks = self.encoder.forward_rows(self.embed_tokens(ids, n), lens, n, t, streaming)
+        return self.encoder_proj(h).transpose(1, 2) * masks.to(h.dtype)
+
 
 def _numbers(d: dict) -> dict:
     """yaml floats like '1e-06' may arrive as strings."""

@@ -67,6 +67,19 @@ class CausalMaskedDiffWithDiT(MaskedDiffFlow):
         return h.transpose(1, 2).contiguous(), masks
 
 
+    def encode_rows(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
+                    streaming: torch.Tensor) -> torch.Tensor:
+        """encode for a padded batch of rows (the batched decode engine's RowEncoder): ids (B, W) with
+        -1 past each row's n tokens (look-ahead tokens inline after the lens that yield frames)
+        -> mu (B, 80, ratio * t), zero past each row's frames. One pre-lookahead call for all rows:
+        embed_tokens zeroes every position past n, which is what the look-ahead of a finalised row
+        (lens = n) must see, and a streaming row's look-ahead is its own context tokens (n = lens + k)."""
+        h = self.pre_lookahead_layer(self.embed_tokens(ids, n))[:, :t]
+        h = h.repeat_interleave(self.token_mel_ratio, dim=1)
+        masks = valid_mask(lens * self.token_mel_ratio, h.size(1))
+        return h.transpose(1, 2) * masks.to(h.dtype)
+
+
 def build_dit_flow(flow_kwargs: dict, pre_lookahead_kwargs: dict, cfm_kwargs: dict,
                    estimator_kwargs: dict) -> CausalMaskedDiffWithDiT:
     """Build from the yaml's constructor kwargs: flow (without pre_lookahead_layer/decoder),

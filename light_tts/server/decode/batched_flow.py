@@ -1,7 +1,11 @@
 """One flow call for the chunks of many requests.
 
+Both families: CosyVoice2's conformer flow with its U-Net estimator, and CosyVoice3's DiT flow
+(its encoder is the pre-lookahead layer; its estimator takes the same dense bias: DiTBiasEstimator).
+The fused estimator and the prompt cache below are CosyVoice2's.
+
 The encoder runs once for all rows (lengths differ; each row's look-ahead tokens follow its own
-tokens: UpsampleConformerEncoder.forward_rows) -> mu, plus each row's prompt condition. Every row
+tokens: the flow's encode_rows) -> mu, plus each row's prompt condition. Every row
 is padded on the right to one T and the 10 Euler steps with classifier-free guidance run as ONE
 estimator call per step over the doubled batch [conditional rows; unconditional rows].
 
@@ -75,6 +79,27 @@ class BiasEstimator(nn.Module):
             x = stage.resample(x * mask)
         x = est.final_block(x, mask)
         return est.final_proj(x * mask) * mask
+
+
+class DiTBiasEstimator(nn.Module):
+    """CosyVoice3's DiT with the attention bias as input (B, 1, T, T) instead of the `streaming`
+    flag: the same call as BiasEstimator. Padding is invisible to the real frames as in the U-Net:
+    the DiT's position convs are causal, padded keys are hidden and padded frames zeroed after
+    each attention (light_tts.models.flow.dit)."""
+
+    def __init__(self, estimator: nn.Module):
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        return self.estimator.forward_masked(x, mask, mu, t, spks, cond, attn_bias)
+
+
+def bias_estimator(estimator: nn.Module) -> nn.Module:
+    """The dense-bias estimator of this flow's family: the U-Net's (CosyVoice2) or the DiT's (CosyVoice3)."""
+    from light_tts.models.flow.dit import DiT
+    return DiTBiasEstimator(estimator) if isinstance(estimator, DiT) else BiasEstimator(estimator)
 
 
 def attention_bias(frame_mask: torch.Tensor, streaming: torch.Tensor, chunk_frames: int,
@@ -243,9 +268,7 @@ class RowEncoder:
 
     def __call__(self, ids: torch.Tensor, n: torch.Tensor, lens: torch.Tensor, t: int,
                  streaming: torch.Tensor) -> torch.Tensor:
-        flow = self.flow
-        h, masks = flow.encoder.forward_rows(flow.embed_tokens(ids, n), lens, n, t, streaming)
-        return flow.encoder_proj(h).transpose(1, 2) * masks.to(h.dtype)
+        return self.flow.encode_rows(ids, n, lens, t, streaming)
 
 
 class BatchedFlow:
@@ -254,7 +277,7 @@ class BatchedFlow:
 
     def __init__(self, flow: nn.Module, solver=None, n_timesteps: int = 10):
         self.flow = flow
-        self.estimator = BiasEstimator(flow.decoder.estimator)
+        self.estimator = bias_estimator(flow.decoder.estimator)
         self.chunk_frames = int(flow.decoder.estimator.static_chunk_size)
         self.solver = solver or EagerSolver(flow.decoder, self.estimator, n_timesteps)
         self.encoder = RowEncoder(flow)   # build_engine swaps in cuda_graph.GraphEncoder on CUDA

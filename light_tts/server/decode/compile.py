@@ -28,8 +28,9 @@ def compile_engine(engine, estimator: bool = True):
     """Swap the engine's HiFT network for compiled versions; returns the compiled estimator step
     (or None with estimator=False)."""
     step = torch.compile(engine.flow.estimator, dynamic=True) if estimator else None
-    engine.hift.decode_equal = torch.compile(engine.hift.hift.decode, dynamic=True)
-    engine.hift.decode_masked = torch.compile(engine.hift._decode_masked, dynamic=True)
+    if engine.hift is not None:   # CosyVoice3's per-row causal HiFT stays eager
+        engine.hift.decode_equal = torch.compile(engine.hift.hift.decode, dynamic=True)
+        engine.hift.decode_masked = torch.compile(engine.hift._decode_masked, dynamic=True)
     return step
 
 
@@ -71,7 +72,7 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
                 # the same pass keeping what it computes (no target: only the trash slot is written)
                 flow.solver.run_recording(batch, Recorder.for_targets(cache, [], rb, tb))
         gens = [torch.Generator(device=dev).manual_seed(0) for _ in range(b)]
-        for t in hift_frames:
+        for t in (hift_frames if engine.hift is not None else ()):
             mels = [torch.zeros(1, c, t, device=dev, dtype=engine.hift.dtype) for _ in range(b)]
             engine.hift(mels, [None] * b, gens)
             if b > 1:  # the masked (unequal lengths) path too

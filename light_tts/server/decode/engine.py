@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from light_tts.models.token2wav import vocoder_family
 from light_tts.server.decode.batched_flow import BatchedFlow, EagerSolver
 from light_tts.server.decode.batched_hift import BatchedHift
 
@@ -31,7 +32,9 @@ log = logging.getLogger("lighttts")
 class DecodeEngine:
     def __init__(self, flow, hift, solver=None):
         self.flow = BatchedFlow(flow, solver)
-        self.hift = BatchedHift(hift)
+        # CosyVoice2's HiFT runs batched; CosyVoice3's causal HiFT re-vocodes each sentence's mel so
+        # far (the official schedule, token2wav.CausalVocoder), so it runs per row after the batched flow
+        self.hift = BatchedHift(hift) if vocoder_family(hift) == "cosyvoice2" else None
 
     @property
     def prompt_cache(self):
@@ -41,7 +44,7 @@ class DecodeEngine:
     @property
     def runners(self) -> tuple:
         """The solver, encoder and HiFT runners (CUDA-graph runners on a GPU: cuda_graph.GraphCache)."""
-        return self.flow.solver, self.flow.encoder, self.hift
+        return tuple(r for r in (self.flow.solver, self.flow.encoder, self.hift) if r is not None)
 
     @property
     def late_captures(self) -> int:
@@ -54,6 +57,9 @@ class DecodeEngine:
         audio [samples] (numpy) or the exception that failed that row."""
         out: list = [None] * len(rows)
         mels = self.flow(rows)
+        if self.hift is None:
+            return [mel if isinstance(mel, Exception) else self._vocode_row(t2w, mel, chunk)
+                    for (t2w, chunk), mel in zip(rows, mels)]
         hift_rows = []
         for i, ((t2w, chunk), mel) in enumerate(zip(rows, mels)):
             if isinstance(mel, Exception):
@@ -72,6 +78,12 @@ class DecodeEngine:
                 out[i] = t2w.hift_output(speech, source, mel, chunk.finalize)[0].numpy()
         return out
 
+    @staticmethod
+    def _vocode_row(t2w, mel, chunk):
+        try:
+            return t2w.vocode(mel, chunk)[0].numpy()
+        except Exception as e:  # a bad row fails alone
+            return e
 
     @torch.inference_mode()
     def warm_prompts(self, t2ws: Sequence) -> int:
@@ -92,16 +104,6 @@ class DecodeEngine:
                 cache.release(t2w)
 
 
-def new_engine(flow, hift):
-    """The engine of this flow's family, without speed paths: the batched DecodeEngine for CosyVoice2,
-    the one-row-at-a-time PlainEngine for CosyVoice3's DiT flow (BatchedFlow runs the conformer flow only)."""
-    from light_tts.models.flow.flow_dit import CausalMaskedDiffWithDiT
-    if isinstance(flow, CausalMaskedDiffWithDiT):
-        from light_tts.server.decode.plain_engine import PlainEngine
-        return PlainEngine(flow, hift)
-    return DecodeEngine(flow, hift)
-
-
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
@@ -109,16 +111,23 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
     `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
-    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 flow gets the PlainEngine
-    (none of these paths)."""
+    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 (DiT) flow gets the
+    batched flow with CUDA graphs of its encoder and Euler loop; the fused estimator, the prompt
+    cache and TensorRT are CosyVoice2's, and its causal HiFT runs per row (eager)."""
     on_cuda = device.startswith("cuda")
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
-    engine = new_engine(flow, hift)
-    if not isinstance(engine, DecodeEngine):
-        log.info("CosyVoice3 decode runs one request at a time (plain pipeline, not batched yet); "
-                 "the speed flags (CUDA graphs, fused estimator, prompt cache, --load_jit, --load_trt) do not apply")
-        return engine
+    engine = DecodeEngine(flow, hift)
+    dit = engine.hift is None
+    if dit:
+        if load_trt:
+            raise RuntimeError("--load_trt: the TensorRT estimator exists for CosyVoice2's U-Net only, "
+                               "not CosyVoice3's DiT; start without --load_trt")
+        if prompt_cache_gb > 0 or stream_cache:
+            log.warning("--decode_prompt_cache_gb / --decode_stream_cache ignored: the prompt cache is "
+                        "CosyVoice2's (fused U-Net estimator); CosyVoice3 recomputes the prompt on every chunk")
+            prompt_cache_gb, stream_cache = 0.0, False
+        fused = False
     graphs = on_cuda and cuda_graph
     if graphs:
         from light_tts.server.decode.cuda_graph import GraphEncoder, GraphHift
@@ -126,7 +135,8 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         # are copied out at once, so their intermediates share memory (only the outputs add up)
         pool = torch.cuda.graph_pool_handle()
         engine.flow.encoder = GraphEncoder(flow, max_batch_size, pool=pool)
-        engine.hift = GraphHift(hift, max_batch_size, pool=pool)   # before --load_jit compiles its network
+        if not dit:
+            engine.hift = GraphHift(hift, max_batch_size, pool=pool)   # before --load_jit compiles its network
     step = engine.flow.estimator
     fused = fused and on_cuda and not load_trt
     if stream_cache and prompt_cache_gb <= 0:

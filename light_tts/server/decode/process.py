@@ -15,8 +15,8 @@ fresh Token2Wav (the official decodes every sentence with its own tts() call: ne
 same seed). The loop: take every waiting message, then compute the next chunk of up to
 --decode_max_batch_size ready requests in ONE batched flow call and ONE batched HiFT call
 (light_tts.server.decode.engine; served requests move to the back so none starves; waiting first chunks
-run before the later chunks of streams with audio to spare: pick_batch; CosyVoice3 runs those rows one
-at a time for now: decode/plain_engine.py), send each chunk
+run before the later chunks of streams with audio to spare: pick_batch; CosyVoice3's causal HiFT runs
+per row after the batched flow), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready.
 
 The launcher (light_tts.server.backend) starts run_decode_process in a 'spawn' process. torch and
@@ -132,10 +132,10 @@ class DecodeServer:
         self.init_state()
 
     def init_model(self, flow, hift, engine, first_hop: int) -> None:
-        from light_tts.server.decode.engine import new_engine
+        from light_tts.server.decode.engine import DecodeEngine
         from light_tts.models.token2wav import StreamSchedule
         self.flow, self.hift = flow, hift
-        self.engine = engine or new_engine(flow, hift)
+        self.engine = engine or DecodeEngine(flow, hift)
         self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=first_hop)
         self.batch_sizes: dict[int, int] = {}          # rows per engine call -> calls (stats)
 
