@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's runs, each one device call (at most 10 minutes, start-up included):
 #   bash scripts/gpu.sh MODE [args...]
-# MODEL_DIR defaults to /tmp/lighttts-full (written by make_random_model --size full when missing).
+# MODEL_DIR defaults to /tmp/lighttts-full (written by make_random_model --size full when missing);
+# FAMILY=cosyvoice3 makes the default /tmp/lighttts-full-cv3, a full random CosyVoice3 directory.
 #   report [MODEL_DIR] [DTYPE] [CONCURRENCY...]   the whole server under load: scripts/bench/benchmark.py,
 #          streaming and not, 250 speech tokens, first-chunk breakdown per stage (default levels 1 16 64),
 #          GPU memory sampled; then the plain reference pipeline (scripts/bench/plain_reference.py) on the
@@ -56,6 +57,9 @@ SERVER_PYTHONPATH=$SRC${SITE:+:$SITE}${CALLER_PYTHONPATH:+:$CALLER_PYTHONPATH}
 PORT=${PORT:-8080}
 OUT_DIR=${OUT:-/tmp}
 read -r -a EXTRA <<<"${SERVER_ARGS:-}"
+FAMILY=${FAMILY:-cosyvoice2}
+case "$FAMILY" in cosyvoice2) FULL_DIR=/tmp/lighttts-full ;; cosyvoice3) FULL_DIR=/tmp/lighttts-full-cv3 ;;
+  *) echo "FAMILY=$FAMILY: cosyvoice2 or cosyvoice3" >&2; exit 2 ;; esac
 RC=0
 try() { "$@" || RC=$?; }   # run a step; the call fails at the end if any step did
 
@@ -64,7 +68,7 @@ gpus() { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=
 ensure_model() {   # MODEL_DIR: write the full random model there unless it is complete
   [ -f "$1/hift.pt" ] && return 0
   local t0=$SECONDS
-  python3 -m light_tts.tools.make_random_model --size full --out "$1" | tail -1 || exit 1
+  python3 -m light_tts.tools.make_random_model --family "$FAMILY" --size full --out "$1" | tail -1 || exit 1
   echo "make_random_model: $((SECONDS - t0)) s wall"
 }
 
@@ -105,7 +109,7 @@ mem() { nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits |
 
 # ---- modes ------------------------------------------------------------------------------------------------
 report() {
-  local model_dir=${1:-/tmp/lighttts-full} dtype=${2:-bf16}
+  local model_dir=${1:-$FULL_DIR} dtype=${2:-bf16}
   local levels=("${@:3}")
   [ ${#levels[@]} -gt 0 ] || levels=(1 16 64)
   local prompt=()
@@ -163,7 +167,7 @@ report() {
 }
 
 server() {
-  local model_dir=${1:-/tmp/lighttts-full} dtype=${2:-bf16}
+  local model_dir=${1:-$FULL_DIR} dtype=${2:-bf16}
   gpus; ensure_model "$model_dir"
   start_server --model_dir "$model_dir" --port "$PORT" --data_type "$dtype" "${EXTRA[@]}"
   grep -E "ready" "$SERVER_LOG" | head
@@ -184,7 +188,7 @@ placement() {   # which GPU each stage process is on (nvidia-smi), with its comm
 }
 
 ws() {
-  local model_dir=${1:-/tmp/lighttts-full} dtype=${2:-bf16}
+  local model_dir=${1:-$FULL_DIR} dtype=${2:-bf16}
   gpus; ensure_model "$model_dir"
   start_server --model_dir "$model_dir" --port "$PORT" --data_type "$dtype" --decode_process_num "${DECODE_PROCS:-1}" \
     --decode_max_batch_size 64 --bistream_max_len 1000 --log_stats_interval 30 "${EXTRA[@]}"
@@ -198,14 +202,14 @@ ws() {
 }
 
 soak() {
-  local model_dir=${1:-/tmp/lighttts-full} minutes=${2:-8} conc=${3:-16}
+  local model_dir=${1:-$FULL_DIR} minutes=${2:-8} conc=${3:-16}
   gpus; ensure_model "$model_dir"
   try python3 scripts/soak.py --model_dir "$model_dir" --server_src "$SRC" --minutes "$minutes" --concurrency "$conc" \
     --settle 20 --server_args "--data_type bf16 --decode_max_batch_size $conc --max_total_token_num 16384 --max_req_total_len 2048 --batch_max_tokens 4096 ${SERVER_ARGS:-}"
 }
 
 model() {
-  local model_dir=${1:-/tmp/lighttts-full} dtype
+  local model_dir=${1:-$FULL_DIR} dtype
   gpus
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   ensure_model "$model_dir"
@@ -216,7 +220,7 @@ model() {
 }
 
 llm() {
-  local model_dir=${1:-/tmp/lighttts-full}
+  local model_dir=${1:-$FULL_DIR}
   gpus
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   ensure_model "$model_dir"
@@ -225,7 +229,7 @@ llm() {
 }
 
 decode() {
-  local model_dir=${1:-/tmp/lighttts-full} dtype=${2:-bf16} what=${3:-all} ngpu
+  local model_dir=${1:-$FULL_DIR} dtype=${2:-bf16} what=${3:-all} ngpu
   gpus; ensure_model "$model_dir"
   if [ "$what" != placement ]; then
     try python3 scripts/bench/bench_decode.py --model_dir "$model_dir" --dtype "$dtype" --batch_sizes 1,4,16,64 \

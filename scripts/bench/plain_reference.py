@@ -1,5 +1,5 @@
 """The plain-PyTorch reference pipeline (light_tts.synthesize: one request at a time, the official
-CosyVoice2 design) timed on the inputs scripts/bench/benchmark.py sends, so a GPU report can show it
+design; either family, from the model directory) timed on the inputs scripts/bench/benchmark.py sends, so a GPU report can show it
 beside the server in the same run.
 
     python scripts/bench/plain_reference.py --model_dir /tmp/lighttts-full --dtype bf16 --repeat 3
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmark import PROMPT_TEXT, PROMPT_WAV, TEXTS  # noqa: E402
 from light_tts.frontend.frontend import Frontend  # noqa: E402
-from light_tts.models.cosyvoice2 import CosyVoice2Model  # noqa: E402
+from light_tts.models.pretrained import load_model  # noqa: E402
 from light_tts.audio_out import SAMPLE_RATE  # noqa: E402
 from light_tts.synthesize import synthesize  # noqa: E402
 
@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt_wav", default=PROMPT_WAV)
     p.add_argument("--prompt_text", default=PROMPT_TEXT)
     args = p.parse_args(argv)
-    model = CosyVoice2Model.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
-    frontend = Frontend(args.model_dir)
+    model = load_model(args.model_dir, device=args.device, dtype=args.dtype)
+    frontend = Frontend(model.model_dir)
     prompt = open(args.prompt_wav, "rb").read()
-    print(f"# plain reference pipeline ({args.device}, {args.dtype}), one request at a time, "
+    print(f"# plain reference pipeline ({type(model).__name__}, {args.device}, {args.dtype}), one request at a time, "
           f"{args.fixed_speech_tokens} speech tokens per request\n")
     print("| mode | requests | first audio p50 | total p50 | audio s | RTF | audio s/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
