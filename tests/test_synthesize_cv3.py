@@ -1,5 +1,6 @@
 """CosyVoice3 on the plain reference pipeline: the CLI and synthesize_piece, the official streaming
-schedule with the causal vocoder step (all mel re-vocoded per chunk, emitted samples sliced off),
+schedule with the causal vocoder step (the official re-vocodes all mel per chunk and slices off the
+emitted samples; ours decodes a bounded window with the same samples),
 and the official silent-token rule. CPU, a tiny random CosyVoice3 directory written once."""
 import os
 
@@ -179,6 +180,40 @@ def test_streamed_audio_is_one_causal_hift_pass_over_all_mel(voiced):
         np.testing.assert_allclose(joined[:sent], prefix[:sent], rtol=0, atol=1e-6)
     # the tolerance is meaningful: the same HiFT on slightly different mel is far outside it
     assert np.abs(bumped[0].numpy() - joined).max() > 1e-4
+
+
+@pytest.mark.parametrize("context", [CausalVocoder.CONTEXT_FRAMES, 0])
+def test_bounded_vocoder_decodes_a_window_with_the_same_samples(voiced, context):
+    """Each chunk decodes at most `context` frames before its first new sample (flat cost in the
+    sentence's length) and gives the official schedule's samples (re-vocoding all mel so far:
+    context_frames=None); a context shorter than the network's receptive field changes them."""
+    cond, tokens = _conditioning(), _tokens(330, seed=6)
+    official = _t2w(voiced, cond)
+    official.vocoder.context_frames = None
+    want = list(stream_chunks(iter(tokens), official, stream=True))
+    bounded = _t2w(voiced, cond)
+    bounded.vocoder.context_frames = context
+    decoded = []
+    window = bounded.vocoder.window
+
+    def recording(*a, **k):
+        w = window(*a, **k)
+        decoded.append((w.mel.shape[2], w.skip))
+        return w
+    bounded.vocoder.window = recording
+    got = list(stream_chunks(iter(tokens), bounded, stream=True))
+    assert len(got) == len(want) == 5 and [len(c) for c in got] == [len(c) for c in want]
+    spf = voiced.hift.samples_per_frame
+    # every chunk after the first starts its window `context` frames before its first new sample
+    assert all(skip == context * spf for _, skip in decoded[1:])
+    new_frames = [len(c) // spf for c in got]
+    assert all(frames <= context + new + voiced.hift.right_context
+               for (frames, _), new in zip(decoded[1:], new_frames[1:]))
+    err = max(np.abs(a - b).max() for a, b in zip(got, want))
+    if context == CausalVocoder.CONTEXT_FRAMES:
+        assert err <= 1e-6
+    else:
+        assert err > 1e-4   # the equality above is not vacuous
 
 
 def test_streaming_chunks_depend_only_on_tokens_so_far(voiced):

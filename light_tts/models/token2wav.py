@@ -15,10 +15,11 @@ The vocoder step:
   CosyVoice2 (CrossFadeVocoder): HiFT runs on the new frames plus the last `mel_cache_len` frames
       of the previous chunk, its excitation continued from the cached source; the overlapping
       audio is cross-faded with a Hamming window and each non-final chunk holds its tail back.
-  CosyVoice3 (CausalVocoder): the causal HiFT re-vocodes ALL mel so far on every chunk (finalize
-      only on the last) and the samples already sent are sliced off: no cache, no cross-fade.
-      Its output up to a chunk's end never changes when more mel is appended, so the streamed
-      audio equals one causal HiFT pass over the whole mel (to float rounding).
+  CosyVoice3 (CausalVocoder): the official re-vocodes ALL mel so far on every chunk (finalize
+      only on the last) and slices off the samples already sent: no cache, no cross-fade. Its
+      output up to a chunk's end never changes when more mel is appended, so the streamed audio
+      equals one causal HiFT pass over the whole mel (to float rounding). Ours decodes only a
+      bounded window before the new samples, with the same samples (CausalVocoder says why).
 Speed (mel stretched by linear interpolation before the vocoder) works only without streaming in
 both families, as the official asserts.
 """
@@ -174,24 +175,54 @@ class CrossFadeVocoder:
         return speech
 
 
+@dataclass
+class VocoderWindow:
+    """What one CosyVoice3 chunk hands the causal HiFT's decode stage: the vocoded mel from a few
+    frames before the first new sample, the excitation over the same span, and how many leading
+    samples of the result are context only."""
+    mel: torch.Tensor       # (1, 80, frames) model dtype
+    source: torch.Tensor    # (1, 1, frames * samples_per_frame) fp32
+    finalize: bool
+    skip: int               # samples at the start of the decode output that were already emitted
+
+
 class CausalVocoder:
     """CosyVoice3's vocoder step (official CosyVoice3Model.token2wav) and its state for one
-    sentence: the causal HiFT re-vocodes all mel so far (finalize=False holds back the frames whose
-    samples later mel could still change) and the samples already emitted are sliced off.
+    sentence. The official re-vocodes all mel so far on every chunk (finalize only on the last;
+    finalize=False holds back the frames whose samples later mel could still change) and slices off
+    the samples already emitted.
 
-    The work per chunk grows with the sentence (the official reference schedule; bounding it to the
-    network's receptive field is a later optimisation). The HiFT noise is a fixed table, so `seed`
-    changes nothing here."""
+    Bounded (the default, `context_frames` = CONTEXT_FRAMES): the F0 predictor and the excitation
+    still run over all mel so far (their cost is small, and the excitation's phase is a running sum
+    over every frame), but the decode network, nearly all the cost, runs only from `context_frames`
+    frames before the first new sample: every layer of it is causal or looks ahead, so a sample
+    depends on at most LEFT_RECEPTIVE_FRAMES earlier frames and the window's left edge (zero conv
+    padding, the STFT's reflect padding) changes only samples that are sliced off. The samples equal
+    the official schedule's to float rounding (tests/test_synthesize_cv3.py); each chunk's decode
+    cost is flat in the sentence's length. `context_frames=None`: the official schedule exactly.
 
-    generator = None    # the causal HiFT takes no generator
+    The HiFT noise is a fixed table indexed by sample, so `seed` changes nothing here."""
+
+    generator = None            # the causal HiFT takes no generator
+    CONTEXT_FRAMES = 32         # > the decode network's left receptive field (~23 frames with the yaml)
 
     def __init__(self, hift, device: torch.device, dtype: torch.dtype, schedule: StreamSchedule,
-                 seed: Optional[int]):
+                 seed: Optional[int], context_frames: Optional[int] = CONTEXT_FRAMES):
         self.hift, self.dtype = hift, dtype
+        self.context_frames = context_frames
         self.mel: Optional[torch.Tensor] = None   # every frame so far (1, 80, frames) float32
         self.emitted = 0                           # samples already returned
 
     def __call__(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> torch.Tensor:
+        window = self.window(mel, finalize, speed)
+        return self.emit(self.hift.decode(window.mel, window.source, window.finalize), window)
+
+    # The two halves around the decode network, shared with the batched engine, which decodes the
+    # windows of several sentences in one call (light_tts.server.decode.engine).
+
+    @torch.inference_mode()
+    def window(self, mel: torch.Tensor, finalize: bool, speed: float = 1.0) -> VocoderWindow:
+        """This chunk's new frames (1, 80, n) -> the decode network's input for them."""
         first = self.mel is None
         self.mel = mel if first else torch.cat([self.mel, mel.to(self.mel.dtype)], dim=2)
         mel = self.mel
@@ -199,8 +230,24 @@ class CausalVocoder:
             if not (first and finalize):
                 raise ValueError("speed other than 1.0 works only without streaming")
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, _ = self.hift.inference(speech_feat=mel.to(self.dtype), finalize=finalize)
-        speech = speech[:, self.emitted:].float().cpu()
+        hift = self.hift
+        frames = mel.shape[2]
+        if not finalize and frames < hift.right_context:
+            raise ValueError(f"finalize=False needs at least {hift.right_context} mel frames, got {frames}")
+        mel = mel.to(self.dtype)
+        f0 = hift.f0_predictor(mel.double(), finalize=finalize).to(mel.dtype)
+        source = hift.m_source(f0)                                   # (1, 1, frames' * spf) fp32
+        if not finalize:
+            mel = mel[:, :, :frames - hift.f0_predictor.lookahead]
+        spf = hift.samples_per_frame
+        start = 0
+        if self.context_frames is not None:
+            start = max(0, self.emitted // spf - self.context_frames)
+        return VocoderWindow(mel[:, :, start:], source[:, :, start * spf:], finalize, self.emitted - start * spf)
+
+    def emit(self, speech: torch.Tensor, window: VocoderWindow) -> torch.Tensor:
+        """The decode output of `window` (1, samples) -> this chunk's new samples (float32 CPU)."""
+        speech = speech[:, window.skip:].float().cpu()
         self.emitted += speech.shape[1]
         return speech
 
@@ -262,12 +309,6 @@ class Token2Wav:
 
     def run(self, chunk: "Chunk") -> torch.Tensor:
         return self(chunk.tokens, chunk.offset, chunk.finalize, chunk.streaming, chunk.speed)
-
-    @torch.inference_mode()
-    def vocode(self, mel: torch.Tensor, chunk: "Chunk") -> torch.Tensor:
-        """The vocoder step alone, on this chunk's flow output (1, 80, frames after the prompt):
-        what the batched engine runs per row for CosyVoice3 (CosyVoice2's HiFT is batched there)."""
-        return self.vocoder(self.new_frames(mel, chunk.offset), chunk.finalize, chunk.speed)
 
     def new_frames(self, mel: torch.Tensor, token_offset: int) -> torch.Tensor:
         """Flow output (1, 80, frames after the prompt) -> the frames of tokens[token_offset:]."""

@@ -81,6 +81,11 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         # a start takes minutes on a GPU (the largest buckets dominate): say how far it is
         log.info("decode warm-up: batch %d done (%d of %d batch sizes) after %.0f s", b, n, len(buckets),
                  time.perf_counter() - t0)
+    if engine.hift is None:   # CosyVoice3's causal HiFT: its first calls initialise cuDNN/cuFFT (~0.7 s)
+        net = engine.vocoder_net
+        for finalize in (False, True):
+            for b in (1, 2):
+                net.inference(torch.zeros(b, c, 2 * net.right_context + 50, device=dev, dtype=dtype), finalize=finalize)
     if flow.prompt_cache is not None:   # one-voice fill passes (a new voice's first request)
         flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES, WARM_FILL_VOICES)
     if dev.type == "cuda":

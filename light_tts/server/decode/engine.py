@@ -32,8 +32,11 @@ log = logging.getLogger("lighttts")
 class DecodeEngine:
     def __init__(self, flow, hift, solver=None):
         self.flow = BatchedFlow(flow, solver)
-        # CosyVoice2's HiFT runs batched; CosyVoice3's causal HiFT re-vocodes each sentence's mel so
-        # far (the official schedule, token2wav.CausalVocoder), so it runs per row after the batched flow
+        self.vocoder_net = hift
+        # CosyVoice2's HiFT runs as one padded batch (BatchedHift). CosyVoice3's causal HiFT: each
+        # row's F0 and excitation over its sentence so far, then one decode call per group of rows
+        # whose bounded windows have the same length (token2wav.CausalVocoder): padding would change
+        # the samples at a window's end, so rows of different lengths do not share a call.
         self.hift = BatchedHift(hift) if vocoder_family(hift) == "cosyvoice2" else None
 
     @property
@@ -58,8 +61,7 @@ class DecodeEngine:
         out: list = [None] * len(rows)
         mels = self.flow(rows)
         if self.hift is None:
-            return [mel if isinstance(mel, Exception) else self._vocode_row(t2w, mel, chunk)
-                    for (t2w, chunk), mel in zip(rows, mels)]
+            return self._vocode_windows(rows, mels)
         hift_rows = []
         for i, ((t2w, chunk), mel) in enumerate(zip(rows, mels)):
             if isinstance(mel, Exception):
@@ -78,12 +80,30 @@ class DecodeEngine:
                 out[i] = t2w.hift_output(speech, source, mel, chunk.finalize)[0].numpy()
         return out
 
-    @staticmethod
-    def _vocode_row(t2w, mel, chunk):
-        try:
-            return t2w.vocode(mel, chunk)[0].numpy()
-        except Exception as e:  # a bad row fails alone
-            return e
+    def _vocode_windows(self, rows: Sequence, mels: list) -> list:
+        """CosyVoice3's vocoder step for the rows' flow outputs (or their exceptions)."""
+        out = list(mels)
+        groups: dict = {}
+        for i, ((t2w, chunk), mel) in enumerate(zip(rows, mels)):
+            if isinstance(mel, Exception):
+                continue
+            try:
+                window = t2w.vocoder.window(t2w.new_frames(mel, chunk.offset), chunk.finalize, chunk.speed)
+            except Exception as e:  # a bad row fails alone
+                out[i] = e
+                continue
+            groups.setdefault((window.mel.shape[2], window.finalize), []).append((i, window))
+        for (_, finalize), group in groups.items():
+            try:
+                speech = self.vocoder_net.decode(torch.cat([w.mel for _, w in group]),
+                                                 torch.cat([w.source for _, w in group]), finalize)
+            except Exception as e:
+                for i, _ in group:
+                    out[i] = e
+                continue
+            for j, (i, window) in enumerate(group):
+                out[i] = rows[i][0].vocoder.emit(speech[j:j + 1], window)[0].numpy()
+        return out
 
     @torch.inference_mode()
     def warm_prompts(self, t2ws: Sequence) -> int:
