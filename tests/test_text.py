@@ -2,7 +2,10 @@
 
 The REFERENCE tables were produced by the official CosyVoice `text_normalize`
 (wetext 0.1.8, inflect 7.6; a one-token-per-word stand-in tokenizer) by
-/work/refcheck/check_text.py; they are the expected outputs.
+/work/refcheck/check_text.py; they are the expected outputs. Every English text
+there holds a digit, where wetext 0.1.8 and the official pin (0.0.4) agree;
+tests/test_text_official.py compares with recorded outputs of the official code
+with wetext 0.0.4 itself, digit-free English included.
 """
 
 import random
@@ -165,6 +168,28 @@ def test_wetext_quote_escaping_is_undone():
     assert normalize_text('He said "it is 5" and left.') == ['He said "it is five" and left.']
     assert normalize_text('他说"你好"，今天是3号。') == ['他说"你好"，今天是三号。']
     assert normalize_text("a \\ b 3", split=False) == "a \\ b three"
+
+
+def test_english_without_a_digit_is_left_alone():
+    # wetext 0.0.4 (the official pin) runs no grammar on text without a digit; 0.1.x runs the English one
+    text = "Mr. Brown & Mrs. Green live on Baker St. near the U.S. border."
+    assert normalize_text(text, tokenize=words) == [text]
+    # whitespace is kept as the official code keeps it
+    assert normalize_text("First line.\n\nSecond  line, no digits here.", tokenize=words) == \
+        ["First line.\n\nSecond  line, no digits here."]
+    assert normalize_text("a\tb  c", split=False) == "a\tb  c"
+    # with a digit the English grammar reads the whole text
+    assert normalize_text("Mr. Brown paid $5.", split=False) == "Mister Brown paid five dollars."
+
+
+def test_whitespace_wetext_rejects_is_folded():
+    # the official code raises AssertionError here (wetext's token parser); we read the folded text
+    assert normalize_text("Call me at  3 pm, or\ttext me.", split=False) == "Call me at three PM, or text me."
+    assert normalize_text("Line 1.\n\nLine  2.", tokenize=words) == ["Line one. Line two."]
+    # only text wetext rejects is folded: a lone newline goes to the grammar as it is (which drops
+    # it after a stop, as the official code does)
+    assert normalize_text("Line 1.\nLine 2.", split=False) == "Line one.Line two."
+    assert normalize_text("Line one.\n\nLine  two.", split=False) == "Line one.\n\nLine  two."
 
 
 def test_english_digits_only_stay_english():

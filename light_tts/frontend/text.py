@@ -5,30 +5,41 @@ Behaviour follows the official `CosyVoiceFrontEnd.text_normalize` when the
 a few character clean-ups, and a punctuation-driven splitter that packs
 sentences into pieces of bounded length for the LLM.
 
-Pipeline for one input string:
+Pipeline for one input string (stripped first):
 
     markup '<|...|>' present  ->  returned untouched (instruct / SSML-like tags)
     contains a CJK ideograph  ->  Chinese path:
-        wetext (zh) -> drop newlines -> drop blanks not between two ASCII chars
-        -> ²/³ spelled out -> '.' becomes '。' -> ' - ' becomes '，'
-        -> strip brackets -> trailing commas become '。' -> split by characters
+        wetext (zh) if it holds a digit -> drop newlines -> drop blanks not
+        between two ASCII chars -> ²/³ spelled out -> '.' becomes '。'
+        -> ' - ' becomes '，' -> strip brackets -> trailing commas become '。'
+        -> split by characters
     otherwise                 ->  English path:
-        wetext (en) -> leftover digit runs spelled out by `inflect`
-        -> split, lengths measured with the text tokenizer
+        wetext (en) if it holds a digit -> leftover digit runs spelled out by
+        `inflect` -> split, lengths measured with the text tokenizer
+        (whitespace inside is kept as it is: "a.\\n\\nb  c" stays so)
     pieces made only of punctuation/symbols are dropped.
 
-Deliberate differences from "official code + the wetext on PyPI today" (0.1.x):
+The official code pins wetext 0.0.4; we run on wetext 0.1.x (0.0.4 downloads
+its grammars from modelscope at run time; 0.1.x ships them). With the same
+grammars the two agree on text holding a digit; where 0.1.x differs we keep
+the pinned behaviour (tests/test_text_official.py compares with recorded
+official outputs):
+  * wetext 0.0.4 runs a grammar only on text holding a digit, English as
+    Chinese; 0.1.x runs the English one on all text ("Mr. Brown & Mrs. Green"
+    -> "Mister Brown and Misses Green").  We call wetext only when the text
+    holds a digit.
   * The language handed to wetext is the branch we are in (zh / en). The
-    official code builds its normalisers with lang="auto"; with the wetext
-    version it pins (0.0.4) "auto" meant exactly our contains-Chinese test, but
-    wetext 0.1.x also routes all-digit strings ("2024") to the Chinese grammar,
-    so an English-path "2024" would be read in Chinese.  We keep the pinned
-    behaviour ("twenty twenty four").
+    official code builds its normalisers with lang="auto"; in 0.0.4 "auto"
+    meant exactly our contains-Chinese test, but 0.1.x also routes all-digit
+    strings ("2024") to the Chinese grammar. We keep the pinned behaviour
+    ("twenty twenty four").
   * wetext 0.1.x escapes '"' and '\\' a second time when it re-serialises
     tokens, so normalised text comes back with '\\"'.  We undo that escaping
     (wetext 0.0.4 returned plain quotes).
-  * Inputs the official code crashes on (whitespace only, a closing quote right
-    after a leading stop mark) give a well-defined result here.
+Inputs the official code crashes on give a well-defined result here:
+whitespace only ([]), a closing quote right after a leading stop mark, and
+English with a digit and a whitespace run wetext's token parser asserts on
+("1.\\n\\nNext", "at  3": read with the whitespace folded to single blanks).
 """
 
 from __future__ import annotations
@@ -261,16 +272,35 @@ def _wetext_normalizer(lang: str):
 
 # wetext 0.1.x re-escapes token values, so '"' and '\' come back as '\"' and '\\'.
 _WETEXT_ESCAPE = re.compile(r'\\(["\\])')
+_DIGIT = re.compile(r"\d")
+_BLANK_RUN = re.compile(r"\s+")
 
 
 def _wetext_normalize(text: str, lang: str) -> str:
+    r"""wetext's grammar of `lang` on `text`, as the official pin (wetext 0.0.4) runs it.
+
+    wetext 0.0.4 runs a grammar only on text holding a digit (`re.search(r"\d", text)`: any Unicode
+    decimal digit), for English as for Chinese, and hands it the text as it is. wetext 0.1.x also
+    runs the English grammar on text without a digit (Mr. -> Mister, & -> and, U.S. -> US), so that
+    case is decided here. With a digit, wetext 0.1.x gives what 0.0.4 gives with the same grammars
+    (the lang we pass is the one "auto" picks in 0.0.4; see the module docstring for '2024').
+    Their token parser asserts on some whitespace runs ("1.\n\nNext", "at  3", "a 1 \nb") and on
+    some punctuation, where the official frontend raises: we try again with every whitespace run
+    folded to one blank, and keep the text if that asserts too.
+    """
+    if not _DIGIT.search(text):
+        return text
     normalizer = _wetext_normalizer(lang)
     if normalizer is None:
         return text
     try:
         out = normalizer.normalize(text)
-    except AssertionError:  # its token parser asserts on some punctuation-only input ("! !"): keep the text
-        return text
+    except AssertionError:
+        folded = _BLANK_RUN.sub(" ", text)
+        try:
+            out = normalizer.normalize(folded) if folded != text else text
+        except AssertionError:
+            out = text
     if out.count("\\") > text.count("\\"):
         out = _WETEXT_ESCAPE.sub(r"\1", out)
     return out
@@ -289,9 +319,9 @@ def _normalize_zh(text: str) -> str:
 
 
 def _normalize_en(text: str) -> str:
-    # wetext's English grammar asserts on runs of whitespace ("a  b", "a\n\nb"): fold them first
-    text = _wetext_normalize(re.sub(r"\s+", " ", text), "en")
-    return spell_out_number(text)
+    # whitespace is kept as it is (the official code does not touch it; the LM reads "\n\n" and
+    # double blanks as tokens of their own)
+    return spell_out_number(_wetext_normalize(text, "en"))
 
 
 def has_markup(text: str) -> bool:
