@@ -12,7 +12,33 @@ Differences from the official code, on purpose:
   selects our reimplementation of torchaudio's default ``Resample`` (the
   official one), which reproduces the official samples to float32 rounding;
 - bad input raises :class:`AudioError` with a message a client can read,
-  instead of an ``assert`` or a decoder traceback.
+  instead of an ``assert`` or a decoder traceback;
+- every accepted prompt costs bounded time and memory, whatever its header
+  says (see "Cost bound" below); torchaudio's ``Resample`` builds one
+  filter row per output phase, so an odd rate (16001 Hz: 16000 rows of
+  16015 taps) needs gigabytes, and the official code would need them too.
+
+Cost bound (issue 21 item 1). The header is checked before any sample is
+decoded: the rate must lie in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE] (8 kHz to
+192 kHz), at most MAX_CHANNELS channels, at most ``max_seconds`` long (and
+the read stops at that limit, so a header that lies cannot make us decode
+more). Channels are averaged block by block, so memory holds one mono copy:
+4 bytes per sample, at most 30 s x 192 kHz x 4 B = 23 MB. The sinc
+resampler then does at most 1024 multiply-adds per output sample, whatever
+the rates, in working memory of a few MB:
+- rate pairs whose reduced ratio ``orig/new`` has small terms (all the
+  common rates: 8, 11.025, 12, 16, 22.05, 24, 32, 44.1, 48, 88.2, 96,
+  176.4, 192 kHz) use the official polyphase kernel, bit for bit as before;
+  a kernel is at most KERNEL_MAX_PHASES x KERNEL_MAX_TAPS (4 MiB), and the
+  cache of them is bounded in bytes (KERNEL_CACHE_BYTES);
+- any other pair (44101 Hz, 16001 Hz, ...) evaluates the same filter per
+  output sample over its own 2 x width + 2 taps (at most 148, from 192 kHz
+  to 16 kHz), in bounded chunks, and caches nothing.
+Measured (one core of the 2-core CI machine, decode + both target rates):
+about 20 ms of CPU per second of prompt at odd rates up to 48 kHz, 40 ms
+near 192 kHz; the worst accepted prompt (30 s at 191999 Hz) takes 1.2 s
+and 64 MB of peak memory. Before, a 3 s prompt at 1601 Hz took
+6 s and 1.6 GB, and 4001 or 16001 Hz could not be allocated in 3 GB.
 
 The server takes uploads as bytes: everything here works on bytes as well
 as on paths, and never writes temporary files.
@@ -20,10 +46,11 @@ as on paths, and never writes temporary files.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
+import threading
+from collections import OrderedDict
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -41,6 +68,15 @@ PROMPT_FRAME_LENGTH = 440
 PROMPT_HOP_LENGTH = 220
 PROMPT_MAX_VAL = 0.8
 PROMPT_TAIL_SECONDS = 0.2
+
+# What a prompt's header may announce (checked before any sample is decoded). 8 kHz is the lowest
+# rate in common use (narrowband telephony; below it most of the speech band is gone, and the
+# official frontend refuses anything below 16 kHz); 192 kHz the highest of common studio and
+# consumer formats. 8 channels is 7.1 audio, and FLAC's maximum.
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8
+DECODE_BLOCK_FRAMES = 1 << 16     # frames read (and downmixed) at a time
 
 
 class AudioError(ValueError):
@@ -70,26 +106,60 @@ def _too_long(duration: float, limit: float) -> AudioError:
     return AudioError(f"audio is too long: {duration:.2f} s (maximum {limit:g} s)")
 
 
-def decode_audio(data: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Decode to (float32 samples [frames, channels], sample_rate).
+def check_header(sample_rate: int, channels: int, frames: int, max_seconds: float | None) -> None:
+    """Refuse, from the header alone, what would cost more than a prompt may: a rate outside
+    [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE], more than MAX_CHANNELS channels, a declared length over
+    ``max_seconds``."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"audio sample rate {sample_rate} Hz is outside the accepted range "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if channels < 1:
+        raise AudioError("audio has no channels")
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"audio has {channels} channels; at most {MAX_CHANNELS} are accepted")
+    if max_seconds is not None and frames > 0 and frames / sample_rate > max_seconds:
+        raise _too_long(frames / sample_rate, max_seconds)
+
+
+def _read_blocks(f: sf.SoundFile, limit: int | None, mono: bool) -> np.ndarray:
+    """Read at most ``limit`` frames in blocks; with ``mono`` average the channels block by block
+    (each frame's mean is the same as over the whole array), so only one mono copy is held."""
+    blocks, total = [], 0
+    while limit is None or total < limit:
+        want = DECODE_BLOCK_FRAMES if limit is None else min(DECODE_BLOCK_FRAMES, limit - total)
+        block = f.read(want, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        if mono:
+            block = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+        blocks.append(block)
+        total += block.shape[0]
+    if not blocks:
+        return np.zeros((0,) if mono else (0, f.channels), dtype=np.float32)
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def decode_audio(data: AudioSource, max_seconds: float | None = None, *,
+                 mono: bool = False) -> tuple[np.ndarray, int]:
+    """Decode to (float32 samples [frames, channels], sample_rate); with ``mono``, [frames], the
+    channels averaged.
 
     Integer PCM is scaled to [-1, 1) the way libsndfile (and so torchaudio's
     soundfile backend) does it: int16 / 32768, int32 / 2**31.
-    With ``max_seconds``, a file whose header already announces more than
-    that is refused before its samples are decoded (an upload cannot make
-    us decode an hour of audio only to reject it).
+    The header is checked first (:func:`check_header`: rate, channels, and with
+    ``max_seconds`` the declared length), so a refused file costs no decoding.
+    With ``max_seconds`` the read also stops one frame past the limit, so a
+    header that under-declares its length cannot make us decode an hour of
+    audio only to reject it.
     """
     source = _as_sound_file_input(data)
     try:
         with sf.SoundFile(source) as f:
             sample_rate = int(f.samplerate)
-            if sample_rate <= 0:
-                raise AudioError(f"invalid sample rate {sample_rate}")
-            if f.channels < 1:
-                raise AudioError("audio has no channels")
-            if max_seconds is not None and f.frames > 0 and f.frames / sample_rate > max_seconds:
-                raise _too_long(f.frames / sample_rate, max_seconds)
-            samples = f.read(dtype="float32", always_2d=True)
+            check_header(sample_rate, int(f.channels), int(f.frames), max_seconds)
+            finite = max_seconds is not None and math.isfinite(max_seconds)
+            limit = math.floor(max_seconds * sample_rate) + 1 if finite else None
+            samples = _read_blocks(f, limit, mono)
     except AudioError:
         raise
     except Exception as exc:  # libsndfile raises several types; all mean "bad file"
@@ -97,11 +167,31 @@ def decode_audio(data: AudioSource, max_seconds: float | None = None) -> tuple[n
         raise AudioError(
             "could not decode audio (supported: WAV, FLAC, OGG, MP3): " + detail
         ) from None
+    if limit is not None and samples.shape[0] >= limit:
+        raise AudioError(f"audio is too long: over {max_seconds:g} s (maximum {max_seconds:g} s)")
     return samples, sample_rate
 
 
-@functools.lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 0.99):
+# The official (torchaudio) windowed-sinc filter: 6 zero crossings of the lower rate each side,
+# cut-off at 0.99 x the lower Nyquist.
+ZERO_CROSSINGS = 6
+ROLLOFF = 0.99
+# A polyphase kernel is built (and cached) only while it is small: at most this many output phases
+# and taps per phase, i.e. 4 MiB of float32. Every common rate pair fits (the largest, 11025 Hz to
+# 16 kHz, is 640 x 455); any other pair takes the per-output path.
+KERNEL_MAX_PHASES = 1024
+KERNEL_MAX_TAPS = 1024
+KERNEL_CACHE_BYTES = 32 << 20     # all cached kernels together
+DIRECT_CHUNK_TAPS = 1 << 16       # per-output path: (outputs x taps) evaluated at a time, ~0.5 MiB per buffer
+
+
+def _filter_params(orig: int, new: int) -> tuple[float, int]:
+    """(cut-off in units of the reduced rates, half-width in input samples) of the official filter."""
+    cutoff = min(orig, new) * ROLLOFF
+    return cutoff, math.ceil(ZERO_CROSSINGS * orig / cutoff)
+
+
+def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
     """Polyphase Hann-windowed sinc low-pass kernel, one row per output phase.
 
     Same construction (and rounding) as torchaudio's default ``Resample``
@@ -109,12 +199,14 @@ def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 
     official frontend and its training data pipeline use: the cut-off is
     0.99 x the lower Nyquist, the sinc is cut after 6 zero crossings with a
     cos^2 window, built in float64 and stored as float32.
-    Rates are already divided by their gcd. Returns (kernel [new, 1, K], width).
+    Rates are already divided by their gcd. Returns (kernel [new, 1, K], width),
+    K = orig + 2 * width: its size grows with the ratio's terms, so callers
+    build it only within KERNEL_MAX_PHASES x KERNEL_MAX_TAPS.
     """
-    cutoff = min(orig, new) * rolloff
-    width = math.ceil(zero_crossings * orig / cutoff)
+    zero_crossings = ZERO_CROSSINGS
+    cutoff, width = _filter_params(orig, new)
     taps = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    # output phase j sits at -j / new input periods from the tap grid
+    # output phase j sits at -j / new input periods from the tap grid (torchaudio computes -j / new in float32)
     t = torch.arange(0, -new, -1)[:, None, None] / new + taps
     t = (t * cutoff).clamp_(-zero_crossings, zero_crossings)
     window = torch.cos(t * math.pi / zero_crossings / 2) ** 2
@@ -123,17 +215,117 @@ def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 
     return (sinc * (window * (cutoff / orig))).to(torch.float32), width
 
 
-def _resample_sinc(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    g = math.gcd(orig_sr, target_sr)
-    orig, new = orig_sr // g, target_sr // g
-    kernel, width = _sinc_kernel(orig, new)
-    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None, None]
+class _KernelCache:
+    """The polyphase kernels by reduced (orig, new), least recently used first out, bounded in
+    bytes (not in entries: one odd rate's kernel could be a thousand common ones)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple[int, int], tuple[torch.Tensor, int]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, orig: int, new: int) -> tuple[torch.Tensor, int]:
+        key = (orig, new)
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit
+        kernel, width = _sinc_kernel(orig, new)
+        size = kernel.numel() * kernel.element_size()
+        with self.lock:
+            if key not in self.entries and size <= self.max_bytes:
+                self.entries[key] = (kernel, width)
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    old, _ = self.entries.popitem(last=False)[1]
+                    self.bytes -= old.numel() * old.element_size()
+        return kernel, width
+
+
+_kernels = _KernelCache(KERNEL_CACHE_BYTES)
+
+
+def _resample_polyphase(audio: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """The official computation: a strided conv1d with the whole [new, 1, orig + 2 width] kernel."""
+    kernel, width = _kernels.get(orig, new)
+    x = torch.from_numpy(audio)[None, None]
     x = torch.nn.functional.pad(x, (width, width + orig))
     with torch.no_grad():
         y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # [1, new, blocks]
     y = y.transpose(1, 2).reshape(-1)
-    n_out = math.ceil(new * audio.shape[0] / orig)
+    n_out = -(-new * audio.shape[0] // orig)
     return y[:n_out].numpy()
+
+
+def _resample_direct(audio: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """The same filter, evaluated per output sample over its own taps only.
+
+    Output k sits at k * orig / new input samples; with q = floor of that, its taps are the inputs
+    q - width .. q + width + 1 (2 width + 2 of them; the kernel is exactly 0 past the 6th zero
+    crossing, which is inside that span), and tap r's filter argument is
+    t_r = cutoff * ((d + r) / orig - j / new), j = k mod new, d = (j * orig) // new - width, with
+    -j / new rounded to float32 first, as torchaudio does, so the kernel values are the polyphase
+    kernel's (to float64 rounding). t_r = t_0 + r * cutoff / orig, so sin(pi t_r) and
+    cos(pi t_r / 12) come from two angle-addition tables: two sines and two cosines per output,
+    not per tap. Work: (2 width + 2) taps per output, in chunks of DIRECT_CHUNK_TAPS; nothing
+    cached, nothing that grows with the ratio's terms.
+    """
+    cutoff, width = _filter_params(orig, new)
+    n = audio.shape[0]
+    n_out = -(-new * n // orig)
+    out = np.empty(n_out, dtype=np.float32)
+    if n_out == 0:
+        return out
+    taps = 2 * width + 2
+    padded = np.concatenate([np.zeros(width, np.float32), audio, np.zeros(width + 2, np.float32)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, taps)   # windows[q]: output k's inputs
+    zc, delta, scale = ZERO_CROSSINGS, cutoff / orig, cutoff / orig
+    step = math.pi * delta * np.arange(taps)
+    # sin(pi t_r) = sin(pi t_0) cos(step_r) + cos(pi t_0) sin(step_r), pre-scaled by scale / pi
+    sin_c, sin_s = np.cos(step) * (scale / math.pi), np.sin(step) * (scale / math.pi)
+    # cos(pi t_r / (2 zc)) = cos(h_0) cos(step_r / (2 zc)) - sin(h_0) sin(step_r / (2 zc))
+    win_c, win_s = np.cos(step / (2 * zc)), np.sin(step / (2 * zc))
+    dt = delta * np.arange(taps)
+    rows = max(1, DIRECT_CHUNK_TAPS // taps)
+    t_buf, k_buf, w_buf, u_buf = (np.empty((rows, taps)) for _ in range(4))
+    for start in range(0, n_out, rows):
+        c = min(rows, n_out - start)
+        t, kern, w, u = t_buf[:c], k_buf[:c], w_buf[:c], u_buf[:c]
+        k = np.arange(start, start + c, dtype=np.int64)
+        j = k % new
+        q = (k * orig) // new
+        d = (j * orig) // new - width
+        phase = (-j.astype(np.float32) / np.float32(new)).astype(np.float64)
+        t0 = (phase + d / orig) * cutoff
+        p0 = math.pi * t0
+        np.add(t0[:, None], dt, out=t)
+        np.multiply(np.sin(p0)[:, None], sin_c, out=kern)
+        np.multiply(np.cos(p0)[:, None], sin_s, out=u)
+        kern += u                                    # sin(pi t) * scale / pi
+        h0 = p0 / (2 * zc)
+        np.multiply(np.cos(h0)[:, None], win_c, out=w)
+        np.multiply(np.sin(h0)[:, None], win_s, out=u)
+        w -= u
+        w *= w                                       # the cos^2 window
+        kern *= w
+        np.abs(t, out=u)
+        np.copyto(t, 1.0, where=u < 1e-7)            # avoid 0 / 0: sinc(0) = 1 is set below
+        kern /= t                                    # sin(pi t) / (pi t) * window * scale
+        np.copyto(kern, scale, where=u < 1e-7)       # window(0) = 1
+        np.copyto(kern, 0.0, where=u >= zc)          # past the last zero crossing
+        out[start:start + c] = np.einsum("ij,ij->i", windows[q], kern.astype(np.float32))
+    return out
+
+
+def _resample_sinc(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    g = math.gcd(orig_sr, target_sr)
+    orig, new = orig_sr // g, target_sr // g
+    audio = np.ascontiguousarray(audio, dtype=np.float32)
+    _, width = _filter_params(orig, new)
+    if new <= KERNEL_MAX_PHASES and orig + 2 * width <= KERNEL_MAX_TAPS:
+        return _resample_polyphase(audio, orig, new)
+    return _resample_direct(audio, orig, new)
 
 
 RESAMPLERS = ("soxr", "sinc")
@@ -176,24 +368,22 @@ def load_audio(
     is the official frontend's windowed-sinc filter, so prompt features equal
     the ones the model was trained on (soxr differs in the 7-8 kHz band).
     """
-    samples, sample_rate = decode_audio(data, max_seconds)
+    mono, sample_rate = decode_audio(data, max_seconds, mono=True)
     if min_sample_rate is not None and sample_rate < min_sample_rate:
         raise AudioError(
             f"audio sample rate {sample_rate} Hz is below the minimum {min_sample_rate} Hz"
         )
-    if not np.isfinite(samples).all():
+    if not np.isfinite(mono).all():
         raise AudioError("audio contains NaN or infinite samples")
 
-    duration = samples.shape[0] / sample_rate
+    duration = mono.shape[0] / sample_rate
     if duration < min_seconds:
         raise AudioError(
             f"audio is too short: {duration:.2f} s (minimum {min_seconds:g} s)"
         )
     if duration > max_seconds:
         raise _too_long(duration, max_seconds)
-
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return resample(np.ascontiguousarray(mono), sample_rate, target_sr, resampler)
+    return resample(mono, sample_rate, target_sr, resampler)
 
 
 def _frame_rms(audio: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
