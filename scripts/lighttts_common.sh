@@ -9,6 +9,8 @@
 # lt_http_code URL      the HTTP status of a GET (000 when nothing answers).
 # lt_server_args        sets SERVER_ARGS: the api_server flags the environment sets (after lt_find_python).
 # lt_server_settings FLAG...  sets each upper-case FLAG variable to the value the server will take.
+# lt_voice_dir          exports VOICE_DIR (--voice_dir): the registered voices every instance started
+#                       from this checkout shares and keeps across restarts; default <repo>/voices.
 #
 # Server flags have one declaration, light_tts/server/args.py (ServerArgs): every flag is the
 # environment variable of its name in upper case, and its default lives there only. These
@@ -61,6 +63,12 @@ lt_server_settings() {
         printf -v "${name^^}" '%s' "${vals[$i]-}"
         i=$((i + 1))
     done
+}
+
+lt_voice_dir() {
+    # after the settings files (VOICE_DIR= there, empty, means this default)
+    VOICE_DIR=${VOICE_DIR:-$LT_ROOT/voices}
+    export VOICE_DIR
 }
 
 lt_is_true() {

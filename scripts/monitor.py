@@ -55,9 +55,10 @@ def diff_buckets(new: list, old: list) -> list:
     return [(b, c - old_map.get(b, 0.0)) for b, c in new]
 
 
-def fetch(url: str, timeout: float) -> tuple[int, str]:
+def fetch(url: str, timeout: float, api_key: str = "") -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
@@ -68,8 +69,9 @@ def fetch(url: str, timeout: float) -> tuple[int, str]:
 
 
 class Instance:
-    def __init__(self, url: str):
+    def __init__(self, url: str, api_key: str = ""):
         self.url = url.rstrip("/")
+        self.api_key = api_key    # /metrics needs it on an instance started with one (health does not)
         self.prev = None          # (time, metrics) of the previous poll
         self.fails = 0            # consecutive unhealthy polls
         self.last_restart = -math.inf
@@ -86,7 +88,7 @@ class Instance:
                 row["detail"] = json.loads(body).get("detail", "")
             except (ValueError, AttributeError):
                 row["detail"] = body[:80]
-        mcode, mtext = fetch(self.url + "/metrics", timeout) if code else (0, "")
+        mcode, mtext = fetch(self.url + "/metrics", timeout, self.api_key) if code else (0, "")
         metrics = parse_prometheus(mtext) if mcode == 200 else {}
         if metrics:
             req = metric_total(metrics, "lighttts_requests_total")
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HTTP call")
     p.add_argument("--once", action="store_true", help="poll twice --interval apart, print, exit (0: all healthy)")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines instead of a table")
+    p.add_argument("--api_key", default=os.environ.get("LIGHTTTS_API_KEY", ""),
+                   help="Bearer key for /metrics on instances started with one (default: $LIGHTTTS_API_KEY)")
     p.add_argument("--restart-cmd", dest="restart_cmd", default="", help="shell command for an instance that stays unhealthy")
     p.add_argument("--restart-after", dest="restart_after", type=int, default=3, help="unhealthy polls in a row before the hook")
     p.add_argument("--restart-cooldown", dest="restart_cooldown", type=float, default=120.0,
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.interval <= 0 or args.restart_after < 1:
         p.error("--interval must be > 0 and --restart-after >= 1")
-    instances = [Instance(u) for u in (args.url or ["http://127.0.0.1:8080"])]
+    instances = [Instance(u, args.api_key) for u in (args.url or ["http://127.0.0.1:8080"])]
     live = sys.stdout.isatty() and not args.once and not args.json
     try:
         polls = 0

@@ -19,6 +19,7 @@ cd "$LT_ROOT"
 
 [ -n "${LIGHTTTS_ENV_FILE:-}" ] && lt_load_env "$LIGHTTTS_ENV_FILE"
 lt_load_env "${CONFIG_DIR:-$LT_ROOT/configs}/a10_single.env"
+lt_voice_dir   # VOICE_DIR for wsgi_wrapper.py (--voice_dir): <repo>/voices unless set
 
 # Performance environment (seed 001)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}

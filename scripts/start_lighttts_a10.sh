@@ -4,12 +4,17 @@
 #   scripts/start_lighttts_a10.sh single       one instance on :8080, returns once /healthz is healthy
 #   scripts/start_lighttts_a10.sh multi        two instances on :8080 and :8081 (staggered, lower
 #                                              limits each) behind nginx on :8000
-#   scripts/start_lighttts_a10.sh stop         stop everything this script started (pid files)
-#   scripts/start_lighttts_a10.sh status       instances, health, uptime, logs (exit 0 all healthy,
-#                                              1 some not, 3 none running)
+#   scripts/start_lighttts_a10.sh stop         stop this deployment: its instances and its nginx
+#   scripts/start_lighttts_a10.sh status       this deployment's instances, health, uptime, logs
+#                                              (exit 0 all healthy, 1 some not, 3 none running)
+#     "This deployment" is the one holding PORT (as the server takes it: 8080 by default, or
+#     PORT_BASE + GPU_INDEX), or the ports in PORTS if set: the ports a start recorded together
+#     (multi: all of PORTS and its nginx). Deployments of other ports sharing PID_DIR are left alone:
+#     PORT=9090 scripts/start_lighttts_a10.sh stop stops the one on :9090 only.
 #   scripts/start_lighttts_a10.sh restart [single|multi]   stop, then start the last mode again
 #   scripts/start_lighttts_a10.sh run          one instance in the foreground (systemd, containers)
-#   scripts/start_lighttts_a10.sh nginx-conf   print the nginx config for PORTS (for the system nginx)
+#   scripts/start_lighttts_a10.sh nginx-conf   print the nginx config for PORTS (for the system nginx;
+#                                              listening on NGINX_HOST:NGINX_PORT)
 #   scripts/start_lighttts_a10.sh check        the pre-start checks only (Python, GPU, model files)
 #
 # Anything after the command goes to api_server unchanged: `... single --log_level debug`.
@@ -23,7 +28,10 @@
 # REQUIRE_GPU, GPU_INDEX + PORT_BASE (single, run: port = PORT_BASE + GPU_INDEX).
 #
 # Files: log $LOG_DIR/lighttts_<mode>_<port>.log (the previous one is kept as .log.1),
-# pid $PID_DIR/lighttts_worker_<port>.pid, private nginx under $PID_DIR/lighttts_nginx/.
+# pid $PID_DIR/lighttts_worker_<port>.pid, the deployment (mode, ports, nginx) in
+# $PID_DIR/lighttts_deployment_<first port>, private nginx under $PID_DIR/lighttts_nginx_<NGINX_PORT>/,
+# registered voices in VOICE_DIR (--voice_dir; default <repo>/voices), one directory for every instance, kept
+# across restarts.
 set -uo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/lighttts_common.sh"
@@ -33,7 +41,6 @@ LOG_DIR=${LOG_DIR:-/tmp}
 PID_DIR=${PID_DIR:-/tmp}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 LOG_TAIL_LINES=${LOG_TAIL_LINES:-40}
-MODE_FILE="$PID_DIR/lighttts_mode"
 STARTED=()   # ports started by this invocation (stopped again if the start fails)
 
 usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -48,9 +55,10 @@ load_profile() {
     lt_load_env "$CONFIG_DIR/a10_single.env"
     if [ -n "${GPU_INDEX:-}" ]; then export PORT=$(( ${PORT_BASE:-9000} + GPU_INDEX )); fi
     if [ "$mode" = multi ]; then PORTS=${PORTS:-"8080 8081"}; fi
-    NGINX_MODE=${NGINX_MODE:-private} NGINX_HOST=${NGINX_HOST:-0.0.0.0} NGINX_PORT=${NGINX_PORT:-8000}
+    lt_voice_dir   # every instance (multi: all of them) gets the same --voice_dir
+    NGINX_MODE=${NGINX_MODE:-private} NGINX_HOST=${NGINX_HOST:-127.0.0.1} NGINX_PORT=${NGINX_PORT:-8000}
     NGINX_BALANCE=${NGINX_BALANCE:-round_robin}
-    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
+    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx_$NGINX_PORT}
     STAGGER_SECONDS=${STAGGER_SECONDS:-60} STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-300}
     export CUDA_VISIBLE_DEVICES
     mkdir -p "$LOG_DIR" "$PID_DIR" || lt_die "cannot create LOG_DIR=$LOG_DIR or PID_DIR=$PID_DIR"
@@ -65,6 +73,58 @@ server_args() {
 
 pid_file() { echo "$PID_DIR/lighttts_worker_$1.pid"; }
 log_file() { echo "$LOG_DIR/lighttts_$1_$2.log"; }
+deployment_file() { echo "$PID_DIR/lighttts_deployment_$1"; }
+
+# Record a start: mode, ports and private nginx, in a file named by the first port. stop, status
+# and restart read it back to act on this deployment only.
+write_deployment() {
+    local mode=$1 first=${2%% *} nginx=""
+    [ "$mode" = multi ] && [ "$NGINX_MODE" != none ] && nginx=$NGINX_PREFIX
+    DEPLOYMENT_FILE=$(deployment_file "$first")
+    printf 'mode=%s\nports=%s\nnginx_prefix=%s\n' "$mode" "$2" "$nginx" >"$DEPLOYMENT_FILE"
+}
+
+# This deployment: the recorded one holding the first port of PORTS (if set) or PORT (as the
+# server takes it). Sets DEPLOY_MODE, DEPLOY_PORTS, NGINX_PREFIX ("" = none) and DEPLOYMENT_FILE
+# ("" when no start recorded one: then just that port / PORTS).
+find_deployment() {
+    local want f line mode ports nginx
+    PY=${PYTHON:-$(command -v python3 || command -v python)}
+    if [ -n "${PORTS:-}" ]; then
+        want=$PORTS
+    else   # in a subshell: the settings files must not leak into a start that follows (restart)
+        want=$(load_profile single >/dev/null; lt_server_settings port; echo "$PORT")
+        [[ $want =~ ^[0-9]+$ ]] || lt_die "cannot tell this deployment's port (the line above); set PORT or PORTS"
+    fi
+    DEPLOY_MODE="" DEPLOY_PORTS=$want NGINX_PREFIX="" DEPLOYMENT_FILE=""
+    for f in "$PID_DIR"/lighttts_deployment_*; do
+        [ -f "$f" ] || continue
+        mode="" ports="" nginx=""
+        while IFS= read -r line; do
+            case "$line" in mode=*) mode=${line#mode=} ;; ports=*) ports=${line#ports=} ;;
+                             nginx_prefix=*) nginx=${line#nginx_prefix=} ;; esac
+        done <"$f"
+        if [[ " $ports " == *" ${want%% *} "* ]]; then
+            DEPLOY_MODE=$mode DEPLOY_PORTS=$ports NGINX_PREFIX=$nginx DEPLOYMENT_FILE=$f
+            return 0
+        fi
+    done
+}
+
+# exposed_without_key HOST: true when HOST serves other machines and the instances get no key
+# (LIGHTTTS_API_KEY) and ALLOW_OPEN is not set: the instances refuse such a --host themselves; this
+# is the same rule for the nginx in front of them
+exposed_without_key() {
+    case "$1" in 127.*|localhost|::1|'[::1]') return 1 ;; esac
+    [ -z "$(printenv LIGHTTTS_API_KEY)" ] && ! lt_is_true "$(printenv ALLOW_OPEN)"
+}
+
+check_exposure() {   # check_exposure VARIABLE VALUE
+    if exposed_without_key "$2"; then
+        lt_die "$1=$2 would serve other machines with no API key: set LIGHTTTS_API_KEY=<key> (every instance then requires it; clients send 'Authorization: Bearer <key>'), or $1=127.0.0.1, or ALLOW_OPEN=true to serve without a key"
+    fi
+}
+check_nginx_exposure() { check_exposure NGINX_HOST "$NGINX_HOST"; }
 
 # Is any non-zombie process left in process group $1? (each instance is its own group: setsid)
 instance_alive() {
@@ -110,7 +170,7 @@ fail_start() {
         stop_ports "${STARTED[@]}"
     fi
     stop_nginx
-    rm -f "$MODE_FILE"
+    rm -f "${DEPLOYMENT_FILE:-}"
     exit 1
 }
 
@@ -184,19 +244,18 @@ stop_ports() {
     STOPPED=${#pids[@]}
 }
 
-known_ports() {
-    local f p
-    for f in "$PID_DIR"/lighttts_worker_*.pid; do
-        [ -e "$f" ] || continue
-        p=${f##*_}; echo "${p%.pid}"
-    done | sort -n
-}
-
 # ---------------------------------------------------------------- nginx
 render_nginx_conf() {
     local template="$CONFIG_DIR/nginx/lighttts_$NGINX_BALANCE.conf"
     [ -f "$template" ] || lt_die "no nginx template $template (NGINX_BALANCE=round_robin or least_conn)"
     awk -v ports="$PORTS" -v listen="$NGINX_HOST:$NGINX_PORT" '
+        # the header names the shipped ports: name these instead
+        NR == 1 && /^# LightTTS behind nginx: instances on / {
+            n = split(ports, p, " "); list = "127.0.0.1:" p[1]
+            for (i = 2; i <= n; i++) list = list (i == n ? " and :" : ", :") p[i]
+            print "# LightTTS behind nginx on " listen ": instances on " list " (start_lighttts_a10.sh),"
+            next
+        }
         /^[[:space:]]*server 127\.0\.0\.1:[0-9]+/ {
             if (!done) {
                 match($0, /:[0-9]+/); head = substr($0, 1, RSTART); tail = substr($0, RSTART + RLENGTH)
@@ -232,7 +291,7 @@ http {
 EOF
 }
 
-nginx_pid() { local f="$NGINX_PREFIX/nginx.pid" pid; [ -f "$f" ] || return 1; pid=$(cat "$f"); kill -0 "$pid" 2>/dev/null && echo "$pid"; }
+nginx_pid() { local f="$NGINX_PREFIX/nginx.pid" pid; [ -n "$NGINX_PREFIX" ] && [ -f "$f" ] || return 1; pid=$(cat "$f"); kill -0 "$pid" 2>/dev/null && echo "$pid"; }
 
 start_nginx() {
     local prefix=$NGINX_PREFIX out i
@@ -283,6 +342,8 @@ preflight() {
     lt_find_python
     lt_server_settings model_dir host port
     [ "$CUR_MODE" = multi ] || PORTS=$PORT
+    check_exposure HOST "$HOST"   # the server refuses it too, but only after the model checks
+    [ "$CUR_MODE" = multi ] && [ "$NGINX_MODE" != none ] && check_nginx_exposure
     lt_gpu_check "${GPU_MEM_NEED_MB:-0}"
     lt_check_model "$MODEL_DIR"
 }
@@ -303,7 +364,7 @@ cmd_start() {
         fi
         lt_port_busy "$HOST" "$port" && lt_die "port $port is in use by another process (ss -ltnp 'sport = :$port')"
     done
-    echo "$mode" >"$MODE_FILE"
+    write_deployment "$mode" "${ports[*]}"
     for port in "${ports[@]}"; do
         if [ -n "$prev" ]; then
             # seed 000: stagger the starts so two model loads do not compete; a healthy previous
@@ -320,29 +381,31 @@ cmd_start() {
     done
     [ "$mode" = multi ] && start_nginx
     lt_log "LightTTS $mode ready. Verify: $PY scripts/verify_deployment.py --full$(for p in "${ports[@]}"; do printf ' --url http://127.0.0.1:%s' "$p"; done)"
-    lt_log "logs: $(for p in "${ports[@]}"; do printf '%s ' "$(log_file "$mode" "$p")"; done)| status: $0 status | stop: $0 stop"
+    local here=""   # how to name this deployment again (the one recorded with its first port)
+    [ "${ports[0]}" = 8080 ] || here="PORT=${ports[0]} "
+    lt_log "logs: $(for p in "${ports[@]}"; do printf '%s ' "$(log_file "$mode" "$p")"; done)| status: ${here}$0 status | stop: ${here}$0 stop"
 }
 
 cmd_stop() {
     local ports
-    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
-    mapfile -t ports < <(known_ports)
+    find_deployment
+    read -r -a ports <<<"$DEPLOY_PORTS"
     STOPPED=0
     [ ${#ports[@]} -gt 0 ] && stop_ports "${ports[@]}"
     stop_nginx
-    rm -f "$MODE_FILE"
+    rm -f "$DEPLOYMENT_FILE"
     if [ "$STOPPED" = 0 ]; then
-        lt_log "no instance was running (pid files: $PID_DIR/lighttts_worker_*.pid)"
+        lt_log "no instance of this deployment was running (:${DEPLOY_PORTS// / :}; others: ls $PID_DIR/lighttts_deployment_*)"
     fi
     return 0
 }
 
 cmd_status() {
     local port pid health uptime log any=0 bad=0 body nport
-    NGINX_PREFIX=${NGINX_PREFIX:-$PID_DIR/lighttts_nginx}
-    PY=${PYTHON:-$(command -v python3 || command -v python)}
+    find_deployment
     printf '%-7s %-8s %-9s %-30s %-12s %s\n' PORT PID STATE HEALTH UPTIME LOG
-    for port in $(known_ports); do
+    for port in $DEPLOY_PORTS; do
+        [ -f "$(pid_file "$port")" ] || continue
         any=1
         log=$(ls -t "$LOG_DIR"/lighttts_*_"$port".log 2>/dev/null | head -n1)
         if pid=$(live_pid "$(pid_file "$port")"); then
@@ -363,7 +426,7 @@ cmd_status() {
         printf '%-7s %-8s %-9s %-30s %-12s %s\n' "$nport" "$pid" nginx "$health" \
             "$(ps -o etime= -p "$pid" 2>/dev/null | tr -d ' ')" "$NGINX_PREFIX/logs/"
     fi
-    [ -f "$MODE_FILE" ] && echo "mode: $(cat "$MODE_FILE")"
+    [ -n "$DEPLOY_MODE" ] && echo "mode: $DEPLOY_MODE (${DEPLOYMENT_FILE})"
     if [ "$any" = 0 ]; then echo "not running"; return 3; fi
     return "$bad"
 }
@@ -397,13 +460,14 @@ case "$cmd" in
     stop) cmd_stop ;;
     status) cmd_status; exit $? ;;
     restart)
-        mode=${CLI_EXTRA[0]:-$(cat "$MODE_FILE" 2>/dev/null || echo single)}
+        find_deployment
+        mode=${CLI_EXTRA[0]:-${DEPLOY_MODE:-single}}
         case "$mode" in single|multi) ;; *) lt_die "restart: unknown mode '$mode' (single or multi)" ;; esac
         [ "${CLI_EXTRA[0]:-}" = "$mode" ] && CLI_EXTRA=("${CLI_EXTRA[@]:1}")
         cmd_stop
         cmd_start "$mode" ;;
     run) cmd_run ;;
-    nginx-conf) load_profile multi; render_nginx_conf ;;
+    nginx-conf) load_profile multi; check_nginx_exposure; render_nginx_conf ;;
     check) CUR_MODE=single; load_profile single; preflight; lt_log "checks passed" ;;
     -h|--help|help) usage ;;
     *) usage >&2; echo >&2; lt_die "unknown command '${cmd}': single, multi, stop, status, restart, run, nginx-conf, check" ;;

@@ -8,6 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch
 
+# In CI (CI set, as .ci/run does) a test that would skip because a tool CI installs is missing fails
+from ci_tools import pytest_runtest_makereport  # noqa: E402,F401
+
 # Two cores on CI: one intra-op thread per test process keeps timings sane and runs stable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -47,6 +47,7 @@ def tmp():
 def script_env(tmp, model_dir, **extra):
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS}
     env.update(MODEL_DIR=model_dir, LOG_DIR=tmp, PID_DIR=tmp, ZMQ_MODE=f"ipc://{tmp}/", PYTHON=sys.executable,
+               VOICE_DIR=os.path.join(tmp, "voices"),   # not the checkout's voices/
                HOST="127.0.0.1", OMP_NUM_THREADS="1", STARTUP_TIMEOUT="150", STOP_TIMEOUT="20", **SMALL)
     if NGINX:
         env["PATH"] = os.path.dirname(NGINX) + os.pathsep + env.get("PATH", "")
@@ -172,6 +173,12 @@ def test_start_refuses_a_damaged_model_and_reports_a_failed_start(tiny_model_dir
     assert "--tp_size 2: only 1 is supported" in r.stderr, r.stderr
     assert not os.path.exists(os.path.join(tmp, f"lighttts_worker_{port}.pid"))
 
+    # issue 21: an address other machines reach, without a key, is refused before anything starts
+    r = run("start_lighttts_a10.sh", "single", env=script_env(tmp, tiny_model_dir, PORT=port, HOST="0.0.0.0"),
+            timeout=60)
+    assert r.returncode == 1 and "HOST=0.0.0.0 would serve other machines with no API key" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmp, f"lighttts_worker_{port}.pid"))
+
 
 # ----------------------------------------------------------------------------- multi + nginx
 
@@ -203,6 +210,23 @@ def test_multi_behind_nginx(tiny_model_dir, tmp):
             order.append(p1 if after[0] > before[0] else p2)
         assert all(a != b for a, b in zip(order, order[1:])), order
 
+        # issue 19: a voice registered through nginx lived on one instance only, and six requests
+        # naming it went 404 200 404 200 404 200; both instances now share the script's voice directory
+        r = httpx.post(url + "/voices", data={"voice_id": "dave", "prompt_text": PROMPT_TEXT},
+                       files={"prompt_wav": ("p.wav", PROMPT, "audio/wav")}, timeout=120)
+        assert r.status_code == 200, r.text
+        before = (served(p1), served(p2))
+        codes = [httpx.post(url + "/inference_zero_shot", timeout=120, data={
+            "voice_id": "dave", "tts_text": f"Dave number {i}.", "fixed_speech_tokens": "10"}).status_code for i in range(6)]
+        assert codes == [200] * 6, codes
+        after = (served(p1), served(p2))
+        assert after[0] - before[0] == 3 and after[1] - before[1] == 3, (before, after)
+        for pid in pids:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            assert f"--voice_dir {os.path.join(tmp, 'voices')} " in cmd, cmd
+        for p in (p1, p2):
+            assert [v["voice_id"] for v in httpx.get(f"http://127.0.0.1:{p}/voices").json()["voices"]] == ["dave"]
+
         v = subprocess.run([sys.executable, os.path.join(SCRIPTS, "verify_deployment.py"), "--full",
                             "--url", url, "--url", f"http://127.0.0.1:{p1}", "--url", f"http://127.0.0.1:{p2}",
                             "--fixed_speech_tokens", "10", "--concurrency", "2"],
@@ -232,7 +256,7 @@ def test_multi_behind_nginx(tiny_model_dir, tmp):
             assert wav_info(x.content)[3] > 0
         assert served(p2) - second_before >= len(results) - done_before
         # nginx's access log names both upstreams for a request the dead instance failed
-        access = open(os.path.join(tmp, "lighttts_nginx", "logs", "access.log")).read()
+        access = open(os.path.join(tmp, f"lighttts_nginx_{front}", "logs", "access.log")).read()
         assert f"upstream=127.0.0.1:{p1}, 127.0.0.1:{p2}" in access, access[-2000:]
         assert not wait_gone(pids[0], 10)
 
@@ -295,6 +319,7 @@ def test_monitor_runs_the_restart_hook_for_a_dead_instance(tmp):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "down" in r.stdout
+    assert "Ctrl-C" not in r.stdout   # --once exits by itself
     assert open(marker).read().split() == [str(port), f"http://127.0.0.1:{port}"]
 
 
@@ -324,7 +349,8 @@ def test_settings_files_layer_under_the_environment():
                           'echo "$MAX_TOTAL_TOKEN_NUM $MAX_REQ_TOTAL_LEN $BATCH_MAX_TOKENS $ENCODE_PROCESS_NUM '
                           '$DECODE_PROCESS_NUM $CACHE_CAPACITY $GPU_MEMORY_LIMIT_GB $PORT $HOST"'],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "32768 16384 16384 1 1 100 22.0 8080 0.0.0.0", out
+    # and the address is the server's 127.0.0.1 (issue 21: a shipped profile is never open by accident)
+    assert out == "32768 16384 16384 1 1 100 22.0 8080 127.0.0.1", out
 
 
 # ----------------------------------------------------------------------------- configs
@@ -351,7 +377,8 @@ def test_nginx_configs_pass_nginx_t(tmp):
         for directive in ("proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
                           "proxy_buffering off;", "client_max_body_size 20m;", "proxy_read_timeout 300s;",
                           "proxy_set_header Upgrade $http_upgrade;", "location = /inference_zero_shot_bistream",
-                          "location /ws", "server 127.0.0.1:8080", "server 127.0.0.1:8081", "zone "):
+                          "location /ws", "server 127.0.0.1:8080", "server 127.0.0.1:8081", "zone ",
+                          "client_header_timeout 10s;", "client_body_timeout 30s;", "send_timeout 60s;"):
             assert directive in text, (conf, directive)
     # the two files differ only in the balancing method
     strip = lambda p: [l for l in open(p).read().splitlines()  # noqa: E731
@@ -359,12 +386,23 @@ def test_nginx_configs_pass_nginx_t(tmp):
     assert strip(rr) == strip(lc)
 
     # what the script renders for seed 004's seven per-GPU instances
-    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS},
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS | {"LIGHTTTS_API_KEY", "ALLOW_OPEN"}},
            "PORTS": "9000 9001 9002 9003 9004 9005 9006", "NGINX_BALANCE": "least_conn", "NGINX_PORT": "8080"}
-    out = run("start_lighttts_a10.sh", "nginx-conf", env=env, timeout=30)
+    out = run("start_lighttts_a10.sh", "nginx-conf", env=env, timeout=30)   # the profile's 127.0.0.1
+    assert out.returncode == 0 and "listen 127.0.0.1:8080;" in out.stdout, out.stderr
+    # facing other machines needs the instances' key (or ALLOW_OPEN): refused without
+    out = run("start_lighttts_a10.sh", "nginx-conf", env={**env, "NGINX_HOST": "0.0.0.0"}, timeout=30)
+    assert out.returncode == 1 and "NGINX_HOST=0.0.0.0 would serve other machines with no API key" in out.stderr
+    out = run("start_lighttts_a10.sh", "nginx-conf", env={**env, "NGINX_HOST": "0.0.0.0", "LIGHTTTS_API_KEY": "k"},
+              timeout=30)
     assert out.returncode == 0, out.stderr
     assert len(re.findall(r"server 127\.0\.0\.1:900[0-6] max_fails=3 fail_timeout=10s;", out.stdout)) == 7
     assert "least_conn;" in out.stdout and "listen 0.0.0.0:8080;" in out.stdout
+    # the header names these instances, not the shipped 8080 and 8081
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("# LightTTS behind nginx on 0.0.0.0:8080: instances on 127.0.0.1:9000, :9001,") \
+        and first.endswith(":9005 and :9006 (start_lighttts_a10.sh),"), first
+    assert "8081" not in out.stdout
     rendered = os.path.join(tmp, "rendered.conf")
     open(rendered, "w").write(out.stdout)
     r = nginx_t([rendered], tmp)
@@ -425,7 +463,7 @@ def test_k8s_manifests(tmp):
         with open(os.path.join(CONFIGS, "k8s", name)) as f:
             for doc in yaml.safe_load_all(f):
                 docs[doc["kind"]] = doc
-    assert set(docs) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}, set(docs)
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"}, set(docs)
     dep = docs["Deployment"]
     pod = dep["spec"]["template"]
     labels = pod["metadata"]["labels"]
@@ -450,10 +488,22 @@ def test_k8s_manifests(tmp):
             k, v = line.split("=", 1)
             env_file[k] = v
     data = docs["ConfigMap"]["data"]
+    # HOST: a pod listens on its own address (the env file keeps the server's 127.0.0.1), so the
+    # server requires a key, which comes from a Secret the pod cannot start without (issue 21)
+    assert "HOST" not in env_file and data.pop("HOST") == "0.0.0.0"
+    (key,) = [e for e in c["env"] if e["name"] == "LIGHTTTS_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["name"] and not key["valueFrom"]["secretKeyRef"].get("optional")
     assert set(data) == set(env_file), set(data) ^ set(env_file)
     for k, v in env_file.items():
-        if k != "MODEL_DIR":
+        if k not in ("MODEL_DIR", "VOICE_DIR"):   # paths: the pod's mounts
             assert data.get(k) == v, (k, data.get(k), v)
+    # one voice store for every pod: VOICE_DIR on the ReadWriteMany claim's mount
+    pvc = docs["PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    (vol,) = [v for v in pod["spec"]["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName")
+              == pvc["metadata"]["name"]]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert data["VOICE_DIR"].startswith(mount["mountPath"] + "/") and not mount.get("readOnly")
 
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed: structural checks only")
     version = kv.latest_version()
@@ -464,3 +514,130 @@ def test_k8s_manifests(tmp):
     wrong = dict(pdb, spec={**pdb["spec"], "minAvailabel": 1})
     with pytest.raises(kv.ValidationError):
         kv.validate(wrong, version, strict=True)
+
+
+# ----------------------------------------------------------------------------- two deployments, one PID_DIR
+
+def test_stop_and_status_act_on_this_deployment_only(tiny_model_dir, tmp):
+    """Two operators' instances share PID_DIR (the default /tmp): `stop` and `status` reach the
+    deployment named by PORT (or PORTS) and leave the other running. `stop` stopped every instance
+    with a pid file there, whoever started it."""
+    p1, p2 = free_port(), free_port()
+    env1, env2 = script_env(tmp, tiny_model_dir, PORT=p1), script_env(tmp, tiny_model_dir, PORT=p2)
+    pids = {}
+    try:
+        for port, env in ((p1, env1), (p2, env2)):
+            r = run("start_lighttts_a10.sh", "single", env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+            pids[port] = int(open(os.path.join(tmp, f"lighttts_worker_{port}.pid")).read())
+            assert open(os.path.join(tmp, f"lighttts_deployment_{port}")).read().splitlines()[:2] == \
+                ["mode=single", f"ports={port}"]
+        assert f"stop: PORT={p2} " in r.stdout, r.stdout   # the start says how to name it again
+
+        st = run("start_lighttts_a10.sh", "status", env=env1, timeout=30)
+        assert st.returncode == 0 and re.search(rf"^{p1}\s+{pids[p1]}\s+running", st.stdout, re.M), st.stdout
+        assert str(p2) not in st.stdout, st.stdout
+
+        stop = run("start_lighttts_a10.sh", "stop", env=env1, timeout=60)
+        assert stop.returncode == 0 and f"instance :{p1} stopped" in stop.stdout, stop.stdout + stop.stderr
+        assert str(p2) not in stop.stdout, stop.stdout
+        assert not wait_gone(pids[p1])
+        # the other deployment: untouched, serving, and still its own status
+        assert live_in_group(pids[p2])
+        assert synth(f"http://127.0.0.1:{p2}").status_code == 200
+        assert run("start_lighttts_a10.sh", "status", env=env1, timeout=30).returncode == 3
+        st = run("start_lighttts_a10.sh", "status", env=env2, timeout=30)
+        assert st.returncode == 0 and re.search(rf"^{p2}\s+{pids[p2]}\s+running\s+200", st.stdout, re.M), st.stdout
+        assert not os.path.exists(os.path.join(tmp, f"lighttts_deployment_{p1}"))
+    finally:
+        stop = run("start_lighttts_a10.sh", "stop", env=env2, timeout=60)
+        run("start_lighttts_a10.sh", "stop", env=env1, timeout=60)
+    assert stop.returncode == 0 and f"instance :{p2} stopped" in stop.stdout, stop.stdout + stop.stderr
+    for pid in pids.values():
+        assert not wait_gone(pid)
+
+
+# ----------------------------------------------------------------------------- slow clients
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install -y nginx)")
+def test_nginx_drops_a_client_whose_headers_never_finish(tmp):
+    """Slowloris: a client that trickles header lines and never ends them. uvicorn has no header
+    timeout and would hold it for ever; our nginx config (client_header_timeout 10s) drops it
+    within the timeout, however often bytes arrive, and answers a complete request meanwhile."""
+    import socket
+    front, dead = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in SETTINGS_KEYS},
+           "PORTS": str(dead), "NGINX_PORT": str(front), "NGINX_HOST": "127.0.0.1"}
+    out = run("start_lighttts_a10.sh", "nginx-conf", env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    timeout = float(re.search(r"client_header_timeout (\d+)s;", out.stdout).group(1))
+    conf = os.path.join(tmp, "lighttts.conf")
+    open(conf, "w").write(out.stdout)
+    main = os.path.join(tmp, "nginx.conf")
+    with open(main, "w") as f:
+        f.write(f"pid {tmp}/nginx.pid;\nerror_log {tmp}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n"
+                + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+                + f"    access_log off;\n    include {conf};\n}}\n")
+    r = subprocess.run([NGINX, "-p", tmp, "-c", main, "-e", os.path.join(tmp, "error.log")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        slow = socket.create_connection(("127.0.0.1", front), timeout=2)
+        t0 = time.time()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: lighttts\r\n")
+        closed_after = None
+        i = 0
+        while time.time() - t0 < timeout + 10:
+            try:
+                slow.sendall(f"X-Slow-{i}: {i}\r\n".encode())   # a header line a second, never the blank line
+                i += 1
+                slow.settimeout(1.0)
+                if slow.recv(4096) == b"":
+                    closed_after = time.time() - t0
+                    break
+            except socket.timeout:
+                continue
+            except OSError:   # reset by nginx
+                closed_after = time.time() - t0
+                break
+        slow.close()
+        assert closed_after is not None, f"still open after {timeout + 10:.0f} s"
+        assert timeout - 1 <= closed_after <= timeout + 3, closed_after
+        # a complete request is answered (502: no instance behind this nginx)
+        with socket.create_connection(("127.0.0.1", front), timeout=10) as ok:
+            ok.sendall(b"GET /healthz HTTP/1.1\r\nHost: lighttts\r\nConnection: close\r\n\r\n")
+            assert ok.recv(100).startswith(b"HTTP/1.1 5")
+    finally:
+        subprocess.run([NGINX, "-p", tmp, "-c", main, "-e", os.path.join(tmp, "error.log"), "-s", "stop"],
+                       capture_output=True, timeout=30)
+
+
+# ----------------------------------------------------------------------------- CI: missing tools fail
+
+def test_in_ci_a_missing_tool_fails_instead_of_skipping(tmp):
+    """.ci/run installs espeak-ng, sox, lame, nginx and gunicorn: there (CI set) a test that would
+    skip for want of one fails; elsewhere it still skips."""
+    with open(os.path.join(tmp, "conftest.py"), "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+                "from ci_tools import pytest_runtest_makereport  # noqa: F401\n")
+    with open(os.path.join(tmp, "test_tools.py"), "w") as f:
+        f.write("import pytest\n\n"
+                "def test_sox():\n    pytest.skip('sox is not installed')\n\n"
+                "@pytest.mark.skipif(True, reason='nginx is not installed (apt-get install -y nginx)')\n"
+                "def test_nginx():\n    pass\n\n"
+                "def test_optional():\n    pytest.skip('modelscope is not installed: an optional extra')\n")
+    base = {k: v for k, v in os.environ.items() if k != "CI"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "test_tools.py"]
+    here = subprocess.run(cmd, cwd=tmp, env=base, capture_output=True, text=True, timeout=120)
+    assert here.returncode == 0 and "3 skipped" in here.stdout, here.stdout
+    ci = subprocess.run(cmd, cwd=tmp, env={**base, "CI": "true"}, capture_output=True, text=True, timeout=120)
+    assert ci.returncode == 1, ci.stdout
+    assert "1 failed" in ci.stdout and "1 error" in ci.stdout and "1 skipped" in ci.stdout, ci.stdout
+    assert "sox is not installed" in ci.stdout and ".ci/run installs it" in ci.stdout, ci.stdout

@@ -309,3 +309,41 @@ def test_websocket_bistream_lighttts_protocol(server):
                 ws.send(frame)
             reply = json.loads(ws.recv(timeout=30))
             assert reply["status"] == 400 and expected in reply["error"], (frames, reply)
+
+
+LONG_TEXT = " ".join(f"This is sentence number {n} of a long text that the official client reads aloud, one "
+                     "sentence after another." for n in ("one", "two", "three", "four", "five", "six"))
+
+
+def test_official_routes_stream_audio_as_it_is_made(server):
+    """The official runtime answers every route with a StreamingResponse, one raw int16 chunk per
+    model output (a sentence): its client (GET with form fields and a file) gets the first
+    sentence's audio while later ones are still being made, and the same bytes as a whole answer."""
+    form = {"tts_text": LONG_TEXT, "fixed_speech_tokens": str(N), "seed": "7"}
+    files = {"prompt_wav": ("prompt_wav", PROMPT, "application/octet-stream")}
+    t0, arrivals, chunks = time.time(), [], []
+    with httpx.stream("GET", server.url + "/inference_cross_lingual", data=form, files=files, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
+        assert "content-length" not in r.headers   # streamed (chunked), not one body
+        for chunk in r.iter_raw():
+            arrivals.append(time.time() - t0)
+            chunks.append(chunk)
+    streamed = b"".join(chunks)
+    assert len(streamed) >= 3 * SAMPLES * 2, "the text should make at least three sentences of N tokens"
+    assert len(chunks) >= 2 and arrivals[0] < arrivals[-1]
+    whole = httpx.post(server.url + "/inference_cross_lingual", data={**form, "format": "pcm"}, files=files, timeout=120)
+    assert whole.status_code == 200 and whole.headers["content-length"] == str(len(whole.content))
+    assert whole.content == streamed
+    with httpx.stream("GET", server.url + "/inference_sft", timeout=120, data={"tts_text": "Unknown voice.",
+                                                                             "spk_id": "nobody"}) as r:
+        r.read()
+        # an error before the first byte is still a status with a reason, not a cut stream
+        assert r.status_code == 404 and "unknown voice_id" in r.json()["detail"]
+
+
+def test_options_is_405_without_cors(server):
+    """CORS is off by default: a browser's preflight gets 405, as before, with no CORS headers."""
+    r = httpx.options(server.url + "/inference_zero_shot", headers={
+        "Origin": "https://a.example", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 405
+    assert not [h for h in r.headers if h.lower().startswith("access-control-")]

@@ -24,6 +24,9 @@ SAMPLES = {
     "httpserver_workers": ("3", ["3"]),
     "zmq_mode": ("ipc:///tmp/elsewhere/", ["ipc:///tmp/elsewhere/"]),
     "api_key": ("s3cret", ["s3cret"]),
+    "allow_open": ("true", []),
+    "cors_origins": ("https://a.example,http://localhost:3000", ["https://a.example,http://localhost:3000"]),
+    "default_format": ("PCM", ["pcm"]),
     "max_upload_bytes": ("1000", ["1000"]),
     "request_timeout": ("30", ["30"]),
     "max_queue_size": ("1", ["1"]),
@@ -35,6 +38,9 @@ SAMPLES = {
     "encode_process_num": ("2", ["2"]),
     "encode_paral_num": ("5", ["5"]),
     "cache_capacity": ("7", ["7"]),
+    "voice_dir": (None, None),   # a directory it creates: test_voice_dir_is_created_private_and_checked
+    "max_voices": ("5", ["5"]),
+    "voice_quota": ("3", ["3"]),
     "tokenizer_mode": ("fast", ["fast"]),
     "trust_remote_code": ("1", ["true"]),
     "min_prompt_seconds": ("1", ["1"]),
@@ -103,7 +109,7 @@ def test_defaults_parse_to_the_dataclass_defaults(tmp_path):
     assert args.data_type == "fp16" and args.mode == [] and args.api_key is None
 
 
-@pytest.mark.parametrize("name", sorted(set(SAMPLES) - {"model_dir", "tp_size"}))
+@pytest.mark.parametrize("name", sorted(set(SAMPLES) - {"model_dir", "tp_size", "voice_dir"}))
 def test_every_flag_is_settable_by_its_environment_variable(name, tmp_path):
     env_value, cli = SAMPLES[name]
     default = parse_args(base_argv(tmp_path), environ={})
@@ -259,8 +265,13 @@ def test_every_flag_acts_or_says_it_has_no_effect():
 SCRIPTS = ["scripts/start_lighttts_a10.sh", "scripts/run.sh", "scripts/deploy.sh", "scripts/lighttts_common.sh"]
 
 
+# Deliberate deployment defaults that differ from the server's own: the start scripts give every
+# instance of a deployment one shared voice store; a server started alone keeps its voices private.
+DEPLOYMENT_DEFAULTS = {"VOICE_DIR"}
+
+
 def test_no_default_is_kept_outside_server_args():
-    names = {e for n in FIELDS for e in env_names(n)}
+    names = {e for n in FIELDS for e in env_names(n)} - DEPLOYMENT_DEFAULTS
     for path in SCRIPTS:
         for i, line in enumerate(open(os.path.join(ROOT, path)), 1):
             for m in re.finditer(r"\$\{(\w+):?[-=]", line):
@@ -343,3 +354,114 @@ def test_a_port_in_use_stops_the_start_before_any_stage(tmp_path):
     assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "starting" not in r.stderr   # the backend never started a stage
 
+
+def test_voice_dir_is_created_private_and_checked(tmp_path):
+    voices = tmp_path / "deploy" / "voices"
+    env = base_env(tmp_path, VOICE_DIR=str(voices))
+    args = args_from_env(env)
+    assert args == parse_args(base_argv(tmp_path) + ["--voice_dir", str(voices)], environ={})
+    assert args.voice_dir == str(voices) and oct(os.stat(voices).st_mode & 0o777) == "0o700"
+    assert args_from_env(base_env(tmp_path, VOICE_DIR="")).voice_dir is None   # VOICE_DIR= : the private default
+    os.chmod(voices, 0o777)
+    with pytest.raises(ConfigError, match=r"--voice_dir .*voices is world-writable \(mode 0777\).*chmod o-w"):
+        args_from_env(env)
+    os.chmod(voices, 0o700)
+    (tmp_path / "file").write_text("x")
+    assert any("--voice_dir" in e and "not a directory" in e
+               for e in validate(parse_args(base_argv(tmp_path), environ={}).__class__(
+                   **{**dataclasses.asdict(parse_args(base_argv(tmp_path), environ={})),
+                      "voice_dir": str(tmp_path / "file")})))
+
+
+def test_api_key_lists_and_the_voice_quota(tmp_path):
+    from light_tts.server.args import api_keys
+    from light_tts.server.encode.voice_store import key_quota as voice_quota
+    one = parse_args(base_argv(tmp_path), environ={"LIGHTTTS_API_KEY": "k1"})
+    three = parse_args(base_argv(tmp_path) + ["--max_voices", "10"], environ={"LIGHTTTS_API_KEY": " k1, k2 ,k3,"})
+    assert api_keys(three.api_key) == ["k1", "k2", "k3"]
+    assert voice_quota(one) == 0 and voice_quota(three) == 4      # a fair share: 10 / 3 rounded up
+    assert voice_quota(parse_args(base_argv(tmp_path) + ["--voice_quota", "2"], environ={"LIGHTTTS_API_KEY": "a,b"})) == 2
+    with pytest.raises(ConfigError, match="holds no key"):
+        args_from_env(base_env(tmp_path, LIGHTTTS_API_KEY=" , "))
+
+
+def test_every_flag_has_help_text():
+    """`--help` explains every flag (four had none): a non-empty help for each, and the text renders."""
+    parser = build_parser()
+    missing = [a.dest for a in parser._actions if a.dest != "help" and not (a.help or "").strip()]
+    assert not missing, missing
+    text = parser.format_help()
+    assert all(f"--{name}" in text for name in FIELDS)
+
+
+# ---- start-up checks: --load_trt on this machine, and a listening address open without a key
+
+def test_load_trt_needs_a_gpu_and_tensorrt_and_says_so(tmp_path, monkeypatch):
+    from light_tts.server import api_server
+    args = parse_args(base_argv(tmp_path) + ["--load_trt"], environ={})
+    monkeypatch.setattr(api_server, "nvidia_gpu_present", lambda: False)
+    (line,) = api_server.startup_errors(args)
+    assert line.startswith("--load_trt True needs an NVIDIA GPU") and "--load_trt False" in line
+    assert "not verified" in line   # honest: TensorRT never ran in this project's tests
+    monkeypatch.setattr(api_server, "nvidia_gpu_present", lambda: True)
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorrt" else real_find_spec(n, *a))
+    (line,) = api_server.startup_errors(args)
+    assert "tensorrt package, which is not installed" in line and "--load_trt False" in line
+    assert "pip install tensorrt-cu12" in line and "not verified" in line
+    assert api_server.startup_errors(parse_args(base_argv(tmp_path), environ={})) == []
+
+
+def test_an_address_open_to_other_machines_needs_a_key_or_allow_open(tmp_path):
+    from light_tts.server import api_server
+
+    def errors(*extra, key=None):
+        return api_server.startup_errors(parse_args(base_argv(tmp_path) + list(extra),
+                                            environ={"LIGHTTTS_API_KEY": key} if key else {}))
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        assert errors("--host", host) == [], host
+    for host in ("0.0.0.0", "::", "192.168.1.5", "tts.example.com"):
+        (line,) = errors("--host", host)
+        assert line.startswith(f"--host {host} serves other machines without an API key"), line
+        assert "LIGHTTTS_API_KEY" in line and "Authorization: Bearer" in line and "--allow_open" in line
+        assert errors("--host", host, key="k") == []
+        assert errors("--host", host, "--allow_open") == []
+    # gunicorn: its -b addresses are checked instead of --host
+    args = parse_args(base_argv(tmp_path), environ={})
+    assert "gunicorn -b 0.0.0.0 serves" in api_server.startup_errors(args, ["127.0.0.1", "0.0.0.0"], how="gunicorn -b")[0]
+    assert args_from_env(base_env(tmp_path, ALLOW_OPEN="true")).allow_open is True
+
+
+def _child_cpu_seconds() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@pytest.mark.parametrize("flags, env, expect", [
+    (["--load_trt", "True"], {}, "--load_trt True needs "),
+    (["--host", "0.0.0.0"], {}, "--host 0.0.0.0 serves other machines without an API key"),
+])
+def test_api_server_refuses_at_once_what_this_machine_or_address_cannot_serve(tmp_path, flags, env, expect):
+    """One line and exit 2 in well under a second of work, before any stage: --load_trt without
+    an NVIDIA GPU or TensorRT (it failed after 7-15 s of loading, suggesting to install TensorRT), an
+    exposed --host without a key."""
+    from light_tts.server import api_server
+    if "--load_trt" in flags and api_server._load_trt_error(parse_args(base_argv(tmp_path) + flags, environ={})) is None:
+        pytest.skip("this machine has a GPU and TensorRT")
+    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cpu0 = _child_cpu_seconds()
+    r = subprocess.run([sys.executable, "-m", "light_tts.server.api_server", "--model_dir", str(tmp_path),
+                        "--port", str(port), *flags], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in {**os.environ, **env}.items() if k != "LIGHTTTS_API_KEY"})
+    cpu = _child_cpu_seconds() - cpu0
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expect}"), r.stderr
+    assert "Traceback" not in r.stderr and "starting" not in r.stderr
+    assert cpu < 1.5, f"{cpu:.2f} s of CPU before refusing"   # wall time on a loaded 2-core box says less

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from light_tts.server.args import ServerArgs, parse_args
 from light_tts.server.backend import Backend, endpoints_for
@@ -31,6 +31,70 @@ def model_name(model_dir: str) -> str:
     if os.path.basename(parent) == "snapshots":
         return os.path.basename(os.path.dirname(parent)).rsplit("--", 1)[-1]
     return os.path.basename(path) or "CosyVoice2-0.5B"
+
+
+# ---- start-up checks: what this machine and the listening address allow, one line each, before any
+# stage loads (api_server; gunicorn: gunicorn.conf.py in the master, wsgi_wrapper.py in a worker)
+TRT_UNVERIFIED = ("the TensorRT path is not verified by this project's tests (TensorRT cannot be installed on its "
+                  "test machines)")
+LOOPBACK_HOSTS = ("localhost", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    host = host.strip().strip("[]")
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a name other than localhost, or '' / '*': every interface
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU this process may use, by the driver's files (no torch import: this runs before the
+    stages, in well under a second)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    try:
+        if os.listdir("/proc/driver/nvidia/gpus"):
+            return True
+    except OSError:
+        pass
+    return any(n[len("nvidia"):].isdigit() for n in os.listdir("/dev") if n.startswith("nvidia"))
+
+
+def _load_trt_error(args: ServerArgs) -> Optional[str]:
+    if not args.load_trt:
+        return None
+    import importlib.util
+    off = "start with --load_trt False (LOAD_TRT=False; CUDA graphs and the fused flow estimator need no TensorRT)"
+    if not nvidia_gpu_present():
+        return f"--load_trt True needs an NVIDIA GPU and this machine has none: {off}; {TRT_UNVERIFIED}"
+    if importlib.util.find_spec("tensorrt") is None:
+        return (f"--load_trt True needs NVIDIA's tensorrt package, which is not installed: {off}, or pip install "
+                f"tensorrt-cu12 ({TRT_UNVERIFIED})")
+    return None
+
+
+def open_bind_error(args: ServerArgs, hosts: Sequence[str], how: str = "--host") -> Optional[str]:
+    """A start that would serve other machines without a key: refused unless --allow_open."""
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if not exposed or args.api_key or args.allow_open:
+        return None
+    return (f"{how} {exposed[0]} serves other machines without an API key: set LIGHTTTS_API_KEY=<key> (clients send "
+            f"'Authorization: Bearer <key>'), or listen on 127.0.0.1 behind nginx, or allow it with --allow_open "
+            f"(ALLOW_OPEN=true)")
+
+
+def startup_errors(args: ServerArgs, hosts: Optional[Sequence[str]] = None, how: str = "--host") -> list[str]:
+    """What stops a start on this machine, one line each, checked before any stage loads: --load_trt
+    without a GPU or without TensorRT, and a non-loopback address without a key (`hosts`: the
+    addresses listened on, --host by default; gunicorn's -b under gunicorn)."""
+    errors = [_load_trt_error(args), open_bind_error(args, [args.host] if hosts is None else hosts, how)]
+    return [e for e in errors if e]
 
 
 def port_in_use(host: str, port: int) -> Optional[str]:
@@ -55,9 +119,11 @@ def app_factory():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # what this machine and address allow, and the port: one line each, before any stage loads
+    errors = startup_errors(args)
     busy = port_in_use(args.host, args.port)
-    if busy:
-        print(f"error: {busy}", file=sys.stderr)
+    if errors or busy:
+        print("".join(f"error: {e}\n" for e in errors + ([busy] if busy else [])), end="", file=sys.stderr)
         return 2
     setup_logging("api_server", args.log_level)
     log.debug("settings: %s", args.public())

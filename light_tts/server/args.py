@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
 import sys
 import typing
@@ -105,6 +106,21 @@ def _modes(v) -> Optional[str]:
     return f"{' '.join(bad)}: unknown; choose from {', '.join(MODES)}" if bad else None
 
 
+ORIGIN = re.compile(r"^https?://[^/\s,]+$")
+
+
+def cors_origin_list(value: str) -> list[str]:
+    """--cors_origins as a list (empty: CORS off)."""
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
+def _origins(v) -> Optional[str]:
+    """Each origin must be what a browser sends in Origin: no path, no trailing slash (which would never match)."""
+    bad = [o for o in cors_origin_list(v) if o != "*" and not ORIGIN.match(o)]
+    return (f"{', '.join(bad)}: not an origin; give scheme://host[:port] with no path or trailing slash "
+            "(https://app.example.com), or '*'") if bad else None
+
+
 def _default_model_dir() -> str:
     return os.path.join(REPO_ROOT, "pretrained_models", "CosyVoice2-0.5B")
 
@@ -144,9 +160,27 @@ class ServerArgs:
                                        "per-instance directory under this path (mode 0700, named by the port)",
                         group="server", check=lambda v: None if v.startswith("ipc://") else
                         f"{v}: only ipc:// is supported")
-    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on every endpoint except health; from "
-                                       "the environment: LIGHTTTS_API_KEY (kept off command lines)", group="server",
-                                 env=("LIGHTTTS_API_KEY",), secret=True)
+    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on every endpoint except health; several "
+                                       "clients' keys separated by commas (KEY1,KEY2: each is accepted and has its own "
+                                       "--voice_quota); from the environment: LIGHTTTS_API_KEY (kept off command lines)",
+                                 group="server", env=("LIGHTTTS_API_KEY",), secret=True)
+    allow_open: bool = opt(False, "serve a --host other than loopback (0.0.0.0, a LAN address) without --api_key; "
+                                  "without this flag such a start is refused, so an instance is never open to the "
+                                  "network by accident (behind nginx on this machine, keep --host 127.0.0.1; to "
+                                  "expose it, set LIGHTTTS_API_KEY). Under gunicorn the same holds for -b",
+                           group="server")
+    cors_origins: str = opt("", "web page origins allowed to call this server from a browser (CORS), comma "
+                                "separated, each scheme://host[:port] as the browser sends it "
+                                "('https://a.example,http://localhost:3000'), or '*' for any; empty (the default) "
+                                "turns CORS off: a preflight (OPTIONS) gets 405. An allowed origin's preflight is "
+                                "answered for GET, POST and DELETE with the Authorization and Content-Type headers; "
+                                "any other origin gets no CORS headers", group="server", check=_origins,
+                            metavar="ORIGINS")
+    default_format: str = opt("wav", "what a POST to /inference_* without stream or format answers: wav (a WAV "
+                                      "file) or pcm (raw 24 kHz int16, what LightTTS's non-streaming client reads); a "
+                                      "request's format= wins. GET (the official runtime's client) always defaults to "
+                                      "pcm, streaming (stream=true) too; /v1/audio/speech to wav", group="server",
+                              parse=lower, choices=("wav", "pcm"))
     max_upload_bytes: int = opt(20 * 2**20, "largest accepted prompt upload", group="server")
     request_timeout: float = opt(300.0, "seconds before a request is aborted everywhere and answered 504",
                                  group="server", check=positive)
@@ -174,6 +208,20 @@ class ServerArgs:
                                                  "requests one at a time and cache hits cost microseconds",
                                 group="encode")
     cache_capacity: int = opt(100, "encoded prompts kept per encode process (LRU)", group="encode", check=at_least(0))
+    voice_dir: Optional[str] = opt(None, "directory of the registered voices (POST /voices), shared by every instance "
+                                         "of a deployment: each reads and writes it safely and looks a voice up there "
+                                         "on use, so a voice registered through one instance works through all and "
+                                         "survives restarts (the start scripts set <repo>/voices; k8s needs a "
+                                         "ReadWriteMany volume). Created 0700 if missing; a world-writable one is "
+                                         "refused. Unset: a private directory per instance, removed at exit",
+                                   group="encode", metavar="DIR")
+    max_voices: int = opt(100, "registered voices the voice store holds (with --voice_dir: the whole deployment's); "
+                               "a registration of a new id beyond it gets 507", group="encode", check=at_least(1))
+    voice_quota: Optional[int] = opt(None, "registered voices each API key may hold (--api_key with several keys); one "
+                                           "over it gets 429 while other keys still register. Default: a fair share, "
+                                           "--max_voices divided by the number of keys, rounded up (with one key or "
+                                           "none: no quota beyond --max_voices); 0: no quota", group="encode",
+                                     check=at_least(0))
     tokenizer_mode: str = opt("slow", NO_EFFECT + "one tokenizer implementation (tokenizers BPE)", group="encode")
     trust_remote_code: bool = opt(False, NO_EFFECT + "no remote code is ever loaded", group="encode")
     min_prompt_seconds: float = opt(0.5, "shortest accepted prompt audio", group="encode", check=positive)
@@ -238,8 +286,9 @@ class ServerArgs:
                                      check=at_least(1))
     data_type: str = opt("float16", "weights and activations dtype on a GPU (on a CPU everything runs in float32)",
                          group="decode", choices=DATA_TYPES)
-    load_trt: bool = opt(False, "use a TensorRT engine for the flow estimator (needs the tensorrt package)",
-                         group="decode")
+    load_trt: bool = opt(False, "use a TensorRT engine for the flow estimator; needs an NVIDIA GPU and the tensorrt "
+                                "package (pip install tensorrt-cu12), checked before any stage starts. Unverified: "
+                                "TensorRT cannot be installed on this project's test machines", group="decode")
     load_jit: bool = opt(False, "torch.compile HiFT, and the flow estimator when it is not the fused one "
                                 "(--disable_fused_estimator); ignored with --load_trt", group="decode")
     disable_fused_estimator: bool = opt(False, "on a GPU, run the flow estimator module by module instead of the "
@@ -281,6 +330,26 @@ def _local_model_dir(args: ServerArgs) -> Optional[str]:
     return None if os.path.isdir(args.model_dir) else f"--model_dir {args.model_dir}: not a directory"
 
 
+def api_keys(value: Optional[str]) -> list[str]:
+    """--api_key as the list of accepted keys (comma separated; empty: no key required)."""
+    return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+
+def _voice_dir(args: ServerArgs) -> Optional[str]:
+    """--voice_dir: created (0700) and checked before anything starts; made absolute."""
+    if args.voice_dir is None:
+        return None
+    if not args.voice_dir.strip():
+        args.voice_dir = None   # VOICE_DIR= in a settings file: the private default
+        return None
+    from light_tts.server.encode.voice_store import VoiceDirError, prepare_dir
+    try:
+        args.voice_dir = prepare_dir(args.voice_dir)
+    except VoiceDirError as e:
+        return f"--voice_dir {e}"
+    return None
+
+
 # Checks between flags, one line each (run after aliases are folded). The first sets --model_dir to a
 # local directory, which the others read.
 CHECKS: list[Callable[[ServerArgs], Optional[str]]] = [
@@ -293,6 +362,9 @@ CHECKS: list[Callable[[ServerArgs], Optional[str]]] = [
     "one request must fit the KV cache",
     lambda a: None if a.max_prompt_seconds > a.min_prompt_seconds else
     f"--max_prompt_seconds ({a.max_prompt_seconds}) must be > --min_prompt_seconds ({a.min_prompt_seconds})",
+    lambda a: None if not a.api_key or api_keys(a.api_key) else
+    "--api_key (LIGHTTTS_API_KEY) is set but holds no key (only commas or spaces)",
+    _voice_dir,
 ]
 FIELDS = {f.name: f for f in dataclasses.fields(ServerArgs)}
 _HINTS = typing.get_type_hints(ServerArgs)

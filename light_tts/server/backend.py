@@ -7,17 +7,19 @@ worker imports it, and that backend exits when the gunicorn master does.
 from __future__ import annotations
 
 import argparse
-import fcntl
+import errno
+import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from light_tts.server.args import ServerArgs
 from light_tts.server.ipc import Endpoints, StatusTable, pid_alive, stage_health
@@ -66,10 +68,15 @@ class Backend:
         p.start()
         self.procs[stage] = p
 
-    def wait_ready(self, timeout: float = 900.0, progress: Callable[[str], None] = print) -> None:
-        """Block until every stage is ready; raise with the failing stage if one dies first."""
+    def wait_ready(self, timeout: float = 900.0, progress: Callable[[str], None] = print,
+                   abandon: Callable[[], Optional[str]] = lambda: None) -> None:
+        """Block until every stage is ready; raise with the failing stage if one dies first, or with
+        abandon()'s reason as soon as it gives one (the process the backend serves is gone)."""
         t0, last = time.time(), 0.0
         while True:
+            why = abandon()
+            if why:
+                raise RuntimeError(why)
             for stage, p in self.procs.items():
                 if not p.is_alive():
                     raise RuntimeError(f"stage {stage} exited with code {p.exitcode} while starting "
@@ -132,13 +139,30 @@ def backend_healthy(endpoints: Endpoints) -> bool:
     return os.path.exists(endpoints.status_path) and all(v == "ok" for v in stage_health(endpoints).values())
 
 
+def _start_lock(endpoints: Endpoints) -> socket.socket:
+    """Held while one process starts (or waits for) the instance's backend: a Linux abstract socket
+    named by the instance directory. Binding it is exclusive, and it goes away with its holder, so
+    nothing is left in /tmp (a lock file was, after every gunicorn run)."""
+    name = "\0lighttts-start-" + hashlib.sha1(endpoints.root.encode()).hexdigest()[:20]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.set_inheritable(False)
+    while True:
+        try:
+            s.bind(name)
+            return s
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                s.close()
+                raise
+            time.sleep(0.1)
+
+
 def ensure_backend(args, watch_pid: int, timeout: float = 900.0) -> Endpoints:
     """Start a detached backend for this instance unless one is already serving (gunicorn: the first
     worker to arrive starts it, the others wait on the lock and find it running)."""
     endpoints = endpoints_for(args)
-    fd = os.open(f"{endpoints.root}.lock", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    lock = _start_lock(endpoints)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         proc = None
         if not endpoints.live_pids():  # none running, not even one still loading: start it
             env = dict(os.environ, **{BACKEND_ARGS_ENV: json.dumps(vars(args))})  # not argv: it holds the API key
@@ -152,7 +176,7 @@ def ensure_backend(args, watch_pid: int, timeout: float = 900.0) -> Endpoints:
                 raise RuntimeError(f"the backend was not ready after {timeout:.0f} s")
             time.sleep(0.2)
     finally:
-        os.close(fd)
+        lock.close()
     return endpoints
 
 
@@ -172,8 +196,14 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        def abandon() -> Optional[str]:   # the master died or we were told to stop while loading
+            if stop.is_set():
+                return "stopped while starting"
+            if ns.watch_pid and not pid_alive(ns.watch_pid):
+                return f"process {ns.watch_pid} exited while the backend was starting; stopping it"
+            return None
         backend.start()
-        backend.wait_ready(progress=log.info)
+        backend.wait_ready(progress=log.info, abandon=abandon)
         threading.Thread(target=backend.supervise, daemon=True).start()
         while not stop.wait(0.5):
             if ns.watch_pid and not pid_alive(ns.watch_pid):

@@ -5,7 +5,8 @@
     encode [send_to_http] ──VoiceOutput, ErrorOutput──> the HTTP worker named by reply_to
 
 TTSReq -> text normalised and split into sentences, each tokenised; the voice (prompt upload
-encoded through the frontend and its cache, or a registered voice_id) -> LLMReq whose DecodeStartReq
+encoded through the frontend and its cache, or a registered voice_id, looked up in the voice store
+on every use: voice_store.py) -> LLMReq whose DecodeStartReq
 carries the flow conditioning. Bad input raises RequestError (undecodable prompt audio too), which
 the Dispatcher (light_tts.server.stage) answers as an ErrorOutput with its 4xx status and reason.
 One message is handled at a time, in arrival order.
@@ -33,7 +34,7 @@ from light_tts.server.io_struct import (AbortReq, DecodeStartReq, LLMReq, Reques
 from light_tts.server.gpu_memory import encode_cuda_budget
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, stage_device, start_stage
-from light_tts.server.encode.voice_store import VoiceStore
+from light_tts.server.encode.voice_store import Entry, VoiceStore
 
 log = logging.getLogger("lighttts")
 MAX_STREAMS = 4096          # bistream text states kept (far above any sane number of open sockets)
@@ -43,10 +44,6 @@ POLL_MS = 100               # longest block on the socket (stats are published b
 def to_voice_data(v: Voice) -> VoiceData:
     return VoiceData(prompt_text_ids=v.prompt_text_ids, speech_tokens=v.speech_tokens, embedding=v.embedding,
                      prompt_feat=v.prompt_feat)
-
-
-def from_voice_data(v: VoiceData) -> Voice:
-    return Voice(v.prompt_text_ids, v.speech_tokens, v.embedding, v.prompt_feat)
 
 
 class EncodeWorker:
@@ -68,13 +65,15 @@ class EncodeWorker:
         self.stats_ticker = Ticker(STATS_SECONDS)
         self.requests = 0
         self.streams: OrderedDict[str, TextStream] = OrderedDict()
-        self.voices = VoiceStore(endpoints.root)   # registered voices survive a restart of this stage
-        self.max_voices = max(1, args.cache_capacity)   # registered voices kept (and restored)
-        restored = self.voices.load_all(self.max_voices)
-        for voice_id, voice in restored:
-            self.frontend.cache.register(voice_id, voice)
-        if restored:
-            log.info("%s: %d registered voice(s) restored", self.stage, len(restored))
+        # registered voices: the store (--voice_dir, shared by the deployment's instances, or the instance
+        # directory) is the record; `known` keeps what this process read, checked against the file on each use
+        self.voices = VoiceStore.for_instance(args.voice_dir, endpoints.root)
+        self.known: OrderedDict[str, Entry] = OrderedDict()
+        self.max_known = max(1, args.max_voices)
+        for entry in self.voices.entries(arrays=True, limit=self.max_known):
+            self.known[entry.voice_id] = entry
+        if self.known:
+            log.info("%s: %d registered voice(s) loaded from %s", self.stage, len(self.known), self.voices.dir)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -116,7 +115,7 @@ class EncodeWorker:
     def publish_stats(self) -> None:
         write_stats(self.endpoints, self.stage, dict(requests=self.requests, errors=self.dispatch.errors,
                                                      streams=len(self.streams),
-                                                     voices=len(self.frontend.cache.voice_ids())))
+                                                     voices=self.voices.count()))
 
     # ---- handlers -----------------------------------------------------------------------------
 
@@ -128,7 +127,7 @@ class EncodeWorker:
 
     def voice_for(self, req: TTSReq) -> Voice:
         if req.voice_id:
-            voice = self.frontend.registered_voice(req.voice_id)
+            voice = self.registered_voice(req.voice_id)
             if voice is None:
                 raise RequestError(404, f"unknown voice_id {req.voice_id!r}; register it with POST /voices")
             return voice
@@ -183,22 +182,31 @@ class EncodeWorker:
     def handle_abort(self, req: AbortReq) -> None:
         self.streams.pop(req.rid, None)
 
+    def registered_voice(self, voice_id: str):
+        """The voice registered as voice_id: the store's (looked up on every use, so a voice registered,
+        replaced or deleted through another instance counts at once), else the model's spk2info.pt."""
+        entry = self.voices.get(voice_id, self.known.get(voice_id))
+        if entry is None:
+            self.known.pop(voice_id, None)
+            return self.frontend.registered_voice(voice_id)
+        self.known[voice_id] = entry
+        self.known.move_to_end(voice_id)
+        while len(self.known) > self.max_known:
+            self.known.popitem(last=False)
+        return entry.voice
+
     def handle_register(self, req: VoiceRegisterReq) -> None:
-        cache = self.frontend.cache
-        if req.voice_id not in cache.voice_ids() and len(cache.voice_ids()) >= self.max_voices:
-            raise RequestError(507, f"{len(cache.voice_ids())} voices are registered (--cache_capacity); "
-                                    f"delete one with DELETE /voices/{{id}} first")
+        """Encode the prompt; the HTTP worker checks the limits and stores it (under the store's lock)."""
         voice = self.encode_voice(req.prompt_audio, req.prompt_text, use_cache=False)
-        self.voices.save(req.voice_id, voice)   # first: if it fails, no process has the voice
-        self.frontend.cache.register(req.voice_id, voice)   # the others get it as a VoiceStoreReq
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, voice=to_voice_data(voice)))
 
     def handle_store(self, req: VoiceStoreReq) -> None:
-        self.frontend.cache.register(req.voice_id, from_voice_data(req.voice))
+        self.known.pop(req.voice_id, None)   # the store has it: read at its next use
 
     def handle_delete(self, req: VoiceDeleteReq) -> None:
+        """The HTTP worker has removed the stored voice; forget it here, and a spk2info voice of that id."""
+        self.known.pop(req.voice_id, None)
         existed = self.frontend.cache.unregister(req.voice_id)
-        self.voices.delete(req.voice_id)
         self.reply(req.reply_to, VoiceOutput(rid=req.rid, voice_id=req.voice_id, existed=existed))
 
 

@@ -8,6 +8,9 @@ This module imports neither torch nor model code.
 Bad input raises RequestError (io_struct) with the status and message the client gets; a stage's
 ErrorOutput carries the same two. Overload (manager.Overloaded, a RequestError) is answered by
 overloaded_response: 503 with Retry-After.
+
+Middleware, outermost first: AccessLog (one line per request, X-Request-Id), Cors (only with
+--cors_origins), Guard (API key, upload cap).
 """
 from __future__ import annotations
 
@@ -19,41 +22,59 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from light_tts.audio_out import SAMPLE_RATE, wav_header
-from light_tts.server.encode.voice_store import VoiceStore
+from light_tts.server.args import api_keys, cors_origin_list
+from light_tts.server.encode.voice_store import VoiceStore, key_quota, owner_of
 from light_tts.server.http import client_json
 from light_tts.server.http.manager import BackendClient, Overloaded
-from light_tts.server.http.metrics import Metrics
+from light_tts.server.http.metrics import Metrics, log_request
 from light_tts.server.http.ws import TTSSocket, lighttts_bistream
 from light_tts.server.io_struct import AudioOutput, ErrorOutput, RequestError, VoiceOutput
 from light_tts.server.ipc import Endpoints
+from light_tts.server.stage import setup_logging
 
 log = logging.getLogger("lighttts")
 VOICE_ID = re.compile(r"^[A-Za-z0-9_.\-\u4e00-\u9fff]{1,64}$")
 
 
 HEALTH_PATHS = ("/healthz", "/health", "/liveness", "/readiness")
+CLIENT = "lighttts.client"   # the scope key of the caller's API key tag (voice_store.owner_of); "" without keys
 
 
 class Guard:
     """ASGI middleware in front of every route: the API key (all but health), and the upload cap,
     checked on Content-Length and again while the body is read (chunked uploads carry no length),
     so an oversize body is refused before it is buffered or spooled. Pure ASGI, so the limit error
-    is raised inside the route's own read and answered there as a 413."""
+    is raised inside the route's own read and answered there as a 413. --api_key may hold several
+    clients' keys (comma separated): the one a request carries is named in scope[CLIENT] by its tag
+    (the voice quota and voice ownership count by it)."""
 
     def __init__(self, app, api_key: Optional[str], limit: int):
-        self.app, self.api_key, self.limit = app, api_key, limit
+        self.app, self.limit = app, limit
+        self.keys = [(f"Bearer {k}".encode(), owner_of(k)) for k in api_keys(api_key)]
+        self.api_key = bool(self.keys)
+
+    def _client(self, headers: dict) -> Optional[str]:
+        """The tag of the key the request carries; None if it carries none of them."""
+        given, found = headers.get(b"authorization", b""), None
+        for expected, tag in self.keys:   # every key compared, in constant time each
+            if hmac.compare_digest(given, expected):
+                found = tag
+        return found
 
     def _authorized(self, headers: dict) -> bool:
-        given = headers.get(b"authorization", b"").decode(errors="replace")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+        return self._client(headers) is not None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":
@@ -64,8 +85,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        scope[CLIENT] = ""
         if self.api_key and scope["path"] not in HEALTH_PATHS:
-            if not self._authorized(headers):
+            scope[CLIENT] = self._client(headers)
+            if scope[CLIENT] is None:
                 return await error(401, "missing or wrong API key (Authorization: Bearer ...)")(scope, receive, send)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
@@ -86,7 +109,98 @@ class Guard:
 
 
 GONE = object()        # Api._next_unless_gone: the client disconnected
-CLIENT_CLOSED = 499    # the status nginx logs for a client that closed the request (metrics only)
+CLIENT_CLOSED = 499    # the status nginx logs for a client that closed the request (metrics and log only)
+ACCESS = "lighttts.access"                    # the scope key of a request's AccessRecord
+QUIET_PATHS = (*HEALTH_PATHS, "/metrics")     # probes and scrapes: access lines at debug level
+
+
+def loggable(path: str) -> str:
+    """A request path (percent-decoded by the server) quoted again for a log line, so that no client
+    can write spaces, newlines or a line of its own into it; at most 200 characters."""
+    return quote(path, safe="/:@!$&'()*+,;=-._~")[:200]
+
+
+@dataclass
+class AccessRecord:
+    """What the access line of one HTTP request says; the synthesis routes fill in the audio."""
+    rid: str
+    t0: float
+    status: int = 500                    # the response's status (500: no response started)
+    outcome: Optional[int] = None        # how an answer whose headers went out ended otherwise (error, 499)
+    audio_seconds: float = 0.0
+    first_chunk: Optional[float] = None  # seconds from arrival to the first audio
+
+
+class AccessLog:
+    """Outermost middleware: the access line of every HTTP request once its answer has been sent
+    (metrics.log_request; a stream's once its last byte has), and its id in X-Request-Id. The id is
+    drawn before the request is read and the synthesis routes use it as the backend rid, so it also
+    names the request in the stages' logs."""
+
+    def __init__(self, app, api: "Api"):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, self._refusals(scope, send))
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = scope[ACCESS] = AccessRecord(rid=self.api.client.new_rid(), t0=time.time())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", record.rid.encode())]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except (ClientDisconnect, asyncio.CancelledError):
+            record.outcome = CLIENT_CLOSED
+            raise
+        except Exception:
+            record.outcome = 500
+            raise
+        finally:
+            path = scope["path"]
+            log_request(record.rid, scope["method"], loggable(path),
+                        record.outcome or record.status, record.audio_seconds, record.first_chunk,
+                        time.time() - record.t0, level=logging.DEBUG if path in QUIET_PATHS else logging.INFO)
+
+    def _refusals(self, scope, send):
+        """A WebSocket's send, logging an upgrade refused before accept (a wrong API key, an unknown
+        path: the client gets 403); an accepted socket logs its utterances itself (ws.py)."""
+        t0, accepted = time.time(), False
+
+        async def watched(message):
+            nonlocal accepted
+            if message["type"] == "websocket.accept":
+                accepted = True
+            elif message["type"] == "websocket.close" and not accepted:
+                log_request(self.api.client.new_rid(), "WS", loggable(scope["path"]), 403, total=time.time() - t0)
+            await send(message)
+        return watched
+
+
+class Cors:
+    """CORS for --cors_origins (Starlette's CORSMiddleware) and for no other origin: a request from
+    any other origin, or with none, passes on as if CORS were off (no CORS headers; its preflight
+    gets 405, or 401 with --api_key, as without the flag). Outside Guard, so a preflight (which
+    carries no Authorization) is answered without the API key."""
+
+    def __init__(self, app, origins: list[str]):
+        self.app = app
+        self.allow_all = "*" in origins
+        self.origins = set(origins)
+        self.cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                                   allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                                   expose_headers=["X-Request-Id", "X-Sample-Rate", "Retry-After"], max_age=600)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            origin = Headers(scope=scope).get("origin")
+            if origin is not None and (self.allow_all or origin in self.origins):
+                return await self.cors(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def error(status: int, message: str, **headers) -> JSONResponse:
@@ -237,7 +351,8 @@ class Api:
     async def synthesize(self, request: Request, fields: dict, endpoint: str) -> Response:
         fmt = fields.pop("_format")
         t0 = time.time()
-        outputs = self.client.synthesize(self.args.request_timeout, **fields)
+        record: Optional[AccessRecord] = request.scope.get(ACCESS)
+        outputs = self.client.synthesize(self.args.request_timeout, rid=record.rid if record else None, **fields)
         try:
             # the generator's first step admits it or raises Overloaded; a non-streaming request's
             # first output is its whole audio, so a client that leaves meanwhile must abort it here
@@ -254,8 +369,13 @@ class Api:
             return error(first.status, first.message)
         received = time.time()
         self.metrics.first_chunk(received - t0, first.marks, received)
-        if fields["stream"]:
-            return StreamingResponse(self._stream(first, outputs, fmt, endpoint, t0),
+        record = record or AccessRecord(rid="", t0=t0)
+        if first.pcm:
+            record.first_chunk = received - record.t0
+        # The official runtime streams every route, one chunk per model output (a sentence without
+        # stream=true): its client (GET, raw PCM) gets each sentence's audio as soon as it exists.
+        if fields["stream"] or (request.method == "GET" and fmt == "pcm"):
+            return StreamingResponse(self._stream(first, outputs, fmt, endpoint, t0, record),
                                      media_type="audio/wav" if fmt == "wav" else "audio/pcm",
                                      headers={"X-Sample-Rate": str(SAMPLE_RATE)})
         pcm = bytearray(first.pcm)
@@ -263,31 +383,38 @@ class Api:
             if isinstance(out, ErrorOutput):
                 self.metrics.done(endpoint, out.status)
                 return error(out.status, out.message)
+            if out.pcm and record.first_chunk is None:
+                record.first_chunk = time.time() - record.t0
             pcm += out.pcm
-        self.metrics.done(endpoint, 200, audio_seconds=len(pcm) / 2 / SAMPLE_RATE, wall=time.time() - t0)
+        record.audio_seconds = len(pcm) / 2 / SAMPLE_RATE
+        self.metrics.done(endpoint, 200, audio_seconds=record.audio_seconds, wall=time.time() - t0)
         body = bytes(pcm) if fmt == "pcm" else wav_header(len(pcm)) + bytes(pcm)
         return Response(body, media_type="audio/wav" if fmt == "wav" else "audio/pcm",
                         headers={"X-Sample-Rate": str(SAMPLE_RATE)})
 
-    async def _stream(self, first: AudioOutput, outputs, fmt: str, endpoint: str, t0: float):
-        samples = 0
-        status = 200
+    async def _stream(self, first: AudioOutput, outputs, fmt: str, endpoint: str, t0: float, record: AccessRecord):
+        status = CLIENT_CLOSED   # until the last output has gone out
         try:
             if fmt == "wav":
                 yield wav_header(None)
+            record.audio_seconds = len(first.pcm) / 2 / SAMPLE_RATE
             yield first.pcm
-            samples += len(first.pcm) // 2
             async for out in outputs:
                 if isinstance(out, ErrorOutput):  # headers are gone: end the stream early, log why
-                    log.warning("stream %s ended by error %d: %s", endpoint, out.status, out.message)
+                    log.warning("stream %s (%s) ended by error %d: %s", endpoint, out.rid, out.status, out.message)
                     status = out.status
                     return
                 if out.pcm:
-                    samples += len(out.pcm) // 2
+                    if record.first_chunk is None:
+                        record.first_chunk = time.time() - record.t0
+                    record.audio_seconds += len(out.pcm) / 2 / SAMPLE_RATE
                     yield out.pcm
+            status = 200
         finally:
             await outputs.aclose()
-            self.metrics.done(endpoint, status, audio_seconds=samples / SAMPLE_RATE, wall=time.time() - t0)
+            if status != 200:
+                record.outcome = status
+            self.metrics.done(endpoint, status, audio_seconds=record.audio_seconds, wall=time.time() - t0)
 
     @staticmethod
     async def _next_unless_gone(request: Request, outputs):
@@ -326,6 +453,9 @@ class Api:
 
 
 def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") -> FastAPI:
+    if not logging.getLogger().handlers:
+        # gunicorn configures only its own loggers: without this the access lines (info) went nowhere
+        setup_logging(f"http:{os.getpid()}", getattr(args, "log_level", "info"))
     api = Api(args, endpoints, model_name)
     app = FastAPI(title="LightTTS", version="0.1.0",
                   description="CosyVoice2 and CosyVoice3 text-to-speech: zero-shot voice cloning over HTTP")
@@ -340,6 +470,10 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
         await api.client.stop()
 
     app.add_middleware(Guard, api_key=args.api_key, limit=args.max_upload_bytes)
+    origins = cors_origin_list(getattr(args, "cors_origins", "") or "")
+    if origins:
+        app.add_middleware(Cors, origins=origins)
+    app.add_middleware(AccessLog, api=api)     # added last: the outermost
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
@@ -349,8 +483,9 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
     async def synth(request: Request, mode: str, endpoint: str):
         try:
             params = await read_params(request)
-            # GET is the official runtime's surface: it reads raw PCM; POST answers WAV unless asked
-            fields = api.tts_fields(params, mode, "pcm" if request.method == "GET" else "wav")
+            # GET is the official runtime's surface: it reads raw PCM; POST answers --default_format
+            # (WAV unless the operator chose pcm for LightTTS's non-streaming client) unless asked
+            fields = api.tts_fields(params, mode, "pcm" if request.method == "GET" else args.default_format)
         except RequestError as e:
             api.metrics.done(endpoint, e.status)
             return error(e.status, str(e))
@@ -386,6 +521,23 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             return error(e.status, str(e))
         return await api.synthesize(request, fields, "/v1/audio/speech")
 
+    # The voice store (encode/voice_store.py): --voice_dir, shared by every instance of the deployment, or
+    # this instance's private directory. The encode stage encodes a prompt; this worker checks the limits
+    # (--max_voices, the key's --voice_quota, another key's id) and writes or removes the file, both under
+    # the store's lock, so instances registering at once cannot both take the last place.
+    voice_store = VoiceStore.for_instance(getattr(args, "voice_dir", None), endpoints.root)
+    max_voices, quota = args.max_voices, key_quota(args)
+
+    def stored(voice_id: str, voice, owner: str) -> None:
+        with voice_store.lock():
+            voice_store.check_register(voice_id, owner, max_voices, quota)
+            voice_store.save(voice_id, voice, owner)
+
+    def unstored(voice_id: str, owner: str) -> bool:
+        with voice_store.lock():
+            voice_store.check_delete(voice_id, owner)
+            return voice_store.delete(voice_id)
+
     @app.post("/voices")
     async def register_voice(request: Request):
         params = await read_params(request)
@@ -398,6 +550,9 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             raise RequestError(400, "prompt_wav is required (a WAV, FLAC, OGG or MP3 upload)")
         if not prompt_text.strip():
             raise RequestError(400, "prompt_text is required: the transcript of prompt_wav")
+        owner = request.scope.get(CLIENT) or ""
+        # refused before the costly encode; checked again under the lock when storing
+        await asyncio.to_thread(voice_store.check_register, voice_id, owner, max_voices, quota)
         try:
             out = await api.client.register_voice(voice_id, prompt_text, audio, args.request_timeout)
         except Overloaded as e:
@@ -406,25 +561,34 @@ def create_app(args, endpoints: Endpoints, model_name: str = "CosyVoice2-0.5B") 
             return error(504, f"voice registration timed out after {args.request_timeout:g} s")
         if isinstance(out, ErrorOutput):
             return error(out.status, out.message)
+        await asyncio.to_thread(stored, voice_id, out.voice, owner)
         return {"voice_id": voice_id, "speech_tokens": int(len(out.voice.speech_tokens))}
 
-    voice_store = VoiceStore(endpoints.root)   # what the encode processes keep (encode/voice_store.py)
-
     @app.get("/voices")
-    async def list_voices():
-        """The registered voices of this instance, oldest first, each with when it was registered."""
-        return {"voices": [{"voice_id": voice_id, "registered_at": datetime.fromtimestamp(t, timezone.utc).isoformat()}
-                           for voice_id, t in voice_store.list()]}
+    async def list_voices(request: Request):
+        """The registered voices (with --voice_dir: the deployment's), oldest first, each with when it
+        was registered; with several API keys, also how many the caller's key holds and may hold."""
+        entries = await asyncio.to_thread(voice_store.entries)
+        body: dict = {"voices": [{"voice_id": e.voice_id,
+                                  "registered_at": datetime.fromtimestamp(e.registered_at, timezone.utc).isoformat()}
+                                 for e in entries]}
+        owner = request.scope.get(CLIENT) or ""
+        if owner and quota:
+            body["quota"] = {"used": sum(e.owner == owner for e in entries), "limit": quota}
+        return body
 
     @app.delete("/voices/{voice_id}")
-    async def delete_voice(voice_id: str):
-        try:
+    async def delete_voice(request: Request, voice_id: str):
+        existed = await asyncio.to_thread(unstored, voice_id, request.scope.get(CLIENT) or "")
+        try:   # the encode processes forget it (they would see the file gone anyway), and a spk2info voice
             out = await api.client.delete_voice(voice_id, args.request_timeout)
-        except Overloaded as e:
-            return overloaded_response(e)
-        except asyncio.TimeoutError:
+        except (Overloaded, asyncio.TimeoutError) as e:
+            if existed:
+                return {"voice_id": voice_id, "deleted": True}
+            if isinstance(e, Overloaded):
+                return overloaded_response(e)
             return error(504, f"voice deletion timed out after {args.request_timeout:g} s")
-        if isinstance(out, VoiceOutput) and out.existed:
+        if existed or (isinstance(out, VoiceOutput) and out.existed):
             return {"voice_id": voice_id, "deleted": True}
         return error(404, f"unknown voice_id {voice_id!r}")
 

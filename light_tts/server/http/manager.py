@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import zmq
 import zmq.asyncio
@@ -133,17 +133,20 @@ class BackendClient:
     def new_rid(self) -> str:
         return f"{self.tag}-{next(self._seq)}"
 
-    def _open(self) -> tuple[str, ReqState]:
+    def _open(self, rid: Optional[str] = None) -> tuple[str, ReqState]:
         if len(self.states) >= self.max_in_flight:
             self.rejected += 1
             raise Overloaded(f"{len(self.states)} requests in flight (limit {self.max_in_flight})")
-        rid = self.new_rid()
+        rid = rid or self.new_rid()
+        if rid in self.states:
+            raise ValueError(f"request id {rid} is in flight already")
         state = self.states[rid] = ReqState()
         return rid, state
 
-    async def synthesize(self, timeout: float, **fields) -> AsyncIterator:
-        """Yield AudioOutput chunks; an ErrorOutput ends the stream (yielded, not raised)."""
-        rid, state = self._open()
+    async def synthesize(self, timeout: float, rid: Optional[str] = None, **fields) -> AsyncIterator:
+        """Yield AudioOutput chunks; an ErrorOutput ends the stream (yielded, not raised). `rid`: an id
+        from new_rid() (the access log's, given out before the request was read), else a fresh one."""
+        rid, state = self._open(rid)
         req = TTSReq(rid=rid, reply_to=self.reply_addr, created=state.created, **fields)
         deadline = state.created + timeout
         try:

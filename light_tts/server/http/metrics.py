@@ -4,9 +4,13 @@ Request counters and latency histograms live in the HTTP workers; with several w
 prometheus-client's multiprocess mode sums them (the launcher points PROMETHEUS_MULTIPROC_DIR into
 the instance directory before workers start). Stage gauges (LLM batch size, KV use, decode load,
 stage up/down) are read at scrape time from the stats files the stages publish.
+
+The access log (`log_request`) is the per-request side of the same numbers: one line per HTTP
+request and per WebSocket utterance, written when it ends.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -46,6 +50,10 @@ class StageCollector:
         llm = dict(stats.get("llm", {}))
         llm.setdefault("kv_used", llm.get("kv_tokens"))      # names of the plain-PyTorch engine
         llm.setdefault("kv_total", llm.get("kv_capacity"))
+        if llm.get("waiting") is not None:   # what an operator greps /metrics for (seed 001: `grep queue`)
+            yield GaugeMetricFamily("lighttts_llm_queue_size", "requests in the LLM's queue: encoded, not yet admitted "
+                                                               "(the LLM stage's count; also lighttts_llm_waiting)",
+                                    value=float(llm["waiting"]))
         for key, help_text in (("running", "requests decoding in the LLM"),
                                ("waiting", "requests waiting for admission to the LLM"),
                                ("batch_size", "LLM decode batch size of the last step"),
@@ -118,3 +126,20 @@ class Metrics:
                  f"# HELP lighttts_http_rejected_total requests refused as overload by this HTTP worker\n"
                  f"# TYPE lighttts_http_rejected_total counter\nlighttts_http_rejected_total {rejected}\n")
         return generate_latest(self.registry) + extra.encode(), CONTENT_TYPE_LATEST
+
+
+access_log = logging.getLogger("lighttts.access")
+
+
+def log_request(rid: str, method: str, endpoint: str, status: int, audio_seconds: float = 0.0,
+                first_chunk: Optional[float] = None, total: float = 0.0, level: int = logging.INFO) -> None:
+    """The access line of one request (HTTP) or utterance (WebSocket, method WS), when it ends:
+
+        access rid=3f2a1c9b04-17 method=POST endpoint=/inference_zero_shot status=200 audio_s=3.520
+        first_chunk_ms=182.4 cost_time: 1243.9ms
+
+    first_chunk_ms is "-" when no audio went out. cost_time (arrival to the end of the answer, in ms)
+    comes last so that seed 001's `grep cost_time ... | awk '{print $NF}' | sed 's/ms//'` reads it."""
+    access_log.log(level, "access rid=%s method=%s endpoint=%s status=%d audio_s=%.3f first_chunk_ms=%s "
+                          "cost_time: %.1fms", rid, method, endpoint, status, audio_seconds,
+                   "-" if first_chunk is None else f"{first_chunk * 1000:.1f}", total * 1000)

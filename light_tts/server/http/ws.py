@@ -25,6 +25,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from light_tts.audio_out import SAMPLE_RATE
 from light_tts.server.http import client_json
 from light_tts.server.http.manager import Overloaded
+from light_tts.server.http.metrics import log_request
 from light_tts.server.io_struct import ErrorOutput, RequestError
 
 log = logging.getLogger("lighttts")
@@ -42,6 +43,8 @@ class Utterance:
         self.finished_text = False
         self.chunks = 0
         self.samples = 0
+        self.first_chunk: Optional[float] = None   # seconds from start to the first audio
+        self.status: Optional[int] = None          # why it ended, when not by its outputs (a text error)
         self.pump: Optional[asyncio.Task] = None
 
     async def text(self, text: str) -> None:
@@ -58,6 +61,11 @@ class Utterance:
         self.finished_text = True
         self.last_activity = time.time()
         await self.request.send_text("", finish=True)
+
+    def log(self, endpoint: str, status: int) -> None:
+        """The utterance's access line (metrics.log_request)."""
+        log_request(self.request.rid, "WS", endpoint, self.status or status, self.samples / SAMPLE_RATE,
+                    self.first_chunk, time.time() - self.t_start)
 
     async def outputs(self):
         """AudioOutput / ErrorOutput until the request ends; a 504 ErrorOutput when idle too long."""
@@ -157,6 +165,7 @@ class TTSSocket:
                     await self.utt.text(text)
                 except RequestError as e:  # the utterance cannot go on
                     index = self.utt.index
+                    self.utt.status = e.status
                     await self.end_utterance(cancel=True)
                     await self.error(e.status, str(e), final=True, utterance=index)
         else:
@@ -165,8 +174,12 @@ class TTSSocket:
     async def start(self, msg: dict) -> None:
         if self.utt is not None:
             raise RequestError(409, "start: an utterance is active; finish or interrupt it first")
-        fields = start_fields(self.api, msg)
-        request = await self.api.client.open_bistream(**fields)   # Overloaded: a RequestError, 503
+        try:
+            fields = start_fields(self.api, msg)
+            request = await self.api.client.open_bistream(**fields)   # Overloaded: a RequestError, 503
+        except RequestError as e:   # an utterance that never started has its access line too
+            log_request(self.api.client.new_rid(), "WS", "/ws/tts", e.status)
+            raise
         self.utt = utt = Utterance(self.api, request, self.count, msg.get("request_id"))
         self.count += 1
         await self.send.json({"type": "started", "utterance": utt.index, "request_id": utt.request_id})
@@ -184,7 +197,8 @@ class TTSSocket:
                     break
                 if out.pcm:
                     if utt.chunks == 0:
-                        self.api.metrics.first_chunk(time.time() - utt.t_start)
+                        utt.first_chunk = time.time() - utt.t_start
+                        self.api.metrics.first_chunk(utt.first_chunk)
                     event = {"type": "chunk", "utterance": utt.index, "index": utt.chunks, "samples": len(out.pcm) // 2,
                              "ms_since_start": _ms(utt.t_start), "ms_since_first_text": _ms(utt.t_first_text)}
                     await self.send.audio(out.pcm, event)
@@ -200,9 +214,13 @@ class TTSSocket:
         except asyncio.CancelledError:   # interrupted, or the socket went away
             status = 499
             raise
+        except Exception:
+            status = 500
+            raise
         finally:
             self.api.metrics.done(endpoint, status, audio_seconds=utt.samples / SAMPLE_RATE,
                                   wall=time.time() - utt.t_start)
+            utt.log(endpoint, status)
             self.release(utt)
             await utt.request.close()
 
@@ -268,8 +286,11 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
     await ws.accept()
     send = Sender(ws)
     request = None
+    utt: Optional[Utterance] = None
     pump = None
     timeout = api.args.request_timeout
+    t0 = time.time()
+    status = 499   # the access line's: the client left, until the audio ends or an error says otherwise
 
     async def receive(frame: str, limit: Optional[float] = timeout):
         """The next frame, which must be `frame` ("text" or "bytes"): the wrong kind is a 400 that
@@ -293,15 +314,21 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
             await ws.close(code=code)
 
     async def forward(utt: Utterance):
+        nonlocal status
         try:
             async for out in utt.outputs():
                 if isinstance(out, ErrorOutput):   # a stage failed, or no text or audio for too long (504)
+                    status = out.status
                     await send.json({"error": out.message, "status": out.status})
                     await ws.close(code=1011)      # the client's pending receive ends the handler
                     return
                 if out.pcm:
+                    if utt.first_chunk is None:
+                        utt.first_chunk = time.time() - utt.t_start
+                    utt.samples += len(out.pcm) // 2
                     await send.audio(out.pcm)
                 if out.finished:
+                    status = 200
                     return
         finally:  # ended, failed or timed out: free it in every stage now, not when the client leaves
             await utt.request.close()
@@ -328,8 +355,8 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
         await pump
         await ws.close()
     except (RequestError, ValueError, KeyError, TypeError) as e:   # Overloaded too: 503, "try again later"
-        await error_and_close({"error": str(e), "status": getattr(e, "status", 400)},
-                              1013 if isinstance(e, Overloaded) else 1003)
+        status = getattr(e, "status", 400)
+        await error_and_close({"error": str(e), "status": status}, 1013 if isinstance(e, Overloaded) else 1003)
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
@@ -338,3 +365,8 @@ async def lighttts_bistream(api, ws: WebSocket) -> None:
             await asyncio.gather(pump, return_exceptions=True)
         if request is not None:
             await request.close()
+        endpoint = "/inference_zero_shot_bistream"
+        if utt is not None:
+            utt.log(endpoint, status)
+        else:   # refused before it started
+            log_request(api.client.new_rid(), "WS", endpoint, status, total=time.time() - t0)
