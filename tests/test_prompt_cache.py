@@ -16,9 +16,10 @@ import zmq
 
 from light_tts.server.decode.batched_flow import EagerSolver
 from light_tts.server.decode.cuda_graph import GraphSolver
-from light_tts.server.decode.engine import DecodeEngine
+from conftest import FAMILY_DIRS
+from light_tts.server.decode.engine import DecodeEngine, fused_step
 from light_tts.server.decode.fused_estimator import FusedEstimator
-from light_tts.server.decode.prompt_cache import PromptCache
+from light_tts.server.decode.prompt_cache import PromptCache, token_chunk
 from light_tts.server.decode.process import DecodeServer, load_decode_model
 from light_tts.server.io_struct import AbortReq, DecodeStartReq, SpeechTokensBatchOutput
 from light_tts.server.ipc import Endpoints, bind_pull, read_stats
@@ -28,13 +29,21 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+def model(request):
+    """(flow, hift, schedule) of the tiny CosyVoice2 model, or of the family a test's
+    `both_families` mark asks for."""
+    family = getattr(request, "param", "cosyvoice2")
+    flow, hift = load_decode_model(request.getfixturevalue(FAMILY_DIRS[family]), "cpu", "fp32")
     torch.set_flush_denormal(True)
     try:
         yield flow, hift, StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len)
     finally:
         torch.set_flush_denormal(False)
+
+
+# The cache's exactness on both families (CosyVoice3: FusedDiT over the DiT flow, its causal HiFT);
+# its bookkeeping (eviction, splits, fills, the decode server) is family-blind: CosyVoice2 only.
+both_families = pytest.mark.parametrize("model", sorted(FAMILY_DIRS), indirect=True)
 
 
 def _voices(flow, prompt_lens, seed=1):
@@ -52,11 +61,11 @@ def _engine(model, frames=None, solver=None, streams=True):
     stream cache unless streams=False)."""
     flow, hift, _ = model
     engine = DecodeEngine(flow, hift)
-    step = FusedEstimator(flow.decoder.estimator)
+    step = fused_step(flow.decoder.estimator)
     engine.flow.solver = solver(step) if solver else EagerSolver(flow.decoder, step, 10)
     if frames is not None:
         engine.flow.prompt_cache = PromptCache(step, 10, frames, flow.token_mel_ratio, flow.pre_lookahead_len,
-                                               flow.encoder.static_chunk_size, "cpu", torch.float32, streams=streams)
+                                               token_chunk(flow, step), "cpu", torch.float32, streams=streams)
     return engine
 
 
@@ -132,6 +141,7 @@ def test_estimator_continues_a_recorded_prefix():
     torch.testing.assert_close(last, whole[:, :, 18:], rtol=1e-5, atol=1e-5)
 
 
+@both_families
 def test_stable_frames_follow_the_chunk_rule(model):
     cache = _engine(model, frames=10).flow.prompt_cache
     # frame f depends on the tokens before 25 (f // 50 + 1) + 3: whole 50-frame chunks whose
@@ -149,6 +159,7 @@ def mixed(model):
             (a, _tokens(flow, 60, 4), True), (short, _tokens(flow, 50, 5), True), (a, _tokens(flow, 45, 6), False)]
 
 
+@both_families
 @pytest.mark.parametrize("streams", [False, True])
 def test_streams_with_the_cache_equal_the_streams_without(model, mixed, streams):
     flow, hift, schedule = model
@@ -169,9 +180,10 @@ def test_streams_with_the_cache_equal_the_streams_without(model, mixed, streams)
 
 
 @torch.inference_mode()
+@both_families
 def test_the_comparison_sees_a_wrong_cache(model, mixed):
     """Keys 1% off, or the conv context zeroed (what a cache without it would compute), move the
-    mels well past the tolerance above: the equality is not vacuous."""
+    mels past 10x the tolerance above: the equality is not vacuous."""
     flow, hift, schedule = model
     engine = _engine(model, frames=1000, streams=False)   # a chunk run three times: the voice alone
     voice, tokens, _ = mixed[0]
@@ -185,14 +197,17 @@ def test_the_comparison_sees_a_wrong_cache(model, mixed):
     assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
     entry.ctx.copy_(saved)
     engine.flow.prompt_cache.kv.mul_(1.01)
-    assert float((engine.flow(rows)[0] - want).abs().max()) > 100 * ATOL
+    # (the tiny random DiT's attention adds little to its residual stream: 1% off keys and values
+    # moves its mel ~30x the tolerance, the U-Net's far more)
+    assert float((engine.flow(rows)[0] - want).abs().max()) > 10 * ATOL
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("wrong", ["keys", "context"])
+@both_families
 def test_the_comparison_sees_a_wrong_stream_cache(model, wrong):
     """A stream's cached frames 1% off, or its conv context zeroed, after its first chunk: its
-    second chunk moves well past the tolerance of the equality tests."""
+    second chunk moves past 10x the tolerance of the equality tests."""
     flow, hift, schedule = model
     voice, = _voices(flow, [63], seed=5)
     tokens = _tokens(flow, 120, 9)
@@ -218,9 +233,10 @@ def test_the_comparison_sees_a_wrong_stream_cache(model, wrong):
             cache.kv[entry.start:entry.start + entry.frames].mul_(1.01)
         else:
             entry.ctx.zero_()
-    assert float((second_chunk(_engine(model, frames=2000), spoil) - want).abs().max()) > 100 * ATOL
+    assert float((second_chunk(_engine(model, frames=2000), spoil) - want).abs().max()) > 10 * ATOL
 
 
+@both_families
 def test_streams_grow_move_and_recompute_when_the_pool_is_short(model):
     """Three long streams in lockstep grow past their room (moving, copying their frames); in a
     pool too small for them, the rows that find no room recompute. Same audio either way."""
@@ -241,6 +257,7 @@ def test_streams_grow_move_and_recompute_when_the_pool_is_short(model):
             np.testing.assert_allclose(np.concatenate(g), np.concatenate(w), rtol=0, atol=ATOL)
 
 
+@both_families
 def test_a_short_first_hop_keeps_only_final_frames(model, mixed):
     """--decode_first_hop 10: the first chunks end inside a 50-frame chunk, so a stream keeps only
     its whole chunks and recomputes the rest: still the uncached engine's audio."""
@@ -323,6 +340,7 @@ def test_a_failed_fill_leaves_its_rows_uncached_and_the_batch_running(model, mix
     assert not cache.entries and cache.misses == 0 and "filling" in caplog.text
 
 
+@both_families
 def test_graph_solver_buffers_carry_the_prefixes(model, mixed):
     """GraphSolver's bucketed static buffers (rows to a power of two, frames to the bucket, the
     prefixes and conv context among them) and its fill passes (the recorder's static tensors),

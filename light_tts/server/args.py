@@ -297,7 +297,8 @@ class ServerArgs:
     decode_prompt_cache_gb: float = opt(
         0.0, "GPU memory (GB) of each decode process's prompt cache: per voice, the flow's prompt frames that no "
              "generated token changes, computed once, and per streaming request the frames of its earlier chunks "
-             "(2.3 MB per frame in fp16/bf16: 0.46 GB for a 5 s prompt, 1.15 GB for 10 s of streamed audio), so a "
+             "(CosyVoice2: 2.3 MB per frame in fp16/bf16, 0.46 GB for a 5 s prompt, 1.15 GB for 10 s of streamed "
+             "audio; CosyVoice3: 1.8 MB per frame), so a "
              "streaming chunk computes only its own frames; the same audio. What does not fit is recomputed. Pays "
              "off when decode is the bottleneck; 0 = off (default); fused estimator only (not with --load_trt or "
              "--disable_fused_estimator)",

@@ -11,7 +11,9 @@ swaps in the fused estimator: fused_estimator.py) it prints flow and HiFT millis
 call and audio seconds per second; then the first-chunk latency at batch 1 (flow + HiFT + the
 per-row work, audio on the host) per mode, and the plain path's numbers. Each mode's mels at the
 largest batch, and its HiFT audio at 4 rows, are checked against the first mode's (relative L2
-error; exit 1 past the dtype's tolerance). Times are medians over --repeat runs after warm-up. Modes that would run past
+error; exit 1 past the dtype's tolerance). A CosyVoice3 directory works too: `fused` is then the
+fused DiT (fused_dit.py), the batch table times the flow alone (its causal HiFT runs per window
+group, timed inside the first-chunk table), and the compile modes are skipped. Times are medians over --repeat runs after warm-up. Modes that would run past
 --budget_s are skipped (said in the output), so the whole run stays within a device call.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from light_tts.tools.bench_args import add_model_args, ensure_model  # noqa: E402
 from light_tts.server.decode.batched_flow import EagerSolver, RowEncoder  # noqa: E402
 from light_tts.server.decode.batched_hift import BatchedHift  # noqa: E402
-from light_tts.server.decode.engine import DecodeEngine  # noqa: E402
+from light_tts.server.decode.engine import DecodeEngine, fused_step  # noqa: E402
 from light_tts.server.decode.process import load_decode_model  # noqa: E402
 from light_tts.models.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
 
@@ -94,15 +96,16 @@ def set_mode(engine: DecodeEngine, flow, mode: str, max_batch: int, compiled: di
     engine.flow.prompt_cache = None
     if "fused" in mode:
         if "fused" not in compiled:
-            from light_tts.server.decode.fused_estimator import FusedEstimator
-            compiled["fused"] = FusedEstimator(flow.decoder.estimator)
+            compiled["fused"] = fused_step(flow.decoder.estimator)   # the family's: U-Net or DiT
         step = compiled["fused"]
         if "cache" in mode:
             if "cache" not in compiled:
                 from light_tts.server.decode.prompt_cache import PromptCache
                 compiled["cache"] = PromptCache.for_flow(flow, step, 10, cache_gb)
             engine.flow.prompt_cache = compiled["cache"]
-    if "graphs" in mode and "eager_small" not in mode:
+    if engine.hift is None:   # CosyVoice3: its causal HiFT runs per window group (engine._vocode_windows)
+        pass
+    elif "graphs" in mode and "eager_small" not in mode:
         from light_tts.server.decode.cuda_graph import GraphHift
         engine.hift = GraphHift(engine.hift.hift, max_batch)
     else:
@@ -159,6 +162,10 @@ def main() -> int:
             p.error(f"mode {m!r}: unknown part(s) {sorted(unknown)}; parts are {sorted(MODE_PARTS)}")
     if device.type != "cuda":
         modes = [m for m in modes if m in ("eager", "fused", "fused+cache")]
+    cv3 = DecodeEngine(flow, hift).hift is None
+    if cv3 and any("compile" in m for m in modes):
+        print("CosyVoice3: the compile modes are CosyVoice2's (skipped); HiFT is timed in the first-chunk table only")
+        modes = [m for m in modes if "compile" not in m]
     frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)
     print(f"workload: prompt {args.prompt_tokens} tokens, chunk {work.chunk.tokens.numel()} tokens "
           f"(estimator over {frames} frames), HiFT 58 frames; repeat {args.repeat}\n")
@@ -187,21 +194,25 @@ def main() -> int:
             for b in sizes:
                 rows = work.rows(b)
                 flow_ms = timed(lambda: engine.flow(rows), args.repeat, device)
-                mels = [work.hift_mel] * b
-                caches = [work.cache_source] * b
-                gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
-                hift_ms = timed(lambda: engine.hift(mels, caches, gens), args.repeat, device)
-                total = flow_ms + hift_ms
+                hift_ms = None
+                if engine.hift is not None:
+                    mels = [work.hift_mel] * b
+                    caches = [work.cache_source] * b
+                    gens = [torch.Generator(device=device).manual_seed(i) for i in range(b)]
+                    hift_ms = timed(lambda: engine.hift(mels, caches, gens), args.repeat, device)
+                total = flow_ms + (hift_ms or 0.0)
                 rows_out.append((mode, b, flow_ms, hift_ms, total, b * AUDIO_S_PER_CHUNK / (total / 1e3)))
             mels = engine.flow(check_rows)
             n = min(4, max(sizes))   # HiFT graphs serve small batches only: check at 4 rows
-            audio = [a for a, _ in engine.hift([work.hift_mel] * n, [work.cache_source] * n,
-                                              [torch.Generator(device=device).manual_seed(i) for i in range(n)])]
+            audio = None if engine.hift is None else [
+                a for a, _ in engine.hift([work.hift_mel] * n, [work.cache_source] * n,
+                                          [torch.Generator(device=device).manual_seed(i) for i in range(n)])]
             if reference_mels is None:
                 reference_mels, reference_audio, reference_mode = mels, audio, mode
             else:
                 errors[mode] = rel_error(mels, reference_mels)
-                errors[f"{mode} (HiFT, {n} rows)"] = rel_error(audio, reference_audio)
+                if audio is not None:
+                    errors[f"{mode} (HiFT, {n} rows)"] = rel_error(audio, reference_audio)
 
             def first():  # a fresh request's first chunk, end to end through the engine
                 engine.run([(work.t2w(0), work.chunk)])

@@ -2,7 +2,8 @@
 
 Both families: CosyVoice2's conformer flow with its U-Net estimator, and CosyVoice3's DiT flow
 (its encoder is the pre-lookahead layer; its estimator takes the same dense bias: DiTBiasEstimator).
-The fused estimator and the prompt cache below are CosyVoice2's.
+Each family has its fused step that takes a FrameAttention instead (fused_estimator.py, fused_dit.py),
+and the prompt cache below serves both.
 
 The encoder runs once for all rows (lengths differ; each row's look-ahead tokens follow its own
 tokens: the flow's encode_rows) -> mu, plus each row's prompt condition. Every row

@@ -6,7 +6,8 @@ reference and the server): the caller takes each decoder's `next_chunk()` and ha
 cache, NSF generator) and does the per-row work around the vocoder (`hift_input`,
 `hift_output`); the engine batches the two model calls in between.
 
-Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py),
+Speed paths (build_engine): on CUDA the fused estimator (fewer kernels, same math: fused_estimator.py;
+CosyVoice3's DiT: fused_dit.py),
 with --decode_prompt_cache_gb the prompt cache (a voice's fixed prompt frames computed once, and
 with --decode_stream_cache a stream's frames from its earlier chunks: prompt_cache.py), CUDA graphs
 of the Euler loop and, for small batches, of the token encoder and
@@ -124,6 +125,17 @@ class DecodeEngine:
                 cache.release(t2w)
 
 
+def fused_step(estimator):
+    """The fused estimator step of this family (CosyVoice2's U-Net or CosyVoice3's DiT), which takes
+    a FrameAttention and can continue a prompt cache's prefix. Build it after the weights are cast."""
+    from light_tts.models.flow.dit import DiT
+    if isinstance(estimator, DiT):
+        from light_tts.server.decode.fused_dit import FusedDiT
+        return FusedDiT(estimator)
+    from light_tts.server.decode.fused_estimator import FusedEstimator
+    return FusedEstimator(estimator)
+
+
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
@@ -131,9 +143,9 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
     `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
-    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 (DiT) flow gets the
-    batched flow with CUDA graphs of its encoder and Euler loop; the fused estimator, the prompt
-    cache and TensorRT are CosyVoice2's, and its causal HiFT runs per row (eager)."""
+    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 (DiT) flow gets the same
+    paths with its own fused step (fused_dit.py); TensorRT is CosyVoice2's only, and its causal HiFT
+    runs per window group (eager)."""
     on_cuda = device.startswith("cuda")
     if load_trt and not on_cuda:
         raise RuntimeError("--load_trt needs a CUDA GPU (this decode process runs on the CPU)")
@@ -143,11 +155,6 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         if load_trt:
             raise RuntimeError("--load_trt: the TensorRT estimator exists for CosyVoice2's U-Net only, "
                                "not CosyVoice3's DiT; start without --load_trt")
-        if prompt_cache_gb > 0 or stream_cache:
-            log.warning("--decode_prompt_cache_gb / --decode_stream_cache ignored: the prompt cache is "
-                        "CosyVoice2's (fused U-Net estimator); CosyVoice3 recomputes the prompt on every chunk")
-            prompt_cache_gb, stream_cache = 0.0, False
-        fused = False
     graphs = on_cuda and cuda_graph
     if graphs:
         from light_tts.server.decode.cuda_graph import GraphEncoder, GraphHift
@@ -166,8 +173,7 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         log.warning("--decode_prompt_cache_gb %g ignored: the prompt cache needs the fused estimator on a GPU "
                     "(not --load_trt, --disable_fused_estimator or a CPU)", prompt_cache_gb)
     if fused:
-        from light_tts.server.decode.fused_estimator import FusedEstimator
-        step = FusedEstimator(flow.decoder.estimator)
+        step = fused_step(flow.decoder.estimator)
         if prompt_cache_gb > 0:
             from light_tts.server.decode.prompt_cache import PromptCache
             engine.flow.prompt_cache = PromptCache.for_flow(flow, step, engine.flow.solver.n_timesteps, prompt_cache_gb,

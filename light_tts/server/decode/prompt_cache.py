@@ -16,11 +16,17 @@ same noise through the same estimator outputs). For a prompt of P tokens that pa
 every chunk of every request with that voice; for a stream it grows with each chunk: with the
 official schedule (hops that end on 25-token boundaries) every frame a chunk computes is final.
 
-What is kept for them: each transformer's keys and values (2 x 8 heads x 64 per frame, 56 layers,
-10 Euler steps, 2 CFG branches: 2.3 MB per frame in bf16, 0.46 GB for a 5 s prompt's 200 frames,
-1.15 GB for a 10 s sentence) in one pool tensor, an entry's frames in consecutive slots; and the
-last (kernel - 1) input frames of every causal convolution, per step and branch (~0.7 MB per
-entry). A row's cached frames are its voice's entry, then its stream's entry (which records the
+CosyVoice3's DiT (fused_dit.py) obeys the same rule: no attention before it (its pre-lookahead
+convs see 3 tokens ahead), chunk-causal attention over 50-frame chunks, causal position convs,
+and rotary positions that are absolute frame indices (a row continuing a prefix rotates by its
+frames' own positions).
+
+What is kept for them: each transformer's keys and values in one pool tensor, an entry's frames
+in consecutive slots (CosyVoice2: 2 x 8 heads x 64 per frame, 56 layers, 10 Euler steps, 2 CFG
+branches: 2.3 MB per frame in bf16, 0.46 GB for a 5 s prompt's 200 frames, 1.15 GB for a 10 s
+sentence; CosyVoice3: 2 x 16 x 64, 22 layers: 1.8 MB per frame); and the last (kernel - 1) input
+frames of every causal convolution, per step and branch (~0.7 MB per entry; CosyVoice3's two
+position convs, 30 frames of 1024 channels each: 2.5 MB). A row's cached frames are its voice's entry, then its stream's entry (which records the
 voice frames it continues: `base`). A voice miss fills the entry with one solver pass over the
 stable frames alone (the same math, batched over the missing voices, replayed from a CUDA graph on
 a GPU; its output is not needed); the decode process runs it while idle, as soon as a streaming
@@ -81,6 +87,17 @@ class RowPrefix:
         return self.voice.ctx if self.voice else None
 
 
+def token_chunk(flow, estimator) -> int:
+    """Tokens per chunk of the flow's token encoder: CosyVoice2's conformer attends in chunks of
+    static_chunk_size tokens; CosyVoice3 has no attention before the estimator (its pre-lookahead
+    convs see 2 tokens back and pre_lookahead_len ahead), so its chunk is the estimator's frames
+    in tokens."""
+    encoder = getattr(flow, "encoder", None)
+    if encoder is not None:
+        return int(encoder.static_chunk_size)
+    return estimator.chunk_frames // int(flow.token_mel_ratio)
+
+
 def frame_bytes(estimator, n_steps: int, dtype: torch.dtype) -> int:
     """Pool bytes per cached frame for this estimator (FusedEstimator)."""
     return n_steps * 2 * estimator.n_layers * 2 * estimator.inner * torch.empty((), dtype=dtype).element_size()
@@ -126,10 +143,11 @@ class Recorder:
         src = kv.reshape(2, b2 // 2, t, 2, -1).permute(1, 2, 0, 3, 4).reshape(-1, 2, 2, kv.shape[3] * kv.shape[4])
         self.cache.kv[:, step, :, layer].index_copy_(0, self.slots.reshape(-1), src)
 
-    def context(self, step: int, offset: int, x: torch.Tensor) -> None:
-        """x (2B, C, T): a causal conv's input; keep its `pad` frames before each row's end."""
+    def context(self, step: int, offset: int, x: torch.Tensor, lead: int = 0) -> None:
+        """x (2B, C, lead + T): a causal conv's input, its first `lead` frames the left context
+        before the row's first computed frame; keep its `pad` frames before each row's end."""
         pad = self.cache.ctx_pad
-        ends = torch.cat([self.ends, self.ends])
+        ends = torch.cat([self.ends, self.ends]) + lead
         idx = (ends.unsqueeze(1) - pad + torch.arange(pad, device=x.device)).clamp_(min=0)
         frames = torch.gather(x, 2, idx.unsqueeze(1).expand(-1, x.size(1), -1))          # (2B, C, pad)
         self.ctx[:, step, offset:offset + x.size(1) * pad] = frames.reshape(x.size(0), -1)
@@ -174,7 +192,7 @@ class PromptCache:
         p = next(flow.parameters())
         frames = int(gb * 1e9) // frame_bytes(estimator, n_steps, p.dtype)
         cache = cls(estimator, n_steps, frames, int(flow.token_mel_ratio), int(flow.pre_lookahead_len),
-                    int(flow.encoder.static_chunk_size), p.device, p.dtype, streams=streams)
+                    token_chunk(flow, estimator), p.device, p.dtype, streams=streams)
         log.info("prompt cache: %d frames (%.2f GB, %.2f MB per frame; streams %s)", frames, gb,
                  frame_bytes(estimator, n_steps, p.dtype) / 1e6, "on" if streams else "off")
         return cache
