@@ -29,7 +29,8 @@
 #           ready, then once more warm, each with its chunks' arrival times (benchmark.py --hops), before the load
 #   report: MPS=1 runs the server under NVIDIA MPS (a private control daemon, stopped at the end);
 #           PLAIN_REFERENCE=0 skips the plain pipeline; PROMPT_WAV / PROMPT_TEXT: another prompt for both
-#   ws: DECODE_PROCS (decode processes, default 1)      decode: BENCH_BUDGET_S (default 400)
+#   ws: DECODE_PROCS (decode processes, default 1)      decode: BENCH_BUDGET_S (default 400), BENCH_MODES
+#       (bench_decode.py --modes, e.g. graphs,fused+graphs,fused+graphs+cache)
 #   OUT: where the JSON results and the server log go (default /tmp); CUDA_VISIBLE_DEVICES picks GPUs
 # .whl/*.whl (packages the GPU image lacks: docs/benchmarks.md) are installed into /tmp/site first.
 set -uo pipefail
@@ -233,7 +234,7 @@ decode() {
   gpus; ensure_model "$model_dir"
   if [ "$what" != placement ]; then
     try python3 scripts/bench/bench_decode.py --model_dir "$model_dir" --dtype "$dtype" --batch_sizes 1,4,16,64 \
-      --repeat 5 --budget_s "${BENCH_BUDGET_S:-400}"
+      --repeat 5 --budget_s "${BENCH_BUDGET_S:-400}" ${BENCH_MODES:+--modes "$BENCH_MODES"}
   fi
   [ "$what" = bench ] && return
   ngpu=$(nvidia-smi -L | wc -l)
