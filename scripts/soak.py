@@ -5,7 +5,8 @@
 
 Traffic (each worker thread picks at random, seeded): streaming requests read to the end,
 non-streaming requests (multipart and JSON/base64), streaming requests the client abandons after
-the first chunk, and bad requests with a known answer (400/404/405/415). Every request asks for
+the first chunk, and bad requests with a known answer (400/404/405/415; each class and the status
+codes it got are tabled at the end). Every request asks for
 `fixed_speech_tokens`, so the audio length of a success is known exactly (1920 bytes per token).
 
 Checks at the end (exit status 1 if any fails):
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import ipaddress
+import json
 import os
 import random
 import re
@@ -151,6 +153,7 @@ class Traffic:
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         self.lock = threading.Lock()
         self.results: list[tuple[str, str, float, str]] = []  # (kind, outcome, seconds, detail)
+        self.bad_status: dict = defaultdict(Counter)   # bad input class -> status code -> count
         self.started = 0
         self.stop_at = 0.0
 
@@ -240,11 +243,28 @@ class Traffic:
                                                    headers={"content-type": "text/plain"})),
         ("unknown endpoint", 404, lambda s: dict(method="GET", url="/no_such_endpoint")),
         ("wrong method", 405, lambda s: dict(method="PUT", url="/inference_zero_shot")),
+        # the classes that once gave 500 or cost unbounded memory (docs/reliability.md, "Input classes")
+        ("lone surrogate in JSON text", 400, lambda s: dict(
+            method="POST", url="/inference_zero_shot", headers={"content-type": "application/json"},
+            content=json.dumps({**s._form(10), "tts_text": "Hi \ud800",
+                                "prompt_wav": base64.b64encode(s.prompt).decode()}))),
+        *((f"JSON nested 100000 deep, {path}", 400, lambda s, path=path: dict(
+            method="POST", url=path, content=b"[" * 100000, headers={"content-type": "application/json"}))
+          for path in ("/inference_zero_shot", "/v1/audio/speech", "/voices")),
+        ("prompt at 4 kHz", 400, lambda s: dict(method="POST", url="/inference_zero_shot", data=s._form(10),
+                                                 files={"prompt_wav": ("p.wav", wav_bytes(4000, 1), "audio/wav")})),
+        ("prompt with 9 channels", 400, lambda s: dict(method="POST", url="/inference_zero_shot", data=s._form(10),
+                                                        files={"prompt_wav": ("p.wav", wav_bytes(16000, 9),
+                                                                              "audio/wav")})),
+        ("/inference_instruct (CosyVoice-300M route)", 400, lambda s: dict(
+            method="POST", url="/inference_instruct", data={"tts_text": "x", "spk_id": "a", "instruct_text": "y"})),
     )
 
     def _bad(self, client, rng, n):
         name, status, make = rng.choice(self.BAD)
         r = client.request(**make(self))
+        with self.lock:
+            self.bad_status[name][r.status_code] += 1
         try:
             has_detail = isinstance(r.json().get("detail"), str)
         except ValueError:
@@ -252,6 +272,16 @@ class Traffic:
         if r.status_code != status or not has_detail:
             return "wrong", f"bad ({name}): {r.status_code} {r.text[:200]}, expected {status} with a detail"
         return "ok", ""
+
+
+def wav_bytes(rate: int, channels: int, seconds: float = 1.0) -> bytes:
+    """A 16-bit PCM WAV of silence (the header is what the server refuses)."""
+    import struct
+    frames = int(rate * seconds)
+    data = bytes(2 * channels * frames)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16) +
+            b"data" + struct.pack("<I", len(data)) + data)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -359,6 +389,14 @@ def run(a) -> int:
             c, ls = by_kind[kind], sorted(lat[kind])
             print(f"{kind:<10} {sum(c.values()):>8} {c['ok']:>8} {c['wrong']:>6} {c['lost']:>6} {c['hung']:>6} "
                   f"{ls[len(ls) // 2]:>7.2f} {ls[-1]:>7.2f}")
+    if traffic.bad_status:
+        expected = {name: status for name, status, _ in Traffic.BAD}
+        print(f"\n| bad input class | requests | expected | status codes seen |\n| --- | ---: | ---: | --- |")
+        for name, codes in sorted(traffic.bad_status.items()):
+            seen = ", ".join(f"{code} x{count}" for code, count in sorted(codes.items()))
+            print(f"| {name} | {sum(codes.values())} | {expected[name]} | {seen} |")
+        server_errors = sum(c for codes in traffic.bad_status.values() for code, c in codes.items() if code >= 500)
+        print(f"5xx answers to bad input: {server_errors}\n")
     not_ok = sum(1 for _, o, _, _ in traffic.results if o != "ok")
     if not_ok:
         failures.append(f"{not_ok} requests did not end as expected (first: {bad_details[:3]})")
