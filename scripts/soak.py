@@ -130,6 +130,16 @@ def rss_mb(pid: int) -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
+def late_captures(url: str, headers: dict) -> str:
+    """The decode stages' CUDA graphs captured after the warm-up (each may hold more GPU memory)."""
+    try:
+        metrics = parse_prometheus(httpx.get(url + "/metrics", headers=headers, timeout=10).text)
+    except httpx.HTTPError as e:
+        return f"? ({type(e).__name__})"
+    values = metric_values(metrics, "lighttts_decode_graph_captures_while_serving_total")
+    return "-" if not values else str(int(sum(values)))
+
+
 def gpu_used_mb() -> float | None:
     """Memory used on the GPUs the server sees (CUDA_VISIBLE_DEVICES, else all), summed."""
     if not shutil.which("nvidia-smi"):
@@ -343,8 +353,10 @@ def run(a) -> int:
                     counts = Counter(o for _, o, _, _ in traffic.results)
                 rss = ", ".join(f"{procs[pid].replace('lighttts::', '')} {rss_mb(pid) or 0:.0f}"
                                 for pid in sorted(procs, key=procs.get) if procs[pid].startswith("lighttts::"))
+                gpu = gpu_used_mb()
                 print(f"[{time.time() - t_start:6.0f} s] {sum(counts.values())} requests: {dict(counts)}; "
-                      f"RSS MiB: {rss}", flush=True)
+                      f"RSS MiB: {rss}" + ("" if gpu is None else f"; GPU used {gpu:.0f} MiB") +
+                      f"; decode graphs captured while serving: {late_captures(url, headers)}", flush=True)
                 next_print += 30
         wall = time.time() - t_start
 
