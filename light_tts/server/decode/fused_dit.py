@@ -12,10 +12,13 @@ Why a cached prefix is exact for the DiT (light_tts.models.flow.dit says the arc
   of the zeros before frame 0;
 - everything else (input projection, AdaLN modulation, feed-forward, output norm) is per frame.
 
-What is fused against DiT.forward_masked: q/k/v are one GEMM per block, and every block's AdaLN
-modulation plus the output norm's are one GEMM from the time embedding (23 instead of one per
-block). Same math up to rounding (tests/test_fused_dit.py). Build it after the weights are loaded
-and cast: the modules' own parameters become views of the fused ones (models/fusion.py).
+What is fused against DiT.forward_masked, because at small batches the step is launch bound (about
+40 kernels per block, 22 blocks, 10 Euler steps per solver call): q/k/v are one GEMM per block;
+every block's AdaLN modulation plus the output norm's are one GEMM from the time embedding, with
+the 1 of (1 + scale) added once for all; a modulated norm is layer_norm then one addcmul, a gated
+residual one addcmul; the rotary rotation turns q and k together, in place in the q/k/v output.
+Same math up to rounding (tests/test_fused_dit.py). Build it after the weights are loaded and
+cast: the modules' own parameters become views of the fused ones (models/fusion.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from light_tts.kernels.dispatch import flow_attention
-from light_tts.models.flow.dit import DiT, apply_rotary
+from light_tts.models.flow.dit import LN_EPS, DiT
 from light_tts.models.fusion import fuse_linears
 from light_tts.server.decode.batched_flow import FrameAttention
 
@@ -56,6 +59,15 @@ class FusedDiT(nn.Module):
                              f"{self.chunk_frames}-frame chunk")
         self.qkv = [fuse_linears((b.attn.to_q, b.attn.to_k, b.attn.to_v)) for b in self.blocks]
         self.mod_w, self.mod_b = fuse_linears([b.attn_norm.linear for b in self.blocks] + [dit.norm_out.linear])
+        # the modulations' bias plus 1 at every scale column (blocks: shift, scale, gate, shift, scale,
+        # gate; the output norm: scale, shift), so the GEMM gives (1 + scale) directly
+        d = dit.dim
+        one = torch.zeros(self.mod_w.size(0), dtype=self.mod_w.dtype, device=self.mod_w.device)
+        for i in range(self.n_layers):
+            one[6 * d * i + d:6 * d * i + 2 * d] = 1
+            one[6 * d * i + 4 * d:6 * d * i + 5 * d] = 1
+        one[6 * d * self.n_layers:6 * d * self.n_layers + d] = 1
+        self.register_buffer("mod_bias1", self.mod_b + one, persistent=False)
         self._no_pool: dict = {}
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d, attn: FrameAttention) -> torch.Tensor:
@@ -82,6 +94,23 @@ class FusedDiT(nn.Module):
         angles = (pos.unsqueeze(-1) * inv_freq).repeat_interleave(2, dim=-1)
         return angles.cos(), angles.sin()
 
+    @staticmethod
+    def _rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """apply_rotary on q and k at once, in place: qkv (B, T, 3, inner), the first cos.size(-1)
+        channels of q and k turned by interleaved pairs in fp32 (as the plain DiT)."""
+        n = cos.size(-1)
+        x = qkv[:, :, :2, :n]
+        rot = x.float()
+        a, b = rot.unflatten(-1, (-1, 2)).unbind(-1)
+        half = torch.stack((-b, a), dim=-1).flatten(-2)
+        x.copy_(torch.addcmul(rot * cos.unsqueeze(2), half, sin.unsqueeze(2)))
+
+    @staticmethod
+    def _modulate(h: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+        """LayerNorm (no affine) of h (B, T, C), times (1 + scale) plus shift, per row."""
+        n = F.layer_norm(h, (h.size(-1),), eps=LN_EPS)
+        return torch.addcmul(shift.unsqueeze(1), n, scale1.unsqueeze(1))
+
     def _pools(self, attn: FrameAttention, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache's key and value pools of this step and layer (a 1-slot dummy without a cache)."""
         if attn.cache is not None:
@@ -98,7 +127,8 @@ class FusedDiT(nn.Module):
         dit = self.estimator
         b, _, n = x.shape
         dim, hd = dit.dim, self.head_dim
-        mods = F.linear(F.silu(dit.time_embed(t)), self.mod_w, self.mod_b)   # (B, depth * 6 dim + 2 dim)
+        # (B, depth * 6 dim + 2 dim), the scale columns already 1 + scale
+        mods = torch.addmm(self.mod_bias1, F.silu(dit.time_embed(t)), self.mod_w.t())
         embed = dit.input_embed
         parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
         if embed.spk_dim > 0:
@@ -110,24 +140,20 @@ class FusedDiT(nn.Module):
         hidden = ~mask.bool().transpose(1, 2)                                   # (B, T, 1) padded frames
         residual = h
         for i, block in enumerate(self.blocks):
-            shift, scale, gate, shift_ff, scale_ff, gate_ff = mods[:, 6 * dim * i:6 * dim * (i + 1)].chunk(6, dim=1)
-            a = block.attn_norm.norm(h) * (1 + scale[:, None]) + shift[:, None]
-            qkv = F.linear(a, *self.qkv[i]).view(b, n, 3, self.inner)
-            q = apply_rotary(qkv[:, :, 0], cos, sin).view(b, n, self.heads, hd)
-            k = apply_rotary(qkv[:, :, 1], cos, sin).view(b, n, self.heads, hd)
-            v = qkv[:, :, 2].view(b, n, self.heads, hd)
+            shift, scale1, gate, shift_ff, scale1_ff, gate_ff = mods[:, 6 * dim * i:6 * dim * (i + 1)].chunk(6, dim=1)
+            qkv = F.linear(self._modulate(h, shift, scale1), *self.qkv[i]).view(b, n, 3, self.inner)
+            self._rotate_qk(qkv, cos, sin)
+            q, k, v = (qkv[:, :, j].view(b, n, self.heads, hd) for j in range(3))
             if attn.record is not None:
-                attn.record.keys(attn.step, i, torch.stack([k, v], dim=2))
+                attn.record.keys(attn.step, i, qkv[:, :, 1:].view(b, n, 2, self.heads, hd))
             k_pool, v_pool = self._pools(attn, i, q)
             o = flow_attention(q, k, v, attn.lengths, attn.streaming, attn.prefix_start, attn.prefix_len, k_pool,
                                v_pool, self.chunk_frames, hd ** -0.5, branch_rows=attn.branch_rows,
                                stream_start=attn.stream_start, stream_len=attn.stream_len)
-            o = block.attn.to_out[0](o.view(b, n, self.inner)).masked_fill(hidden, 0.0)
-            h = h + gate.unsqueeze(1) * o
-            f = block.ff_norm(h) * (1 + scale_ff[:, None]) + shift_ff[:, None]
-            h = h + gate_ff.unsqueeze(1) * block.ff(f)
+            o = block.attn.to_out[0](o.view(b, n, self.inner)).masked_fill_(hidden, 0.0)
+            h = torch.addcmul(h, gate.unsqueeze(1), o)
+            h = torch.addcmul(h, gate_ff.unsqueeze(1), block.ff(self._modulate(h, shift_ff, scale1_ff)))
         if dit.long_skip_connection is not None:
             h = dit.long_skip_connection(torch.cat((h, residual), dim=-1))
-        scale, shift = mods[:, 6 * dim * len(self.blocks):].chunk(2, dim=1)
-        h = dit.norm_out.norm(h) * (1 + scale)[:, None] + shift[:, None]
-        return dit.proj_out(h).transpose(1, 2)
+        scale1, shift = mods[:, 6 * dim * len(self.blocks):].chunk(2, dim=1)
+        return dit.proj_out(self._modulate(h, shift, scale1)).transpose(1, 2)
