@@ -9,8 +9,6 @@
   from the recorded context. The comparison is sharp: positions from 0, or the context left out,
   move the output well past the tolerance.
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -44,13 +42,6 @@ def _attention(lengths, streaming, **prefix) -> FrameAttention:
     return FrameAttention(rows(lengths), rows(streaming), **kw, branch_rows=len(lengths), **rest)
 
 
-@contextlib.contextmanager
-def kernels(name: str):
-    dispatch.set_backend(name)
-    try:
-        yield
-    finally:
-        dispatch.set_backend("auto")
 
 
 @torch.inference_mode()
@@ -68,7 +59,7 @@ def test_fused_dit_equals_the_plain_dit(backend):
     t, spks = torch.rand(4, generator=g), torch.randn(4, 80, generator=g)
     bias = attention_bias(mask, torch.tensor(streaming).bool(), CHUNK, torch.float32)
     want = plain(x, mf, mu, t, spks, cond, bias)
-    with kernels(backend):
+    with dispatch.using(backend):
         got = fused(x, mf, mu, t, spks, cond, _attention(lengths, streaming))
     assert float(want[:3].abs().max()) > 0.1
     for r, n in enumerate(lengths):

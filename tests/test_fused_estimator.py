@@ -8,8 +8,6 @@
   combination of terms, for (B, T, C) and (B, C, T) layouts and in place; the whole fused estimator
   runs through the Triton kernel and matches too.
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -49,14 +47,6 @@ def _inputs(est, lengths, streaming, frames: int):
             torch.randn(b, 80, frames, generator=g) * mf), bias, rows
 
 
-@contextlib.contextmanager
-def kernels(name: str):
-    """Run the block with frame_norm's `name` backend (reference or triton), then back to auto."""
-    dispatch.set_backend(name)
-    try:
-        yield
-    finally:
-        dispatch.set_backend("auto")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,7 @@ def est():
 @torch.inference_mode()
 def test_fused_equals_module_forward(est):
     args, bias, rows = _inputs(est, [20, 15, 3, 0], [True, False, True, False], 20)
-    with kernels("reference"):
+    with dispatch.using("reference"):
         want = BiasEstimator(est)(*args, bias)
         got = FusedEstimator(est)(*args, rows)
     assert got.shape == want.shape == (4, 80, 20)
@@ -81,7 +71,7 @@ def test_fused_equals_module_forward(est):
 def test_fused_catches_a_wrong_norm(est):
     """The comparison above is sharp enough to see one LayerNorm's affine taken from a neighbour."""
     args, bias, rows = _inputs(est, [12, 12], [True, True], 12)
-    with kernels("reference"):
+    with dispatch.using("reference"):
         want = BiasEstimator(est)(*args, bias)
         fused = FusedEstimator(est)
         blk = est.mid_blocks[0][1][1]
@@ -175,9 +165,9 @@ def test_fused_estimator_through_triton(est):
     """The whole fused forward with the Triton frame_norm and flow_attention (interpreted) against
     the reference ones."""
     args, _, rows = _inputs(est, [14, 9], [True, False], 14)
-    with kernels("reference"):
+    with dispatch.using("reference"):
         want = FusedEstimator(est)(*args, rows)
-    with kernels("triton"):
+    with dispatch.using("triton"):
         got = FusedEstimator(est)(*args, rows)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -190,7 +180,7 @@ def test_fused_in_bf16_is_as_accurate_as_the_module_forward(est):
     args, bias, rows = _inputs(est, [20, 15], [True, False], 20)
     half = copy.deepcopy(est).to(torch.bfloat16)
     args16 = [a.to(torch.bfloat16) for a in args]
-    with kernels("reference"):
+    with dispatch.using("reference"):
         want = BiasEstimator(est)(*args, bias)
         plain = BiasEstimator(half)(*args16, bias.to(torch.bfloat16)).float()
         fused = FusedEstimator(half)(*args16, rows).float()

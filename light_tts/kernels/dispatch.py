@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import contextlib
 import os
 import pkgutil
 from typing import Callable, Optional
@@ -33,6 +34,17 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """Run a block with kernel backend `name`, then restore the one before (tests compare backends)."""
+    before = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def _find_triton(name: str) -> Optional[Callable]:

@@ -129,6 +129,27 @@ class FrameAttention:
     record: Optional[object] = None      # prompt_cache.Recorder: keep these rows' keys/values/context
 
 
+class FrameStep(nn.Module):
+    """What the fused estimator steps share (fused_estimator.FusedEstimator, fused_dit.FusedDiT):
+    they take a FrameAttention, and read a layer's cached keys and values from the prompt cache's
+    pool. A subclass sets `heads` and `head_dim`."""
+
+    frame_attention = True   # BatchedFlow: hand it a FrameAttention, not a dense bias
+    heads: int
+    head_dim: int
+
+    def _pools(self, attn: FrameAttention, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache's key and value pools of this step and layer, [slots, 2, H, D] (a 1-slot dummy
+        without a cache: every prefix is empty then)."""
+        if attn.cache is not None:
+            return attn.cache.pools(attn.step, layer)
+        dummies = self.__dict__.setdefault("_no_pool", {})
+        key = (like.device, like.dtype)
+        if key not in dummies:
+            dummies[key] = torch.zeros(1, 2, self.heads, self.head_dim, device=like.device, dtype=like.dtype)
+        return dummies[key], dummies[key]
+
+
 @dataclass
 class FlowBatch:
     """Padded estimator inputs (B rows, maybe more after bucketing) and what to cut out after. The

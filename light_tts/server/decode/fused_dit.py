@@ -29,13 +29,11 @@ from torch.nn import functional as F
 from light_tts.kernels.dispatch import flow_attention
 from light_tts.models.flow.dit import LN_EPS, DiT
 from light_tts.models.fusion import fuse_linears
-from light_tts.server.decode.batched_flow import FrameAttention
+from light_tts.server.decode.batched_flow import FrameAttention, FrameStep
 
 
-class FusedDiT(nn.Module):
+class FusedDiT(FrameStep):
     """forward(x, mask, mu, t, spks, cond, attn: FrameAttention) -> velocity (B, 80, T)."""
-
-    frame_attention = True   # batched_flow: hand it a FrameAttention, not a dense bias
 
     def __init__(self, dit: DiT):
         super().__init__()
@@ -68,7 +66,6 @@ class FusedDiT(nn.Module):
             one[6 * d * i + 4 * d:6 * d * i + 5 * d] = 1
         one[6 * d * self.n_layers:6 * d * self.n_layers + d] = 1
         self.register_buffer("mod_bias1", self.mod_b + one, persistent=False)
-        self._no_pool: dict = {}
 
     def _conv(self, x: torch.Tensor, conv: nn.Conv1d, attn: FrameAttention) -> torch.Tensor:
         """A causal position conv on (B, C, T) whose left context is the row's cached prefix
@@ -110,15 +107,6 @@ class FusedDiT(nn.Module):
         """LayerNorm (no affine) of h (B, T, C), times (1 + scale) plus shift, per row."""
         n = F.layer_norm(h, (h.size(-1),), eps=LN_EPS)
         return torch.addcmul(shift.unsqueeze(1), n, scale1.unsqueeze(1))
-
-    def _pools(self, attn: FrameAttention, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cache's key and value pools of this step and layer (a 1-slot dummy without a cache)."""
-        if attn.cache is not None:
-            return attn.cache.pools(attn.step, layer)
-        key = (like.device, like.dtype)
-        if key not in self._no_pool:
-            self._no_pool[key] = torch.zeros(1, 2, self.heads, self.head_dim, device=like.device, dtype=like.dtype)
-        return self._no_pool[key], self._no_pool[key]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, attn: FrameAttention) -> torch.Tensor:

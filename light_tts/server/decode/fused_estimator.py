@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from light_tts.server.decode.batched_flow import FrameAttention, check_single_resolution
+from light_tts.server.decode.batched_flow import FrameAttention, FrameStep, check_single_resolution
 from light_tts.kernels.dispatch import flow_attention, frame_norm
 from light_tts.models.fusion import fuse_linears
 from light_tts.models.flow.unet_blocks import sinusoidal_time_embedding
@@ -49,11 +49,9 @@ def _btc(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-class FusedEstimator(nn.Module):
+class FusedEstimator(FrameStep):
     """The estimator step of the batched solver: forward(x, mask, mu, t, spks, cond, attn:
     FrameAttention) -> (B, 80, T)."""
-
-    frame_attention = True   # batched_flow: hand it a FrameAttention, not a dense bias
 
     def __init__(self, estimator: nn.Module):
         super().__init__()
@@ -82,7 +80,6 @@ class FusedEstimator(nn.Module):
             self.ctx_offset[id(conv)] = size
             size += conv.in_channels * self.ctx_pad
         self.ctx_size = size
-        self._no_pool: dict = {}
         # (stage, block) -> [Wq; Wk; Wv]; one (n_stages * C, time_dim) projection for every resnet
         self.qkv = [[fuse_linears((b.attn1.to_q, b.attn1.to_k, b.attn1.to_v))[0] for b in stage.transformers]
                     for stage in self.stages]
@@ -118,16 +115,6 @@ class FusedEstimator(nn.Module):
         # block2(h) * mask + res_conv(x * mask)
         return frame_norm(_btc(c2), h, weight=n2.weight, bias=n2.bias, eps=n2.eps, mish=True, mask=mask,
                           post_add=_btc(skip))
-
-    def _pools(self, attn: FrameAttention, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cache's key and value pools of this step and layer, [slots, 2, H, D] (a 1-slot dummy
-        without a cache: every prefix is empty then)."""
-        if attn.cache is not None:
-            return attn.cache.pools(attn.step, layer)
-        key = (like.device, like.dtype)
-        if key not in self._no_pool:
-            self._no_pool[key] = torch.zeros(1, 2, self.heads, self.head_dim, device=like.device, dtype=like.dtype)
-        return self._no_pool[key], self._no_pool[key]
 
     def _transformers(self, blocks, qkv_weights, h: torch.Tensor, mask: torch.Tensor, attn: FrameAttention,
                       layer: int) -> torch.Tensor:
