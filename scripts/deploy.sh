@@ -7,18 +7,31 @@
 #   scripts/deploy.sh stop | status
 #
 # Writes the effective settings to DEPLOY_ENV (configs/production.env), which run.sh reads first.
-# Files: LOG_FILE (logs/light-tts.log), PID_FILE (/var/run/light-tts.pid, or $PID_DIR/light-tts.pid
-# when /var/run is not writable) holding the gunicorn master's pid. STARTUP_TIMEOUT (300) bounds
-# the wait. Environment overrides as in run.sh (PORT, HOST, PYTHON, ...).
+# Files: LOG_FILE (logs/light-tts.log), PID_FILE (/var/run/light-tts-<PORT>.pid, or
+# $PID_DIR/light-tts-<PORT>.pid when /var/run is not writable) holding the gunicorn master's pid: one
+# per port, so stop and status act on this deployment's instance only (the port is read from
+# DEPLOY_ENV). STARTUP_TIMEOUT (300) bounds the wait. Environment overrides as in run.sh (PORT,
+# HOST, PYTHON, ...).
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lighttts_common.sh"
 
 CONFIG_DIR=${CONFIG_DIR:-$LT_ROOT/configs}
 DEPLOY_ENV=${DEPLOY_ENV:-$CONFIG_DIR/production.env}
 LOG_FILE=${LOG_FILE:-$LT_ROOT/logs/light-tts.log}
-if [ -z "${PID_FILE:-}" ]; then
-    if [ -w /var/run ]; then PID_FILE=/var/run/light-tts.pid; else PID_FILE=${PID_DIR:-/tmp}/light-tts.pid; fi
-fi
+
+resolve_pid_file() {   # after PORT is known (lt_server_settings): one pid file per port unless PID_FILE is set
+    [ -n "${PID_FILE:-}" ] && return 0
+    local dir=/var/run
+    [ -w /var/run ] || dir=${PID_DIR:-/tmp}
+    PID_FILE=$dir/light-tts-$PORT.pid
+}
+
+deployed_settings() {   # stop and status: this deployment's port, from what deploy wrote
+    [ -f "$DEPLOY_ENV" ] && lt_load_env "$DEPLOY_ENV"
+    PY=${PYTHON:-$(command -v python3)}
+    lt_server_settings port
+    resolve_pid_file
+}
 
 master_pid() {
     local pid
@@ -29,6 +42,7 @@ master_pid() {
 
 do_stop() {
     local pid i
+    [ -n "${PID_FILE:-}" ] || deployed_settings
     if ! pid=$(master_pid); then lt_log "not running (pid file $PID_FILE)"; rm -f "$PID_FILE"; return 0; fi
     kill -TERM "$pid"
     # gunicorn stops its workers; the backend follows its master out
@@ -40,10 +54,8 @@ do_stop() {
 
 do_status() {
     local pid
-    [ -f "$DEPLOY_ENV" ] && lt_load_env "$DEPLOY_ENV"
-    PY=${PYTHON:-$(command -v python3)}
+    deployed_settings
     if pid=$(master_pid); then
-        lt_server_settings port
         echo "running: gunicorn master $pid, http://127.0.0.1:$PORT/healthz -> $(lt_http_code "http://127.0.0.1:$PORT/healthz")"
         return 0
     fi
@@ -118,9 +130,10 @@ main() {
     if [ -n "${1:-}" ]; then export MODEL_DIR=$1; fi
     if [ -n "${2:-}" ]; then export DECODE_PROCESS_NUM=$2; fi
     if [ -n "${3:-}" ]; then export WORKERS=$3; fi
-    master_pid >/dev/null && lt_die "already running (gunicorn master $(master_pid)); scripts/deploy.sh stop"
     lt_log "deploying LightTTS..."
     check_dependencies
+    resolve_pid_file
+    master_pid >/dev/null && lt_die "already running on port $PORT (gunicorn master $(master_pid)); scripts/deploy.sh stop"
     export MODEL_DIR DECODE_PROCESS_NUM HOST PORT
     create_config
     start_service

@@ -276,7 +276,10 @@ def test_multi_behind_nginx(tiny_model_dir, tmp):
 def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
     port = free_port()
     env = script_env(tmp, tiny_model_dir, PORT=port, DEPLOY_ENV=os.path.join(tmp, "production.env"),
-                     LOG_FILE=os.path.join(tmp, "light-tts.log"), PID_FILE=os.path.join(tmp, "light-tts.pid"))
+                     LOG_FILE=os.path.join(tmp, "light-tts.log"))
+    env.pop("PID_FILE", None)
+    # the default pid file is per port: deployments on other ports keep theirs
+    pid_file = os.path.join("/var/run" if os.access("/var/run", os.W_OK) else tmp, f"light-tts-{port}.pid")
     r = run("deploy.sh", tiny_model_dir, "2", "2", env=env)
     try:
         assert r.returncode == 0, r.stdout + r.stderr + open(os.path.join(tmp, "light-tts.log")).read()[-3000:]
@@ -285,7 +288,7 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
         # the deployed value reaches the server (a10_single.env's DECODE_PROCESS_NUM=1 must not win)
         decoders = {t.split("@")[0] for t in stage_pids("lighttts::decode")}   # title@port@pid
         assert decoders == {"lighttts::decode:0", "lighttts::decode:1"}, decoders
-        master = int(open(os.path.join(tmp, "light-tts.pid")).read())
+        master = int(open(pid_file).read())
         assert b"gunicorn" in open(f"/proc/{master}/cmdline", "rb").read()
         # several requests, so both workers of the --preload master serve some (a worker whose
         # replies went elsewhere used to hang its requests)
@@ -298,6 +301,12 @@ def test_deploy_sh_serves_through_gunicorn(tiny_model_dir, tmp):
         log = open(os.path.join(tmp, "light-tts.log")).read()
         assert "Booting worker" in log and "uvicorn.workers.UvicornWorker" in log, log[-2000:]
         assert run("deploy.sh", "status", env=env, timeout=30).returncode == 0
+        # another deployment's commands (its own settings, another port) leave this one alone
+        other = dict(env, PORT=str(free_port()), DEPLOY_ENV=os.path.join(tmp, "other.env"))
+        assert run("deploy.sh", "status", env=other, timeout=30).returncode == 3
+        assert run("deploy.sh", "stop", env=other, timeout=60).returncode == 0
+        os.kill(master, 0)   # still running
+        assert synth(f"http://127.0.0.1:{port}", timeout=30).status_code == 200
     finally:
         stop = run("deploy.sh", "stop", env=env, timeout=60)
     assert stop.returncode == 0, stop.stdout + stop.stderr
