@@ -113,7 +113,7 @@ class TextStream:
     def _speak(self, part: str) -> list[int]:
         if not part or part.isspace():
             return []
-        text = self._normalize(part)   # normalize_text folds blank runs and survives wetext's asserts
+        text = self._normalize(part)   # the official normalisation (English grammar only with a digit; wetext rejections retried folded)
         if not text or text.isspace() or (self._last is None and is_only_punctuation(text.replace(" ", ""))):
             return []
         if part[0].isspace() and self._last is not None and not text[0].isspace() \
