@@ -113,7 +113,9 @@ class TextStream:
     def _speak(self, part: str) -> list[int]:
         if not part or part.isspace():
             return []
-        text = self._normalize(part)   # the official normalisation (English grammar only with a digit; wetext rejections retried folded)
+        # the official normalisation (the English grammar only on text with a digit; a text wetext
+        # rejects is retried with its whitespace folded)
+        text = self._normalize(part)
         if not text or text.isspace() or (self._last is None and is_only_punctuation(text.replace(" ", ""))):
             return []
         if part[0].isspace() and self._last is not None and not text[0].isspace() \
