@@ -184,9 +184,10 @@ def test_streamed_audio_is_one_causal_hift_pass_over_all_mel(voiced):
 
 @pytest.mark.parametrize("context", [CausalVocoder.CONTEXT_FRAMES, 0])
 def test_bounded_vocoder_decodes_a_window_with_the_same_samples(voiced, context):
-    """Each chunk decodes at most `context` frames before its first new sample (flat cost in the
-    sentence's length) and gives the official schedule's samples (re-vocoding all mel so far:
-    context_frames=None); a context shorter than the network's receptive field changes them."""
+    """Each chunk decodes at most `context` frames (plus the bucket rounding) before its first new
+    sample (flat cost in the sentence's length) and gives the official schedule's samples
+    (re-vocoding all mel so far: context_frames=None); a context shorter than the network's
+    receptive field changes them."""
     cond, tokens = _conditioning(), _tokens(330, seed=6)
     official = _t2w(voiced, cond)
     official.vocoder.context_frames = None
@@ -203,17 +204,29 @@ def test_bounded_vocoder_decodes_a_window_with_the_same_samples(voiced, context)
     bounded.vocoder.window = recording
     got = list(stream_chunks(iter(tokens), bounded, stream=True))
     assert len(got) == len(want) == 5 and [len(c) for c in got] == [len(c) for c in want]
-    spf = voiced.hift.samples_per_frame
-    # every chunk after the first starts its window `context` frames before its first new sample
-    assert all(skip == context * spf for _, skip in decoded[1:])
+    spf, bucket = voiced.hift.samples_per_frame, CausalVocoder.WINDOW_BUCKET
+    # every window is a bucket long (padded on the right, or the final one extended to the left); a
+    # chunk after the first starts its window `context` frames before its first new sample, the
+    # final one up to a bucket earlier
+    assert all(frames % bucket == 0 for frames, _ in decoded)
+    assert all(skip == context * spf for _, skip in decoded[1:-1])
+    assert context * spf <= decoded[-1][1] < (context + bucket) * spf
     new_frames = [len(c) // spf for c in got]
-    assert all(frames <= context + new + voiced.hift.right_context
+    assert all(frames < context + new + voiced.hift.right_context + bucket
                for (frames, _), new in zip(decoded[1:], new_frames[1:]))
+    # the start's warm-up runs the decode network at every one of these lengths
+    assert all(frames in range(bucket, 289, bucket) for frames, _ in decoded)
     err = max(np.abs(a - b).max() for a, b in zip(got, want))
     if context == CausalVocoder.CONTEXT_FRAMES:
         assert err <= 1e-6
     else:
         assert err > 1e-4   # the equality above is not vacuous
+
+
+def test_vocoder_warm_up_runs_the_bucket_shapes(voiced):
+    hift = voiced.hift
+    calls = CausalVocoder.warm_up(hift, torch.device("cpu"), next(hift.parameters()).dtype, max_window=96, max_f0=128)
+    assert calls == 2 * (3 + 2)   # windows of 32, 64, 96 frames and F0 over 64, 128, finalizing or not
 
 
 def test_streaming_chunks_depend_only_on_tokens_so_far(voiced):

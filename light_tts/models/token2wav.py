@@ -184,6 +184,8 @@ class VocoderWindow:
     source: torch.Tensor    # (1, 1, frames * samples_per_frame) fp32
     finalize: bool
     skip: int               # samples at the start of the decode output that were already emitted
+    end: Optional[int] = None   # samples of the decode output that count (None: all); the rest
+    #                             come from zero frames padded on the right to a bucket length
 
 
 class CausalVocoder:
@@ -199,12 +201,22 @@ class CausalVocoder:
     depends on at most LEFT_RECEPTIVE_FRAMES earlier frames and the window's left edge (zero conv
     padding, the STFT's reflect padding) changes only samples that are sliced off. The samples equal
     the official schedule's to float rounding (tests/test_synthesize_cv3.py); each chunk's decode
-    cost is flat in the sentence's length. `context_frames=None`: the official schedule exactly.
+    cost is flat in the sentence's length. The lengths the networks see are rounded up to buckets
+    (F0_BUCKET, WINDOW_BUCKET; zero frames on the right where no kept sample depends on them, more
+    left context on a final window), so shapes repeat across chunks and requests: a conv shape
+    seen before reuses its cuDNN plans (`warm_up` runs them at start), and several streams'
+    windows share one decode call. `context_frames=None`: the official schedule exactly.
 
     The HiFT noise is a fixed table indexed by sample, so `seed` changes nothing here."""
 
     generator = None            # the causal HiFT takes no generator
     CONTEXT_FRAMES = 32         # > the decode network's left receptive field (~23 frames with the yaml)
+    # Lengths the networks see are rounded up to these (bounded mode): a conv shape seen before
+    # reuses its cuDNN plan (a new shape builds plans for every conv, on the request that brings
+    # it), and windows of one length share a batched call (light_tts.server.decode.engine).
+    F0_BUCKET = 64              # the F0 predictor's mel, zero frames padded on the right
+    WINDOW_BUCKET = 32          # the decode network's window: padded on the right (not final) or
+    #                             extended to the left (final)
 
     def __init__(self, hift, device: torch.device, dtype: torch.dtype, schedule: StreamSchedule,
                  seed: Optional[int], context_frames: Optional[int] = CONTEXT_FRAMES):
@@ -235,21 +247,70 @@ class CausalVocoder:
         if not finalize and frames < hift.right_context:
             raise ValueError(f"finalize=False needs at least {hift.right_context} mel frames, got {frames}")
         mel = mel.to(self.dtype)
-        f0 = hift.f0_predictor(mel.double(), finalize=finalize).to(mel.dtype)
-        source = hift.m_source(f0)                                   # (1, 1, frames' * spf) fp32
+        bounded = self.context_frames is not None
+        lookahead = hift.f0_predictor.lookahead
+        # F0 at frame t reads mel frames up to t + lookahead only (zeros past the end when
+        # finalizing), so zero frames after the last one change no F0 that is kept
+        f0_in = _pad_frames(mel, self.F0_BUCKET) if bounded else mel
+        f0 = hift.f0_predictor(f0_in.double(), finalize=finalize)[:, :frames if finalize else frames - lookahead]
+        source = hift.m_source(f0.to(mel.dtype))                     # (1, 1, frames' * spf) fp32
         if not finalize:
-            mel = mel[:, :, :frames - hift.f0_predictor.lookahead]
+            mel = mel[:, :, :frames - lookahead]
         spf = hift.samples_per_frame
-        start = 0
-        if self.context_frames is not None:
-            start = max(0, self.emitted // spf - self.context_frames)
-        return VocoderWindow(mel[:, :, start:], source[:, :, start * spf:], finalize, self.emitted - start * spf)
+        if not bounded:
+            return VocoderWindow(mel, source, finalize, self.emitted)
+        n = mel.shape[2]
+        start = max(0, self.emitted // spf - self.context_frames)
+        end = None
+        if finalize:
+            # a longer left context changes only samples that are sliced off (the argument above)
+            if start > 0:
+                start = max(0, n - _round_up(n - start, self.WINDOW_BUCKET))
+            mel, source = mel[:, :, start:], source[:, :, start * spf:]
+        else:
+            # finalize=False keeps only samples that no later mel frame changes: zero frames padded
+            # on the right change none of them; the output is cut back to the unpadded length
+            mel, source = mel[:, :, start:], source[:, :, start * spf:]
+            end = (mel.shape[2] - hift.conv_pre_look_right - 1) * spf
+            mel = _pad_frames(mel, self.WINDOW_BUCKET)
+            source = F.pad(source, (0, mel.shape[2] * spf - source.shape[2]))
+        return VocoderWindow(mel, source, finalize, self.emitted - start * spf, end)
+
+    @classmethod
+    @torch.inference_mode()
+    def warm_up(cls, hift, device: torch.device, dtype: torch.dtype, max_window: int = 288,
+                max_f0: int = 1536) -> int:
+        """Run the causal HiFT's networks once at the bucket lengths bounded windows use (one row):
+        the decode network at window lengths up to `max_window` frames, the F0 predictor over
+        sentences up to `max_f0` frames, each finalizing or not, so a request does not pay for
+        their first calls at these shapes. Returns the calls made."""
+        calls = 0
+        spf = hift.samples_per_frame
+        for finalize in (False, True):
+            for frames in range(cls.WINDOW_BUCKET, max_window + 1, cls.WINDOW_BUCKET):
+                if frames > hift.right_context:
+                    hift.decode(torch.zeros(1, 80, frames, device=device, dtype=dtype),
+                                torch.zeros(1, 1, frames * spf, device=device), finalize)
+                    calls += 1
+            for frames in range(cls.F0_BUCKET, max_f0 + 1, cls.F0_BUCKET):
+                hift.f0_predictor(torch.zeros(1, 80, frames, device=device, dtype=torch.float64), finalize=finalize)
+                calls += 1
+        return calls
 
     def emit(self, speech: torch.Tensor, window: VocoderWindow) -> torch.Tensor:
         """The decode output of `window` (1, samples) -> this chunk's new samples (float32 CPU)."""
-        speech = speech[:, window.skip:].float().cpu()
+        speech = speech[:, window.skip:window.end].float().cpu()
         self.emitted += speech.shape[1]
         return speech
+
+
+def _round_up(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+def _pad_frames(x: torch.Tensor, bucket: int) -> torch.Tensor:
+    """(B, C, T) with zero frames after the last, to a multiple of `bucket` frames."""
+    return F.pad(x, (0, _round_up(x.shape[2], bucket) - x.shape[2]))
 
 
 # The vocoder step of each family (light_tts.models.pretrained.FAMILIES).

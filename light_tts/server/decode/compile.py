@@ -86,6 +86,11 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         for finalize in (False, True):
             for b in (1, 2):
                 net.inference(torch.zeros(b, c, 2 * net.right_context + 50, device=dev, dtype=dtype), finalize=finalize)
+        # and each new conv shape builds its cuDNN plans: warm the bucketed window lengths
+        from light_tts.models.token2wav import CausalVocoder
+        t1 = time.perf_counter()
+        calls = CausalVocoder.warm_up(net, dev, dtype)
+        log.info("decode warm-up: causal HiFT at %d bucket shapes in %.1f s", calls, time.perf_counter() - t1)
     if flow.prompt_cache is not None:   # one-voice fill passes (a new voice's first request)
         flow.prompt_cache.warm_up(flow, WARM_FILL_FRAMES, WARM_FILL_VOICES)
     if dev.type == "cuda":
