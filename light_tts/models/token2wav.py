@@ -280,6 +280,8 @@ class CausalVocoder:
     @torch.inference_mode()
     def warm_up(cls, hift, device: torch.device, dtype: torch.dtype, max_window: int = 288,
                 max_f0: int = 1536) -> int:
+        # 288: a 4 s hop's window (32 context + 200 new + 8 held-back frames) rounded up, and a bucket
+        # more for a final window extended to the left; 1536 frames: sentences up to ~30 s
         """Run the causal HiFT's networks once at the bucket lengths bounded windows use (one row):
         the decode network at window lengths up to `max_window` frames, the F0 predictor over
         sentences up to `max_f0` frames, each finalizing or not, so a request does not pay for

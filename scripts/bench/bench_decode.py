@@ -32,7 +32,7 @@ from light_tts.server.decode.batched_flow import EagerSolver, RowEncoder  # noqa
 from light_tts.server.decode.batched_hift import BatchedHift  # noqa: E402
 from light_tts.server.decode.engine import DecodeEngine, fused_step  # noqa: E402
 from light_tts.server.decode.process import load_decode_model  # noqa: E402
-from light_tts.models.token2wav import Chunk, StreamSchedule, Token2Wav  # noqa: E402
+from light_tts.models.token2wav import Chunk, StreamSchedule, Token2Wav, vocoder_family  # noqa: E402
 
 MODE_PARTS = {"eager", "graphs", "fused", "compile", "eager_small", "cache"}
 AUDIO_S_PER_CHUNK = 1.0   # 25 tokens x 2 frames x 480 samples / 24 kHz
@@ -162,8 +162,7 @@ def main() -> int:
             p.error(f"mode {m!r}: unknown part(s) {sorted(unknown)}; parts are {sorted(MODE_PARTS)}")
     if device.type != "cuda":
         modes = [m for m in modes if m in ("eager", "fused", "fused+cache")]
-    cv3 = DecodeEngine(flow, hift).hift is None
-    if cv3 and any("compile" in m for m in modes):
+    if vocoder_family(hift) == "cosyvoice3" and any("compile" in m for m in modes):
         print("CosyVoice3: the compile modes are CosyVoice2's (skipped); HiFT is timed in the first-chunk table only")
         modes = [m for m in modes if "compile" not in m]
     frames = args.prompt_tokens * 2 + 2 * (work.chunk.tokens.numel() - flow.pre_lookahead_len)

@@ -101,11 +101,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first cos.size(-1) channels of x (B, T, C) by interleaved pairs; the rest pass.
     pair (a, b) -> (a cos - b sin, b cos + a sin), computed in fp32, returned in x's dtype."""
     n = cos.size(-1)
-    rot = x[..., :n].float()
-    a, b = rot.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated_half = torch.stack((-b, a), dim=-1).flatten(-2)
-    rot = rot * cos + rotated_half * sin
+    rot = rotate_pairs(x[..., :n].float(), cos, sin)
     return torch.cat((rot.to(x.dtype), x[..., n:]), dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., n) turned by interleaved pairs: (a, b) -> (a cos - b sin, b cos + a sin)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return x * cos + torch.stack((-b, a), dim=-1).flatten(-2) * sin
 
 
 class AdaLayerNormZero(nn.Module):

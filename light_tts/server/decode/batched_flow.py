@@ -138,16 +138,19 @@ class FrameStep(nn.Module):
     heads: int
     head_dim: int
 
+    def __init__(self):
+        super().__init__()
+        self._no_pool: dict = {}   # (device, dtype) -> the 1-slot dummy pool
+
     def _pools(self, attn: FrameAttention, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache's key and value pools of this step and layer, [slots, 2, H, D] (a 1-slot dummy
         without a cache: every prefix is empty then)."""
         if attn.cache is not None:
             return attn.cache.pools(attn.step, layer)
-        dummies = self.__dict__.setdefault("_no_pool", {})
         key = (like.device, like.dtype)
-        if key not in dummies:
-            dummies[key] = torch.zeros(1, 2, self.heads, self.head_dim, device=like.device, dtype=like.dtype)
-        return dummies[key], dummies[key]
+        if key not in self._no_pool:
+            self._no_pool[key] = torch.zeros(1, 2, self.heads, self.head_dim, device=like.device, dtype=like.dtype)
+        return self._no_pool[key], self._no_pool[key]
 
 
 @dataclass

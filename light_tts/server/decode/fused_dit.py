@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from light_tts.kernels.dispatch import flow_attention
-from light_tts.models.flow.dit import LN_EPS, DiT
+from light_tts.models.flow.dit import LN_EPS, DiT, rotate_pairs
 from light_tts.models.fusion import fuse_linears
 from light_tts.server.decode.batched_flow import FrameAttention, FrameStep
 
@@ -95,12 +95,8 @@ class FusedDiT(FrameStep):
     def _rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """apply_rotary on q and k at once, in place: qkv (B, T, 3, inner), the first cos.size(-1)
         channels of q and k turned by interleaved pairs in fp32 (as the plain DiT)."""
-        n = cos.size(-1)
-        x = qkv[:, :, :2, :n]
-        rot = x.float()
-        a, b = rot.unflatten(-1, (-1, 2)).unbind(-1)
-        half = torch.stack((-b, a), dim=-1).flatten(-2)
-        x.copy_(torch.addcmul(rot * cos.unsqueeze(2), half, sin.unsqueeze(2)))
+        x = qkv[:, :, :2, :cos.size(-1)]
+        x.copy_(rotate_pairs(x.float(), cos.unsqueeze(2), sin.unsqueeze(2)))
 
     @staticmethod
     def _modulate(h: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:

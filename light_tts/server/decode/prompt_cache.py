@@ -26,7 +26,9 @@ in consecutive slots (CosyVoice2: 2 x 8 heads x 64 per frame, 56 layers, 10 Eule
 branches: 2.3 MB per frame in bf16, 0.46 GB for a 5 s prompt's 200 frames, 1.15 GB for a 10 s
 sentence; CosyVoice3: 2 x 16 x 64, 22 layers: 1.8 MB per frame); and the last (kernel - 1) input
 frames of every causal convolution, per step and branch (~0.7 MB per entry; CosyVoice3's two
-position convs, 30 frames of 1024 channels each: 2.5 MB). A row's cached frames are its voice's entry, then its stream's entry (which records the
+position convs, 30 frames of 1024 channels each: 2.5 MB).
+
+A row's cached frames are its voice's entry, then its stream's entry (which records the
 voice frames it continues: `base`). A voice miss fills the entry with one solver pass over the
 stable frames alone (the same math, batched over the missing voices, replayed from a CUDA graph on
 a GPU; its output is not needed); the decode process runs it while idle, as soon as a streaming
@@ -34,8 +36,9 @@ request arrives, so the LLM's first tokens usually hide it. A stream's entry is 
 chunk's own pass (a `Recorder` beside it) and grows by moving when the slots after it are taken.
 Voice entries are dropped least recently used; a stream entry lives until its request's final
 chunk (or abort); streams take only free slots (voices come first: many requests share one).
-Short of room, a row runs without what does not fit (recomputing it: the same output, slower). Full-attention rows (non-streaming requests, a stream's final chunk) see later
-frames, so they never use the cache.
+Short of room, a row runs without what does not fit (recomputing it: the same output, slower).
+Full-attention rows (non-streaming requests, a stream's final chunk) see later frames, so they
+never use the cache.
 """
 from __future__ import annotations
 
