@@ -130,14 +130,21 @@ def rss_mb(pid: int) -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
-def late_captures(url: str, headers: dict) -> str:
-    """The decode stages' CUDA graphs captured after the warm-up (each may hold more GPU memory)."""
+def server_gauges(url: str, headers: dict) -> str:
+    """The decode stages' CUDA graphs captured after the warm-up (each may hold more GPU memory), and
+    per GPU stage what PyTorch's allocator holds: live tensors / reserved from the driver, MiB."""
     try:
         metrics = parse_prometheus(httpx.get(url + "/metrics", headers=headers, timeout=10).text)
     except httpx.HTTPError as e:
         return f"? ({type(e).__name__})"
     values = metric_values(metrics, "lighttts_decode_graph_captures_while_serving_total")
-    return "-" if not values else str(int(sum(values)))
+    line = "decode graphs captured while serving: " + ("-" if not values else str(int(sum(values))))
+    held: dict[str, dict[str, float]] = defaultdict(dict)
+    for labels, value in metrics.get("lighttts_gpu_memory_bytes", []):
+        held[labels.get("stage", "?")][labels.get("kind", "?")] = value / 2 ** 20
+    for stage, kinds in sorted(held.items()):
+        line += f"; {stage} allocator {kinds.get('allocated', 0):.0f}/{kinds.get('reserved', 0):.0f} MiB"
+    return line
 
 
 def gpu_used_mb() -> float | None:
@@ -342,6 +349,7 @@ def run(a) -> int:
         procs = server_processes(session, urlparse(url).port or 80)
         rss0 = {pid: rss_mb(pid) for pid in procs}
         gpu0 = gpu_used_mb()
+        gauges0 = server_gauges(url, headers)
         next_print = time.time() + 30
         while any(t.is_alive() for t in threads):
             if time.time() > traffic.stop_at + a.request_deadline + 30:
@@ -356,7 +364,7 @@ def run(a) -> int:
                 gpu = gpu_used_mb()
                 print(f"[{time.time() - t_start:6.0f} s] {sum(counts.values())} requests: {dict(counts)}; "
                       f"RSS MiB: {rss}" + ("" if gpu is None else f"; GPU used {gpu:.0f} MiB") +
-                      f"; decode graphs captured while serving: {late_captures(url, headers)}", flush=True)
+                      f"; {server_gauges(url, headers)}", flush=True)
                 next_print += 30
         wall = time.time() - t_start
 
@@ -378,6 +386,7 @@ def run(a) -> int:
             failures.append(f"/healthz after the run: {health.status_code} {health.text}")
         rss1 = {pid: rss_mb(pid) for pid in procs}
         gpu1 = gpu_used_mb()
+        gauges1 = server_gauges(url, headers)
     finally:
         if server is not None:
             rc = server.stop()
@@ -430,6 +439,7 @@ def run(a) -> int:
         print(f"{name:<24} {pid:>8} {r0:>12.1f} {r1:>12.1f} {grow:>+9.1f} ({100 * grow / r0:+.1f}%){flag}")
     if gpu0 is not None and gpu1 is not None:
         print(f"GPU memory used: {gpu0:.0f} -> {gpu1:.0f} MiB ({gpu1 - gpu0:+.0f})")
+        print(f"  at 20%: {gauges0}\n  at end: {gauges1}")
         if gpu1 - gpu0 > a.gpu_growth_mb:
             failures.append(f"GPU memory grew {gpu1 - gpu0:+.0f} MiB (limit {a.gpu_growth_mb:g})")
     else:

@@ -315,6 +315,12 @@ class ServerArgs:
                                    "the official)", group="decode", check=_first_hop)
     first_hop_tokens: Optional[int] = opt(None, "another name for --decode_first_hop; if set, overrides it",
                                           group="decode")
+    decode_sm_percent: int = opt(0, "under NVIDIA MPS (an nvidia-cuda-mps-control daemon the operator runs), the "
+                                    "share of the GPU's SMs each decode process may use, so the LLM's steps (and "
+                                    "with them every request's first audio) never wait behind long flow calls; "
+                                    "0 = no limit (default); without an MPS daemon it has no effect (logged)",
+                                 group="decode", check=lambda v: None if 0 <= v <= 100 else
+                                 f"must be a percentage in 0..100 (got {v})", metavar="PERCENT")
 
     def public(self) -> dict:
         """The settings without secrets, for logs."""

@@ -299,6 +299,19 @@ def log_reserved(stage: str, device: str, plan: Optional[GpuPlan]) -> None:
              torch.cuda.memory_reserved(torch.device(device)) / MiB, share / MiB)
 
 
+def allocator_stats() -> dict:
+    """What PyTorch's CUDA allocator holds in this process, for /metrics and the soak: live tensors
+    (gpu_allocated_bytes), what it keeps reserved from the driver (gpu_reserved_bytes; nvidia-smi's
+    figure less the CUDA context) and its high-water mark. Empty where CUDA is not in use."""
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"gpu_allocated_bytes": torch.cuda.memory_allocated(),
+            "gpu_reserved_bytes": torch.cuda.memory_reserved(),
+            "gpu_max_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
 def encode_cuda_budget(args) -> int:
     """The ONNX Runtime arena cap of an encode process on GPU 0 (0: no cap)."""
     if limit_bytes(args) <= 0:

@@ -37,6 +37,7 @@ import zmq
 
 from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
 from light_tts.server.io_struct import AbortReq, AudioOutput, DecodeStartReq, SpeechTokensBatchOutput, drain
+from light_tts.server.gpu_memory import allocator_stats
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, write_stats
 from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, start_stage, stage_dtype
 
@@ -359,7 +360,7 @@ class DecodeServer:
         stats = {"active": len(self.states), "chunks": self.chunks, "audio_seconds": round(self.audio_seconds, 3),
                  "aborted": self.aborted_count, "errors": self.dispatch.errors,
                  "batch_sizes": dict(sorted(self.batch_sizes.items())),
-                 "graph_captures_while_serving": self.engine.late_captures}
+                 "graph_captures_while_serving": self.engine.late_captures, **allocator_stats()}
         cache = self.engine.prompt_cache
         if cache is not None:
             stats.update(prompt_cache_hits=cache.hits, prompt_cache_misses=cache.misses,
@@ -396,6 +397,9 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
     bound_cpu_caches()   # first: the caches read their capacity once, at the first convolution
     stage = f"decode:{index}"
     hb = start_stage(endpoints, stage, args.log_level)
+    from light_tts.server.mps import limit_sms
+    if (why := limit_sms(args.decode_sm_percent)) is not None:   # before torch's CUDA context
+        log.warning("%s", why)
     if args.load_trt:
         try:
             check_trt_available()

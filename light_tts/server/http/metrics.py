@@ -82,6 +82,14 @@ class StageCollector:
                 if stage.startswith("decode") and key in s:
                     family.add_metric([stage], float(s[key]))
             yield family
+        gpu = GaugeMetricFamily("lighttts_gpu_memory_bytes", "PyTorch's CUDA allocator per stage: allocated (live "
+                                "tensors), reserved (held from the driver), max_reserved (its high-water mark)",
+                                labels=["stage", "kind"])
+        for stage, s in stats.items():
+            for kind in ("allocated", "reserved", "max_reserved"):
+                if f"gpu_{kind}_bytes" in s:
+                    gpu.add_metric([stage, kind], float(s[f"gpu_{kind}_bytes"]))
+        yield gpu
 
 
 COUNTERS = ("prompt_cache_hits", "prompt_cache_misses", "stream_cache_frames_reused", "stream_cache_fallbacks",

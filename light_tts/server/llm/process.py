@@ -44,6 +44,7 @@ import zmq
 
 from light_tts.server.io_struct import (AbortReq, ErrorOutput, LLMReq, RequestError, SpeechTokensBatchOutput,
                                         TextTokensReq, drain, sock_send)
+from light_tts.server.gpu_memory import allocator_stats
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
 from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker
@@ -202,7 +203,7 @@ class LLMServer:
         slots, prefix_hits / prefix_misses, paused, ...)."""
         return dict(running=len(self.engine.running), waiting=len(self.engine.waiting),
                     batch_size=self.counters["last_batch_size"], errors=self.dispatch.errors, **self.counters,
-                    **self.engine.stats(), decode_load=list(self.decode_load))
+                    **self.engine.stats(), decode_load=list(self.decode_load), **allocator_stats())
 
     def publish_stats(self) -> None:
         s = self.stats()
