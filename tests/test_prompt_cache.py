@@ -242,7 +242,7 @@ def test_streams_grow_move_and_recompute_when_the_pool_is_short(model):
     pool too small for them, the rows that find no room recompute. Same audio either way."""
     flow = model[0]
     a, b, c = _voices(flow, [63, 30, 80], seed=8)
-    requests = [(a, _tokens(flow, 320, 1), True), (b, _tokens(flow, 300, 2), True), (c, _tokens(flow, 280, 3), True)]
+    requests = [(a, _tokens(flow, 200, 1), True), (b, _tokens(flow, 190, 2), True), (c, _tokens(flow, 180, 3), True)]
     want = _streams(model, _engine(model), requests)
     for frames, moves, short in ((4000, True, False), (700, None, True)):
         engine = _engine(model, frames=frames)

@@ -74,6 +74,7 @@ SAMPLES = {
     "decode_stream_cache": ("true", ["1"]),
     "decode_first_hop": ("10", ["10"]),
     "first_hop_tokens": ("10", ["10"]),
+    "decode_sm_percent": ("70", ["70"]),
 }
 
 

@@ -194,14 +194,15 @@ def run_client(server, *args, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=server_env())
 
 
-def test_ws_client_bench_ten_parallel_sessions(server, tmp_path):
+def test_ws_client_bench_parallel_sessions(server, tmp_path):
+    # 4 sessions at once exercise the client's parallel bench; the 20-socket run is the GPU's (gpu.sh ws)
     out = tmp_path / "bench.json"
-    r = run_client(server, "--bench", "--parallel", "10", "--rounds", "1", "--max-speech-tokens", "15",
+    r = run_client(server, "--bench", "--parallel", "4", "--rounds", "1", "--max-speech-tokens", "15",
                    "--piece-interval-ms", "5", "--json", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
     results = data.get("utterances") or data.get("results")
-    assert len(results) == 10
+    assert len(results) == 4
     wait_pool_free(server)
 
 

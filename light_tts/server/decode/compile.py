@@ -16,12 +16,29 @@ import torch
 log = logging.getLogger("lighttts")
 
 WARM_FRAMES = (100, 200, 300, 400, 500, 600, 700, 800)   # flow frames (prompt + sentence so far)
-WARM_HIFT_FRAMES = (58, 108, 208)                       # HiFT chunks: 2 x hop + 8 cached frames
+# HiFT chunks, at GraphHift's 16-frame buckets: first chunks are 2 x (25-49) tokens (the official first
+# hop, padded to the prompt) with nothing cached, so 50-98 frames; later ones 2 x hop + 8 cached frames
+WARM_HIFT_FRAMES = (64, 80, 96, 112, 208)
 WARM_FILL_FRAMES = (100, 200, 300, 400)                 # prompt-cache fills: prompts of 2-8 s ...
 WARM_FILL_VOICES = (1, 2, 4, 8)                         # ... of up to prompt_cache.FILL_ROWS voices
 # chunks of streams: a hop's own frames (<= 100 tokens), and 400 for rows that recompute a hop
 # they had no room to keep (captured while serving at 16 and 32 rows, 1.5 s each, without it)
 WARM_RECORD_FRAMES = (100, 200, 300, 400)
+# A long sentence streamed alone (or beside one other) reaches the graphs' largest frame buckets: a
+# 60 s sentence as the first request after start captured three graphs at 1000-1400 frames while
+# serving, 1.3-1.5 s each (docs/benchmarks.md); larger batches of such lengths are rare and costly
+# to capture, so only these rows are warmed past WARM_FRAMES.
+WARM_LONG_ROWS = 2
+
+
+def first_hop_hift_frames(first_hop: int) -> tuple:
+    """HiFT lengths a short first hop (--decode_first_hop N) adds: its first chunk is 2N mel frames,
+    its second 2 x (the official first hop - N) + 8 cached frames, and the official first hop is 25-49
+    tokens (prompt padding): every 16-frame bucket up to there (cuda_graph.HIFT_FRAME_BUCKET)."""
+    if not first_hop:
+        return ()
+    top = max(2 * first_hop, 2 * (49 - first_hop) + 8)
+    return tuple(range(16, top + 16, 16))
 
 
 def compile_engine(engine, estimator: bool = True):
@@ -36,11 +53,14 @@ def compile_engine(engine, estimator: bool = True):
 
 @torch.inference_mode()
 def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
-            hift_frames: Sequence[int] = WARM_HIFT_FRAMES) -> float:
-    """Run the encoder and the solver for every batch bucket x frame bucket and HiFT for every batch
-    bucket."""
+            hift_frames: Sequence[int] = WARM_HIFT_FRAMES, first_hop: int = 0) -> float:
+    """Run the encoder and the solver for every batch bucket x frame bucket (up to the graphs' largest
+    frames for batches of WARM_LONG_ROWS) and HiFT for every batch bucket (with the lengths a short
+    first hop adds)."""
     from light_tts.server.decode.batched_flow import FlowBatch
-    from light_tts.server.decode.cuda_graph import batch_buckets
+    from light_tts.server.decode.cuda_graph import FRAME_BUCKET, MAX_FRAMES, batch_buckets
+    hift_frames = sorted(set(hift_frames) | set(first_hop_hift_frames(first_hop)))
+    long_frames = tuple(range(max(frames) + FRAME_BUCKET, MAX_FRAMES + 1, FRAME_BUCKET))
     t0 = time.perf_counter()
     flow = engine.flow
     p = next(flow.flow.parameters())
@@ -49,7 +69,7 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
     k, stride = flow.flow.pre_lookahead_len, flow.flow.token_mel_ratio
     buckets = batch_buckets(max_batch_size)
     for n, b in enumerate(buckets, 1):
-        for t in frames:
+        for t in tuple(frames) + (long_frames if b <= WARM_LONG_ROWS else ()):
             tokens = t // stride   # the encoder's bucket for these frames (GraphEncoder captures it)
             full = lambda v, dt=torch.int64: torch.full((b,), v, device=dev, dtype=dt)
             flow.encoder(torch.zeros(b, tokens + k, device=dev, dtype=torch.int64), full(tokens + k), full(tokens),

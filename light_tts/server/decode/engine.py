@@ -139,11 +139,12 @@ def fused_step(estimator):
 def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: bool = False,
                  load_trt: bool = False, model_dir: Optional[str] = None, data_type: str = "fp32",
                  max_batch_size: int = 16, warmup: bool = True, fused: bool = True,
-                 prompt_cache_gb: float = 0.0, stream_cache: bool = False):
+                 prompt_cache_gb: float = 0.0, stream_cache: bool = False, first_hop: int = 0):
     """The engine with the speed paths the flags ask for (CPU: always eager, said in the log).
     `fused`: the fused estimator on CUDA (its Triton kernel needs a GPU; TensorRT replaces it).
     `prompt_cache_gb` > 0: a prompt cache of that size for streaming rows (fused estimator only),
-    which keeps the streams' frames too with `stream_cache`. A CosyVoice3 (DiT) flow gets the same
+    which keeps the streams' frames too with `stream_cache`. `first_hop`: the streaming schedule's
+    short first hop (0: the official), whose shapes the warm-up adds. A CosyVoice3 (DiT) flow gets the same
     paths with its own fused step (fused_dit.py); TensorRT is CosyVoice2's only, and its causal HiFT
     runs per window group (eager)."""
     on_cuda = device.startswith("cuda")
@@ -198,5 +199,5 @@ def build_engine(flow, hift, device: str, *, cuda_graph: bool = True, load_jit: 
         engine.flow.solver = EagerSolver(flow.decoder, step, engine.flow.solver.n_timesteps)
     if warmup and on_cuda:
         from light_tts.server.decode.compile import warm_up
-        warm_up(engine, max_batch_size)
+        warm_up(engine, max_batch_size, first_hop=first_hop)
     return engine

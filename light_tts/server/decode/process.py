@@ -427,7 +427,7 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
                               load_trt=args.load_trt, model_dir=args.model_dir, data_type=dtype,
                               max_batch_size=args.decode_max_batch_size, fused=not args.disable_fused_estimator,
                               prompt_cache_gb=args.decode_prompt_cache_gb,
-                              stream_cache=args.decode_stream_cache)
+                              stream_cache=args.decode_stream_cache, first_hop=args.decode_first_hop)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)
