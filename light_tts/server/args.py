@@ -318,7 +318,9 @@ class ServerArgs:
     decode_sm_percent: int = opt(0, "under NVIDIA MPS (an nvidia-cuda-mps-control daemon the operator runs), the "
                                     "share of the GPU's SMs each decode process may use, so the LLM's steps (and "
                                     "with them every request's first audio) never wait behind long flow calls; "
-                                    "0 = no limit (default); without an MPS daemon it has no effect (logged)",
+                                    "0 = no limit (default; on an H200, 70 cut the streaming p99 first audio at 16 "
+                                    "streams by 12%% but cost a third of the streaming throughput at 64); without "
+                                    "an MPS daemon it has no effect (logged)",
                                  group="decode", check=lambda v: None if 0 <= v <= 100 else
                                  f"must be a percentage in 0..100 (got {v})", metavar="PERCENT")
 
