@@ -14,7 +14,8 @@ Checks at the end (exit status 1 if any fails):
   - after --settle seconds: lighttts_llm_kv_used, lighttts_llm_running, lighttts_decode_active all 0
   - RSS of every server process (VmRSS, sampled at 20% of the run and at the end) grew by at most
     --rss_growth_pct percent or --rss_growth_mb MiB, whichever is larger
-  - GPU memory used (nvidia-smi, if present) grew by at most --gpu_growth_mb MiB
+  - GPU memory used (nvidia-smi, if present) grew by at most --gpu_growth_mb MiB, and each GPU stage's
+    live tensors (lighttts_gpu_memory_bytes{kind="allocated"}) by at most --gpu_live_growth_mb MiB
 
 Loopback only: --url must name 127.0.0.0/8, localhost or ::1. Bounded by --minutes and --max_requests.
 """
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss_growth_pct", type=float, default=25.0)
     p.add_argument("--rss_growth_mb", type=float, default=200.0)
     p.add_argument("--gpu_growth_mb", type=float, default=200.0)
+    p.add_argument("--gpu_live_growth_mb", type=float, default=100.0,
+                   help="most growth of a GPU stage's live tensors (PyTorch's allocated memory, from /metrics)")
     p.add_argument("--api_key", default=os.environ.get("LIGHTTTS_API_KEY"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt_wav", default=PROMPT_WAV)
@@ -130,13 +133,14 @@ def rss_mb(pid: int) -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
-def server_gauges(url: str, headers: dict) -> str:
-    """The decode stages' CUDA graphs captured after the warm-up (each may hold more GPU memory), and
-    per GPU stage what PyTorch's allocator holds: live tensors / reserved from the driver, MiB."""
+def server_gauges(url: str, headers: dict) -> tuple[str, dict]:
+    """A line for the log: the decode stages' CUDA graphs captured after the warm-up (each may hold
+    more GPU memory), and per GPU stage what PyTorch's allocator holds, live tensors / reserved from
+    the driver, MiB; and the live tensors' MiB per stage ({} without a GPU or /metrics)."""
     try:
         metrics = parse_prometheus(httpx.get(url + "/metrics", headers=headers, timeout=10).text)
     except httpx.HTTPError as e:
-        return f"? ({type(e).__name__})"
+        return f"? ({type(e).__name__})", {}
     values = metric_values(metrics, "lighttts_decode_graph_captures_while_serving_total")
     line = "decode graphs captured while serving: " + ("-" if not values else str(int(sum(values))))
     held: dict[str, dict[str, float]] = defaultdict(dict)
@@ -144,7 +148,7 @@ def server_gauges(url: str, headers: dict) -> str:
         held[labels.get("stage", "?")][labels.get("kind", "?")] = value / 2 ** 20
     for stage, kinds in sorted(held.items()):
         line += f"; {stage} allocator {kinds.get('allocated', 0):.0f}/{kinds.get('reserved', 0):.0f} MiB"
-    return line
+    return line, {stage: kinds["allocated"] for stage, kinds in held.items() if "allocated" in kinds}
 
 
 def gpu_used_mb() -> float | None:
@@ -349,7 +353,7 @@ def run(a) -> int:
         procs = server_processes(session, urlparse(url).port or 80)
         rss0 = {pid: rss_mb(pid) for pid in procs}
         gpu0 = gpu_used_mb()
-        gauges0 = server_gauges(url, headers)
+        gauges0, live0 = server_gauges(url, headers)
         next_print = time.time() + 30
         while any(t.is_alive() for t in threads):
             if time.time() > traffic.stop_at + a.request_deadline + 30:
@@ -364,7 +368,7 @@ def run(a) -> int:
                 gpu = gpu_used_mb()
                 print(f"[{time.time() - t_start:6.0f} s] {sum(counts.values())} requests: {dict(counts)}; "
                       f"RSS MiB: {rss}" + ("" if gpu is None else f"; GPU used {gpu:.0f} MiB") +
-                      f"; {server_gauges(url, headers)}", flush=True)
+                      f"; {server_gauges(url, headers)[0]}", flush=True)
                 next_print += 30
         wall = time.time() - t_start
 
@@ -386,7 +390,7 @@ def run(a) -> int:
             failures.append(f"/healthz after the run: {health.status_code} {health.text}")
         rss1 = {pid: rss_mb(pid) for pid in procs}
         gpu1 = gpu_used_mb()
-        gauges1 = server_gauges(url, headers)
+        gauges1, live1 = server_gauges(url, headers)
     finally:
         if server is not None:
             rc = server.stop()
@@ -442,6 +446,10 @@ def run(a) -> int:
         print(f"  at 20%: {gauges0}\n  at end: {gauges1}")
         if gpu1 - gpu0 > a.gpu_growth_mb:
             failures.append(f"GPU memory grew {gpu1 - gpu0:+.0f} MiB (limit {a.gpu_growth_mb:g})")
+        for stage in sorted(set(live0) & set(live1)):   # a leak shows here first: the reservation also moves with shapes
+            if live1[stage] - live0[stage] > a.gpu_live_growth_mb:
+                failures.append(f"{stage}: live GPU tensors grew {live1[stage] - live0[stage]:+.0f} MiB "
+                                f"(limit {a.gpu_live_growth_mb:g})")
     else:
         print("GPU memory: no nvidia-smi")
     if failures:
