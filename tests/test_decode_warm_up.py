@@ -1,4 +1,5 @@
-"""The decode warm-up covers the HiFT lengths a short first hop makes (a first request pays no capture)."""
+"""The decode warm-up covers the HiFT lengths of a stream's first two chunks, official or with a short first
+hop, for every prompt length (a final chunk's length depends on the sentence and is not covered)."""
 import pytest
 
 from light_tts.models.token2wav import StreamSchedule
@@ -23,7 +24,7 @@ def test_short_first_hop_lengths_are_warmed(first_hop):
 
 
 def test_official_schedule_adds_nothing():
-    assert first_hop_hift_frames(0) == ()
+    assert first_hop_hift_frames(0) == () and first_hop_hift_frames(49) == ()
     schedule = StreamSchedule()
     warmed = {bucket(t) for t in WARM_HIFT_FRAMES}
     for prompt_tokens in range(1, 120):

@@ -1,5 +1,6 @@
 """lighttts_gpu_memory_bytes: what each GPU stage's allocator holds reaches /metrics (the soak's GPU checks read it)."""
 import os
+import sys
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -23,8 +24,27 @@ def test_stage_allocator_stats_become_labelled_gauges(tmp_path):
                    ("decode:0", "max_reserved"): 9 * 2 ** 20}
 
 
-def test_no_cuda_no_numbers():
-    # this machine's stages run on the CPU: nothing to publish, and nothing made up
-    import torch
-    if not torch.cuda.is_available():
-        assert allocator_stats() == {}
+def test_allocator_stats_reach_the_gauge(monkeypatch, tmp_path):
+    """What allocator_stats reads from torch.cuda is what /metrics shows (a stand-in torch: no GPU here)."""
+    from types import SimpleNamespace
+    cuda = SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True,
+                           memory_allocated=lambda: 5 * 2 ** 20, memory_reserved=lambda: 7 * 2 ** 20,
+                           max_memory_reserved=lambda: 11 * 2 ** 20)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    stats = allocator_stats()
+    monkeypatch.undo()
+    endpoints = Endpoints(root=str(tmp_path), encode_num=1, decode_num=1)
+    os.makedirs(endpoints.root, exist_ok=True)
+    write_stats(endpoints, "llm", {"running": 0, **stats})
+    registry = CollectorRegistry()
+    registry.register(StageCollector(endpoints))
+    samples = parse_prometheus(generate_latest(registry).decode())["lighttts_gpu_memory_bytes"]
+    assert {labels["kind"]: value for labels, value in samples if labels["stage"] == "llm"} == {
+        "allocated": 5 * 2 ** 20, "reserved": 7 * 2 ** 20, "max_reserved": 11 * 2 ** 20}
+
+
+def test_no_numbers_without_cuda(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(
+        is_available=lambda: False, is_initialized=lambda: False)))
+    assert allocator_stats() == {}

@@ -30,3 +30,17 @@ def test_soak_one_minute(tiny_model_dir):
     for kind in ("stream", "nonstream", "abort", "bad"):
         assert any(line.startswith(kind + " ") for line in r.stdout.splitlines()), r.stdout
     assert "lighttts_llm_kv_used=[0.0]" in r.stdout
+
+
+def test_live_tensor_floor_rises_only_with_a_leak():
+    """The GPU leak check: per stage, the lowest live-tensor sample of the last third vs. the first third."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("soak", SOAK)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    steady = [{"decode:0": 1600 + (37 * i) % 40, "llm": 1244} for i in range(12)]   # in-flight tensors come and go
+    assert all(abs(v) < 40 for v in soak.live_growth(steady).values())
+    leak = [{"decode:0": 1600 + 30 * i, "llm": 1244} for i in range(12)]
+    assert soak.live_growth(leak) == {"decode:0": 240, "llm": 0}
+    assert soak.live_growth([{"llm": 1}, {"llm": 2}]) == {}      # too few samples to tell
+    assert soak.live_growth([{}, {}, {}]) == {}                  # CPU: no GPU stages

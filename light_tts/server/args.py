@@ -316,11 +316,12 @@ class ServerArgs:
     first_hop_tokens: Optional[int] = opt(None, "another name for --decode_first_hop; if set, overrides it",
                                           group="decode")
     decode_sm_percent: int = opt(0, "under NVIDIA MPS (an nvidia-cuda-mps-control daemon the operator runs), the "
-                                    "share of the GPU's SMs each decode process may use, so the LLM's steps (and "
-                                    "with them every request's first audio) never wait behind long flow calls; "
-                                    "0 = no limit (default; on an H200, 70 cut the streaming p99 first audio at 16 "
-                                    "streams by 12%% but cost a third of the streaming throughput at 64); without "
-                                    "an MPS daemon it has no effect (logged)",
+                                    "most of the GPU's SMs each decode process may use (the rest stay free for the "
+                                    "LLM's kernels); 0 = no limit (default). Measured on an H200 with the prompt and "
+                                    "stream caches: 70 cut the streaming p99 first audio at 16 streams by 12%% (the "
+                                    "first chunks' decode got faster, the LLM's first tokens did not) and cost a "
+                                    "third of the streaming throughput at 64. Without an MPS daemon it has no "
+                                    "effect (logged)",
                                  group="decode", check=lambda v: None if 0 <= v <= 100 else
                                  f"must be a percentage in 0..100 (got {v})", metavar="PERCENT")
 

@@ -35,10 +35,11 @@ def first_hop_hift_frames(first_hop: int) -> tuple:
     """HiFT lengths a short first hop (--decode_first_hop N) adds: its first chunk is 2N mel frames,
     its second 2 x (the official first hop - N) + 8 cached frames, and the official first hop is 25-49
     tokens (prompt padding): every 16-frame bucket up to there (cuda_graph.HIFT_FRAME_BUCKET)."""
-    if not first_hop:
+    from light_tts.server.decode.cuda_graph import HIFT_FRAME_BUCKET, HIFT_MAX_FRAMES
+    if not 0 < first_hop < 49:   # from 49 tokens on the schedule is always the official one
         return ()
-    top = max(2 * first_hop, 2 * (49 - first_hop) + 8)
-    return tuple(range(16, top + 16, 16))
+    top = min(HIFT_MAX_FRAMES, max(2 * first_hop, 2 * (49 - first_hop) + 8))
+    return tuple(range(HIFT_FRAME_BUCKET, top + HIFT_FRAME_BUCKET, HIFT_FRAME_BUCKET))
 
 
 def compile_engine(engine, estimator: bool = True):
@@ -119,5 +120,6 @@ def warm_up(engine, max_batch_size: int, frames: Sequence[int] = WARM_FRAMES,
         if hasattr(runner, "warm"):
             runner.warm = True
     seconds = time.perf_counter() - t0
-    log.info("decode warm-up (batch <= %d, %d frame buckets) took %.1f s", max_batch_size, len(frames), seconds)
+    log.info("decode warm-up (batch <= %d, %d frame buckets, up to %d frames for batches <= %d) took %.1f s",
+             max_batch_size, len(frames), MAX_FRAMES, WARM_LONG_ROWS, seconds)
     return seconds

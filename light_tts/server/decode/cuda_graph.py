@@ -28,7 +28,10 @@ log = logging.getLogger("lighttts")
 
 FRAME_BUCKET = 100
 MAX_FRAMES = 1500
-MAX_GRAPHS = 128   # per runner: the solver's warm-up alone captures ~95 (with the stream cache's record passes)
+# per runner: the solver's warm-up captures 8 frame buckets x its batch buckets, 12 x with the stream
+# cache's record passes, + 7 long-frame graphs x 2 small batches + 16 fills: 114 at batch 64 with the
+# caches; the rest is room for shapes met while serving before the least recently used goes
+MAX_GRAPHS = 192
 ENCODER_GRAPH_MAX_ROWS = 8   # GraphEncoder: larger batches run the encoder eagerly
 HIFT_GRAPH_MAX_ROWS = 8      # GraphHift: the same reasoning (launch bound only at small batches)
 HIFT_FRAME_BUCKET = 16       # GraphHift: mel frames rounded up to a multiple of this ...
