@@ -109,6 +109,7 @@ class Guard:
 
 
 GONE = object()        # Api._next_unless_gone: the client disconnected
+DISCONNECT_CHECK_S = 0.05   # how often a request waiting for its next output checks its client
 CLIENT_CLOSED = 499    # the status nginx logs for a client that closed the request (metrics and log only)
 ACCESS = "lighttts.access"                    # the scope key of a request's AccessRecord
 QUIET_PATHS = (*HEALTH_PATHS, "/metrics")     # probes and scrapes: access lines at debug level
@@ -419,10 +420,16 @@ class Api:
     @staticmethod
     async def _next_unless_gone(request: Request, outputs):
         """The generator's next item, or GONE if the client disconnects first (the pending step is
-        cancelled; the caller closes the generator, which aborts the request)."""
+        cancelled; the caller closes the generator, which aborts the request). The item is returned
+        the moment it exists; the client is looked at every DISCONNECT_CHECK_S while none does (a
+        sleep between checks instead held each output back by up to that long: 25-35 ms of every
+        first chunk's latency on the GPU, docs/benchmarks.md)."""
         nxt = asyncio.ensure_future(outputs.__anext__())
         try:
             while True:
+                done, _ = await asyncio.wait({nxt}, timeout=DISCONNECT_CHECK_S)
+                if nxt in done:
+                    return nxt.result()
                 gone = asyncio.ensure_future(request.is_disconnected())
                 done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt in done:
@@ -430,7 +437,6 @@ class Api:
                     return nxt.result()
                 if gone.result():
                     return GONE
-                await asyncio.sleep(0.05)
         finally:
             if not nxt.done():
                 nxt.cancel()
