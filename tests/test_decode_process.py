@@ -15,9 +15,9 @@ import zmq
 
 from light_tts.frontend.frontend import Frontend
 from light_tts.server.args import parse_args
-from light_tts.server.decode.process import cpu_threads, load_decode_model, run_decode_process
+from light_tts.server.decode.process import DecodeServer, cpu_threads, load_decode_model, run_decode_process
 from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, ErrorOutput, SpeechTokensBatchOutput,
-                                        sock_recv, sock_send)
+                                        YieldGpuReq, drain, sock_recv, sock_send)
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats, stage_health
 from light_tts.audio_out import pcm16_bytes
 from light_tts.models.token2wav import StreamingDecoder, StreamSchedule, Token2Wav, stream_chunks
@@ -278,6 +278,55 @@ def _state(rid, sent_s=None, started=0.0, stream=True):
     if sent_s is not None:
         s.first_audio_at, s.audio_out_s = started, sent_s
     return s
+
+
+def test_calls_with_first_chunks_of_streams_ask_the_llm_to_yield(tiny_model_dir, voice, reference, tmp_path):
+    """--first_chunk_priority on the LLM's GPU: a call that computes first chunks of streams is
+    bracketed by YieldGpuReq start/end naming those streams (not a non-streaming request in the same
+    call); later chunks send none; the audio is the reference's."""
+    flow, hift = load_decode_model(tiny_model_dir, "cpu", "fp32")
+    endpoints = Endpoints(root=str(tmp_path), encode_num=1, decode_num=1)
+    endpoints.create()
+    ctx = zmq.Context()
+    http, llm = bind_pull(ctx, endpoints.http("test")), bind_pull(ctx, endpoints.llm)
+    server = DecodeServer(endpoints, 0, flow, hift, ctx=ctx, yield_to_llm=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+
+    def yields(n, timeout=10.0):
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < n and llm.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            got += drain(llm)
+        return got
+    try:
+        tokens = _tokens(120, 4)
+        for rid, stream in (("s", True), ("n", False)):
+            server.handle_start(DecodeStartReq(rid=rid, reply_to=endpoints.http("test"), stream=stream, seed=0,
+                                               prompt_speech_tokens=voice.speech_tokens, prompt_feat=voice.prompt_feat,
+                                               embedding=voice.embedding))
+        server.handle_tokens(SpeechTokensBatchOutput(rids=["s", "n"], tokens=[tokens[:60], tokens[:60]], pieces=[0, 0],
+                                                     piece_done=[False, True], finished=[False, True]))
+        server.step()                                   # s's first chunk and n's whole audio, one call
+        assert server.batch_sizes == {2: 1}
+        msgs = yields(2)
+        assert all(isinstance(m, YieldGpuReq) and m.decoder == 0 for m in msgs)
+        assert [(m.rids, m.running) for m in msgs] == [(["s"], True), (["s"], False)]
+        server.handle_tokens(SpeechTokensBatchOutput(rids=["s"], tokens=[tokens[60:]], pieces=[0], piece_done=[True],
+                                                     finished=[True]))
+        while server.states:
+            server.step()
+        assert yields(1, timeout=0.5) == []             # later chunks: nothing
+        out = {}
+        while http.poll(1000):
+            m = sock_recv(http)
+            out.setdefault(m.rid, []).append(m)
+        # batched together: the reference up to float rounding (test_interleaved_requests_both_complete)
+        _assert_pcm_close(_audio(out["s"]), b"".join(reference(tokens, stream=True)))
+        _assert_pcm_close(_audio(out["n"]), b"".join(reference(tokens[:60], stream=False)))
+    finally:
+        torch.set_num_threads(threads)
+        server.send_to_http.close()
+        ctx.destroy(linger=0)
 
 
 def test_pick_batch_serves_first_chunks_before_streams_with_audio_to_spare():

@@ -82,6 +82,39 @@ def test_engine_equals_inference_with_staggered_arrivals(lm, greedy):
     assert_pool_free(eng)
 
 
+def test_held_requests_skip_steps_and_keep_their_tokens(lm):
+    """step(hold=rids) leaves those requests out of the decode step (no output, KV kept); new
+    requests are admitted meanwhile; released, every request's tokens equal the reference."""
+    reqs = mixed_requests()
+    eng = engine(lm)
+    got = {r.rid: [[] for _ in r.text_pieces] for r in reqs}
+    for r in reqs[:2]:
+        eng.add(r)
+    held_steps = admitted_while_held = 0
+    for step in range(2000):
+        if step == 6:
+            for r in reqs[2:]:
+                eng.add(r)
+        if step > 6 and not eng.running and not eng.waiting:
+            break
+        hold = {"a"} if 3 <= step < 40 else set()
+        kv_a = next((s.seq_len for s in eng.running if s.rid == "a"), None)
+        res = eng.step(hold=hold)
+        for o in res.outputs:
+            got[o.rid][o.piece] += o.tokens
+        if hold and kv_a:
+            assert "a" not in {o.rid for o in res.outputs}
+            assert next(s.seq_len for s in eng.running if s.rid == "a") == kv_a   # KV kept, not grown
+            held_steps += res.kind == "decode"
+            admitted_while_held += len(res.admitted)
+    else:
+        raise AssertionError("engine did not finish")
+    assert held_steps > 10 and admitted_while_held == 3
+    for r in reqs:
+        assert got[r.rid] == plain_reference(lm, r), r.rid
+    assert_pool_free(eng)
+
+
 def test_outputs_are_token_records(lm):
     """One TokenOutput per request and step: a token per step, the piece's last one marks it done,
     the request's last one marks it finished."""

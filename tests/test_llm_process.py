@@ -15,7 +15,8 @@ import zmq
 from light_tts.models.cosyvoice2 import CosyVoice2Model
 from light_tts.server import io_struct
 from light_tts.server.args import parse_args
-from light_tts.server.io_struct import AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensBatchOutput
+from light_tts.server.io_struct import (AbortReq, DecodeStartReq, ErrorOutput, LLMReq, SpeechTokensBatchOutput,
+                                        YieldGpuReq)
 from light_tts.server.ipc import Endpoints, bind_pull, connect_push, read_stats
 from light_tts.server.llm.process import run_llm_process
 
@@ -276,6 +277,33 @@ def test_process_sends_one_token_batch_per_decoder_per_step(server, lm):
         rows = [m for _, m in msgs[1:]]
         assert all(isinstance(m, Row) for m in rows) and rows[-1].finished
         assert [t for m in rows for t in m.tokens] == reference(lm, r)[0], r.rid
+
+
+def test_process_yields_to_first_chunks_and_loses_nothing(server, lm):
+    """YieldGpuReq (a decoder on the LLM's GPU runs first chunks): streams whose first chunk has
+    started get no tokens until the call ends, the others keep going; a yield whose end never comes
+    lapses; the tokens equal the reference all the same."""
+    before = server.wait_stats(lambda s: s.get("running") == 0 and s.get("waiting") == 0, timeout=120)
+    y1, y2, y3 = (server.req(f"y{i}", [text(3, 500 + 10 * i)], seed=40 + i, fixed_speech_tokens=300) for i in (1, 2, 3))
+    count = lambda rid: sum(len(m.tokens) for _, m in server.of(rid) if isinstance(m, Row))
+    server.send(y1)
+    server.send(y2)
+    server.pump(lambda: count("y1") >= 5 and count("y2") >= 5)
+    server.send(YieldGpuReq(decoder=0, rids=["y1"], running=True))
+    n1, n2 = count("y1"), count("y2")
+    server.pump(lambda: count("y2") >= n2 + 60)
+    assert count("y1") <= n1 + 3, (n1, count("y1"))     # a step or two already on their way, no more
+    server.send(YieldGpuReq(decoder=0, rids=["y1"], running=False))
+    server.pump(lambda: server.finished("y1") and server.finished("y2"))
+    # a yield without its end (a decoder that failed mid-call) lapses after YIELD_MAX_S
+    server.send(y3)
+    server.pump(lambda: count("y3") >= 5)
+    server.send(YieldGpuReq(decoder=0, rids=["y3"], running=True))
+    server.pump(lambda: server.finished("y3"), timeout=60)
+    for r in (y1, y2, y3):
+        assert [t for _, m in server.of(r.rid) if isinstance(m, Row) for t in m.tokens] == reference(lm, r)[0], r.rid
+    after = server.wait_stats(lambda s: s.get("finished") == before["finished"] + 3 and s.get("running") == 0)
+    assert after["gpu_yields"] - before["gpu_yields"] == 2 and after["held_steps"] > before["held_steps"]
 
 
 def test_stats_line_names_errors_only_when_there_are_some():

@@ -324,6 +324,12 @@ class ServerArgs:
                                     "effect (logged)",
                                  group="decode", check=lambda v: None if 0 <= v <= 100 else
                                  f"must be a percentage in 0..100 (got {v})", metavar="PERCENT")
+    first_chunk_priority: bool = opt(False, "while a decode process on the LLM's GPU computes first chunks of "
+                                            "streams, the LLM leaves the streams already past their first chunk out "
+                                            "of its steps (at most 1 s per call), so a first chunk does not share the "
+                                            "GPU with the rest of the sentences; their later tokens come a little "
+                                            "later, covered by the audio already sent. The same audio",
+                                     group="decode")
 
     def public(self) -> dict:
         """The settings without secrets, for logs."""

@@ -8,6 +8,7 @@ Data flow (DESIGN §2):
     decode --AudioOutput...--> the HTTP worker named by `reply_to`
     any stage --ErrorOutput--> the HTTP worker named by `reply_to`
     HTTP worker --AbortReq--> LLM and every decode process (and the encode process of a bistream)
+    decode --YieldGpuReq--> LLM (a decoder on the LLM's GPU runs first chunks: --first_chunk_priority)
 
 The LLM sends each decode process at most one SpeechTokensBatchOutput per step: parallel lists
 with one row per request of that decoder that made tokens in the step. A request's DecodeStartReq
@@ -205,6 +206,19 @@ class ErrorOutput:
     status: int                               # the HTTP status the client should see
     message: str
     stage: str = ""
+
+
+# ---- decode -> LLM -----------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class YieldGpuReq:
+    """Decode process `decoder`, on the LLM's GPU, starts (running=True) or has ended (False) a call
+    that computes the first chunks of streaming requests `rids`. While one runs, the LLM leaves
+    streams past their first chunk out of its steps so that the first chunks get the GPU
+    (--first_chunk_priority; light_tts.server.llm.process). A hint: losing one costs only speed."""
+    decoder: int
+    rids: list = field(default_factory=list)
+    running: bool = True
 
 
 # ---- HTTP -> LLM, decode ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
     LLM  ──DecodeStartReq, SpeechTokensBatchOutput, AbortReq──> [recv_from_peers]  decode i
     HTTP ──AbortReq──────────────────────────────────────────>
     decode i [send_to_http] ──AudioOutput, ErrorOutput──> the HTTP worker named by reply_to
+    decode i [send_to_llm]  ──YieldGpuReq──> LLM   (--first_chunk_priority, on the LLM's GPU only)
 
 One process per `--decode_process_num`; decode i runs on GPU i % num_gpus (CPU when none). From
 the LLM, over one PUSH socket and so in order, it gets a request's DecodeStartReq before any of
@@ -17,7 +18,10 @@ same seed). The loop: take every waiting message, then compute the next chunk of
 (light_tts.server.decode.engine; served requests move to the back so none starves; waiting first chunks
 run before the later chunks of streams with audio to spare: pick_batch; CosyVoice3's causal HiFT runs
 per row after the batched flow), send each chunk
-as soon as it exists, and block on the socket only when nothing is ready.
+as soon as it exists, and block on the socket only when nothing is ready. With --first_chunk_priority
+a decode process on the LLM's GPU tells the LLM when a call with first chunks of streams starts and
+ends (YieldGpuReq), and the LLM holds back the streams past their first chunk meanwhile
+(light_tts.server.llm.process).
 
 The launcher (light_tts.server.backend) starts run_decode_process in a 'spawn' process. torch and
 the model code are imported inside functions: the launcher imports this module only to
@@ -36,9 +40,10 @@ import numpy as np
 import zmq
 
 from light_tts.audio_out import SAMPLE_RATE, pcm16_bytes
-from light_tts.server.io_struct import AbortReq, AudioOutput, DecodeStartReq, SpeechTokensBatchOutput, drain
+from light_tts.server.io_struct import (AbortReq, AudioOutput, DecodeStartReq, SpeechTokensBatchOutput, YieldGpuReq,
+                                        drain, sock_send)
 from light_tts.server.gpu_memory import allocator_stats
-from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, write_stats
+from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.stage import STATS_SECONDS, Dispatcher, Ticker, start_stage, stage_dtype
 
 log = logging.getLogger("lighttts")
@@ -124,12 +129,13 @@ def pick_batch(ready: list, max_batch_size: int, now: float) -> list:
 
 class DecodeServer:
     def __init__(self, endpoints: Endpoints, index: int, flow, hift, ctx: Optional[zmq.Context] = None,
-                 engine=None, max_batch_size: int = 16, first_hop: int = 0):
+                 engine=None, max_batch_size: int = 16, first_hop: int = 0, yield_to_llm: bool = False):
         self.stage = f"decode:{index}"
+        self.index = index
         self.endpoints = endpoints
         self.max_batch_size = max_batch_size
         self.init_model(flow, hift, engine, first_hop)
-        self.init_sockets(ctx or zmq.Context.instance(), endpoints.decode(index))
+        self.init_sockets(ctx or zmq.Context.instance(), endpoints.decode(index), yield_to_llm)
         self.init_state()
 
     def init_model(self, flow, hift, engine, first_hop: int) -> None:
@@ -140,10 +146,12 @@ class DecodeServer:
         self.schedule = StreamSchedule(pre_lookahead_len=flow.pre_lookahead_len, first_hop_len=first_hop)
         self.batch_sizes: dict[int, int] = {}          # rows per engine call -> calls (stats)
 
-    def init_sockets(self, ctx: zmq.Context, addr: str) -> None:
+    def init_sockets(self, ctx: zmq.Context, addr: str, yield_to_llm: bool) -> None:
         self.ctx = ctx
         self.recv_from_peers = bind_pull(ctx, addr)
         self.send_to_http = ReplySockets(self.ctx)                          # by reply_to, opened on first use
+        # first chunks first across a GPU shared with the LLM (--first_chunk_priority): YieldGpuReq
+        self.send_to_llm = connect_push(ctx, self.endpoints.llm) if yield_to_llm else None
 
     def init_state(self) -> None:
         self.states: dict[str, DecodeState] = {}        # insertion order = arrival order
@@ -202,17 +210,30 @@ class DecodeServer:
                 owners.append(state)
         if rows:
             self.batch_sizes[len(rows)] = self.batch_sizes.get(len(rows), 0) + 1
+            first = [s.req.rid for s in owners if s.req.stream and not s.audio_sent] if self.send_to_llm else []
+            self.yield_gpu(first, running=True)
             started = time.time()
             try:
                 outs = self.engine.run(rows)
             except Exception as e:  # the batch failed as a whole: fail its requests, keep serving
                 outs = [e] * len(rows)
             done = time.time()
+            self.yield_gpu(first, running=False)
             for state in owners:
                 if not state.audio_sent:
                     state.req.marks.update(decode_start=started, decode_done=done)
             results.extend(zip(owners, outs))
         return results
+
+    def yield_gpu(self, first: list, running: bool) -> None:
+        """Tell the LLM that a call with these streams' first chunks starts or has ended (nothing
+        when there are none). A hint: never block on it (an LLM that is gone must not stop decode)."""
+        if not first:
+            return
+        try:
+            sock_send(self.send_to_llm, YieldGpuReq(decoder=self.index, rids=first, running=running), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("YieldGpuReq not sent: %s", e)
 
     def warm_prompts(self) -> None:
         """Idle: cache the prompt frames of the voices of new streaming requests now, while the LLM
@@ -386,6 +407,12 @@ def decode_device(index: int) -> str:
     return assign(index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
+def shares_llm_device(device: str) -> bool:
+    """Whether this decode process runs where the LLM does (light_tts.server.stage.stage_device(0))."""
+    from light_tts.server.stage import stage_device
+    return device == stage_device(0)
+
+
 def check_trt_available() -> None:
     """--load_trt needs the tensorrt package: say what to install, before loading anything."""
     from light_tts.server.decode.trt import require_tensorrt
@@ -432,7 +459,8 @@ def run_decode_process(args, endpoints: Endpoints, index: int) -> None:
         log.error("%s", out_of_memory_hint(args, stage, plan))
         raise SystemExit(2)
     server = DecodeServer(endpoints, index, flow, hift, engine=engine, max_batch_size=args.decode_max_batch_size,
-                          first_hop=args.decode_first_hop)
+                          first_hop=args.decode_first_hop,
+                          yield_to_llm=args.first_chunk_priority and shares_llm_device(device))
     gpu = physical_gpu(index, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()) \
         if device != "cpu" else None
     log.info("ready on %s%s (%s) in %.1f s", device, f" (physical GPU {gpu})" if gpu else "", dtype,

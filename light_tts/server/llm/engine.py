@@ -33,7 +33,9 @@ A step is a prefill step or a decode step (LightLLM's continuous batching):
   possible with the optimistic estimate, --router_token_ratio > 0), unreferenced prefix-cache
   entries are evicted, then the most recently admitted decoding requests are paused: their slots
   are freed, their tokens and sampler state kept, and they are prefilled again (prompt + tokens so
-  far) at the next prefill step with room. Nothing is lost or sent twice.
+  far) at the next prefill step with room. Nothing is lost or sent twice. `step(hold=rids)` leaves
+  those requests out of the decode step (they keep their KV and place): the LLM process's yield of
+  the GPU to a decoder's first chunks (light_tts.server.llm.process).
 A finished piece frees its slots at once; the next piece is prefilled at the next step. Abort and
 errors free everything the request holds at once.
 
@@ -50,7 +52,7 @@ import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Collection, Optional
 
 import numpy as np
 import torch
@@ -299,9 +301,12 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> StepResult:
+    def step(self, hold: Collection[str] = ()) -> StepResult:
+        """One forward: a prefill of waiting work, else one decode step of every decoding request
+        not in `hold` (rids left out of this step, still holding their KV: the LLM process holds back
+        streams past their first chunk while a decoder on this GPU computes first chunks)."""
         res = StepResult()
-        decoding = [s for s in self.running if s.decoding]
+        decoding = [s for s in self.running if s.decoding and s.rid not in hold]
         pending = any(s.needs_prefill for s in self.running)
         may_admit = not decoding or (self.wait_steps >= self.router_max_wait_tokens and self.last_kind != "prefill")
         if pending or (may_admit and self.waiting):
@@ -313,7 +318,7 @@ class LLMEngine:
                 self._prefill(batch, res)
                 self.last_kind = res.kind = "prefill"
                 return res
-            decoding = [s for s in self.running if s.decoding]
+            decoding = [s for s in self.running if s.decoding and s.rid not in hold]
         if decoding:
             self._decode(decoding, res)
             self.wait_steps += 1

@@ -2,6 +2,7 @@
 
     encode ──LLMReq, TextTokensReq──> [recv_from_peers]  LLM
     HTTP   ──AbortReq──────────────>
+    decode ──YieldGpuReq───────────>
     LLM [send_to_decode[i]] ──DecodeStartReq, SpeechTokensBatchOutput, AbortReq──> decode i
     LLM [send_to_http]      ──ErrorOutput──> the HTTP worker named by reply_to
 
@@ -19,6 +20,14 @@ tokens), after every DecodeStartReq of the step on the same PUSH socket, which k
 order. A request counts against its decoder until its LLM side ends (finished, aborted or
 failed), not until its audio is out: an approximation of the decoder's real queue depth that
 needs no message back from the decoders.
+
+First chunks first across the GPU (--first_chunk_priority): a decode process on the LLM's GPU says
+when it starts and ends a call that computes first chunks of streams (YieldGpuReq). While such a
+call runs, the engine's steps leave out the streams whose first chunk has started (they have audio
+coming; their later tokens can wait a few tens of ms), so the first chunk does not share the GPU
+with the rest of the sentences it belongs to (at one stream, all of the LLM's work). Requests
+still short of their first chunk, and non-streaming ones, keep stepping. A call's yield lasts at
+most YIELD_MAX_S even if its end never comes (a decoder that failed mid-call).
 
 Abort: the request leaves the waiting queue or the running batch at once (its KV slots are freed)
 and nothing more is sent for it but an AbortReq to its decoder, if it had one: an abort may come
@@ -43,7 +52,7 @@ from typing import Optional
 import zmq
 
 from light_tts.server.io_struct import (AbortReq, ErrorOutput, LLMReq, RequestError, SpeechTokensBatchOutput,
-                                        TextTokensReq, drain, sock_send)
+                                        TextTokensReq, YieldGpuReq, drain, sock_send)
 from light_tts.server.gpu_memory import allocator_stats
 from light_tts.server.ipc import Endpoints, ReplySockets, bind_pull, connect_push, write_stats
 from light_tts.server.llm.engine import LLMEngine, Sequence, StepResult
@@ -54,6 +63,8 @@ log = logging.getLogger("lighttts")
 IDLE_POLL_MS = 100          # how long an idle loop blocks on its socket
 EARLY_ABORTS_KEPT = 4096    # aborts for rids not seen yet, remembered (oldest forgotten first)
 IDLE_LOG_SECONDS = 300      # an unchanged stats line (an idle server) is logged at most this often
+YIELD_MAX_S = 1.0           # longest hold of one YieldGpuReq whose end does not come (module doc)
+NOTHING_HELD: frozenset = frozenset()
 
 
 class LLMServer:
@@ -63,12 +74,16 @@ class LLMServer:
         self.engine = LLMEngine.from_args(llm, args)
         self.init_sockets()
         self.dispatch = Dispatcher("llm", {LLMReq: self.handle_llm_req, TextTokensReq: self.handle_text,
-                                           AbortReq: self.handle_abort}, reply=self.reply, drop=self.drop_request)
+                                           AbortReq: self.handle_abort, YieldGpuReq: self.handle_yield},
+                                   reply=self.reply, drop=self.drop_request)
         self.decode_load = [0] * endpoints.decode_num   # active requests per decoder (see module doc)
         self.decoder_of: dict[str, int] = {}
         self.early_aborts: OrderedDict[str, None] = OrderedDict()
+        self.first_chunk_started: set[str] = set()   # streams whose first chunk a decoder has begun
+        self.yield_until: dict[int, float] = {}      # decoder -> time.monotonic() its yield lapses
         self.counters = dict(steps=0, prefill_steps=0, decode_steps=0, prefill_tokens=0, generated_tokens=0,
-                             last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, finished=0)
+                             last_batch_size=0, max_batch_size=0, aborted=0, rejected=0, finished=0,
+                             gpu_yields=0, held_steps=0)
         self.stats_ticker = Ticker(STATS_SECONDS)
         self.log_ticker = Ticker(args.log_stats_interval)
         self.idle_log_ticker = Ticker(IDLE_LOG_SECONDS)   # an unchanged stats line is logged this rarely
@@ -88,8 +103,10 @@ class LLMServer:
         while True:
             self.recv_requests(block=idle)
             started = time.time()
-            res = self.engine.step() if (self.engine.running or self.engine.waiting) else None
+            held = self.held()
+            res = self.engine.step(hold=held) if (self.engine.running or self.engine.waiting) else None
             if res is not None:
+                self.counters["held_steps"] += bool(held)
                 self.process_result(res, started)
             # nothing ran (no requests, or only bistream ones waiting for text): only a message can
             # change that, so block on the socket instead of spinning
@@ -98,8 +115,12 @@ class LLMServer:
                 self.publish_stats()
 
     def recv_requests(self, block: bool = False) -> None:
-        if block:
-            self.recv_from_peers.poll(IDLE_POLL_MS)
+        if block:   # while yielding, wake when the yield lapses at the latest
+            wait_ms = IDLE_POLL_MS
+            if self.yield_until:
+                lapse_ms = int((min(self.yield_until.values()) - time.monotonic()) * 1000) + 1
+                wait_ms = max(1, min(wait_ms, lapse_ms))
+            self.recv_from_peers.poll(wait_ms)
         for msg in drain(self.recv_from_peers):
             self.dispatch(msg)
 
@@ -138,6 +159,24 @@ class LLMServer:
     def handle_text(self, msg: TextTokensReq) -> None:
         if not self.engine.add_text(msg.rid, msg.tokens, msg.finish):
             log.debug("text for %s dropped: the request has ended", msg.rid)
+
+    def handle_yield(self, msg: YieldGpuReq) -> None:
+        if not msg.running:
+            self.yield_until.pop(msg.decoder, None)
+            return
+        self.first_chunk_started.update(rid for rid in msg.rids if self.engine.has(rid))
+        self.yield_until[msg.decoder] = time.monotonic() + YIELD_MAX_S
+        self.counters["gpu_yields"] += 1
+
+    def held(self):
+        """The rids the next step leaves out: streams past their first chunk while a decoder on this
+        GPU computes first chunks, else none."""
+        if not self.yield_until:
+            return NOTHING_HELD
+        now = time.monotonic()
+        for i in [i for i, lapse in self.yield_until.items() if lapse <= now]:
+            del self.yield_until[i]   # its end never came: stop yielding
+        return self.first_chunk_started if self.yield_until else NOTHING_HELD
 
     def handle_abort(self, msg: AbortReq) -> None:
         seq = self.engine.abort(msg.rid)
@@ -190,6 +229,7 @@ class LLMServer:
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], res.batch_size)
 
     def release_decoder(self, rid: str) -> None:
+        self.first_chunk_started.discard(rid)
         i = self.decoder_of.pop(rid, None)
         if i is not None:
             self.decode_load[i] -= 1
