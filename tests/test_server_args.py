@@ -75,7 +75,7 @@ SAMPLES = {
     "decode_first_hop": ("10", ["10"]),
     "first_hop_tokens": ("10", ["10"]),
     "decode_sm_percent": ("70", ["70"]),
-    "first_chunk_priority": ("true", []),
+    "first_chunk_priority": ("false", ["false"]),
 }
 
 

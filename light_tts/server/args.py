@@ -305,10 +305,11 @@ class ServerArgs:
         group="decode", parse=gigabytes, metavar="GB")
     decode_stream_cache: bool = opt(False, "with --decode_prompt_cache_gb, keep also each stream's frames from its "
                                            "earlier chunks, so a chunk computes only its own frames (the same audio): "
-                                           "chunk times stay flat in a long sentence (60 s: 0.16-0.23 s per 4 s chunk "
-                                           "instead of up to 0.7 s) and first audio at 64 streams drops, but at 64 "
-                                           "streams of 10 s it costs about 40%% of the streaming throughput and needs "
-                                           "2.3 MB per frame (docs/benchmarks.md); off by default",
+                                           "chunk times stay flat in a long sentence (60 s: 0.17-0.22 s per 4 s chunk "
+                                           "instead of up to 0.6 s), but at 64 "
+                                           "streams of 10 s its throughput is within the run-to-run spread of the "
+                                           "default (151-178 audio-s/s either way) and it needs 2.3 MB per frame "
+                                           "(60 GB for 64 such streams; docs/benchmarks.md); off by default",
                                     group="decode")
     decode_first_hop: int = opt(0, "speech tokens in the first streaming chunk; 0 = the official 25 + prompt padding "
                                    "(smaller: earlier first audio, chunks end inside a flow chunk, audio differs from "
@@ -324,11 +325,14 @@ class ServerArgs:
                                     "effect (logged)",
                                  group="decode", check=lambda v: None if 0 <= v <= 100 else
                                  f"must be a percentage in 0..100 (got {v})", metavar="PERCENT")
-    first_chunk_priority: bool = opt(False, "while a decode process on the LLM's GPU computes first chunks of "
-                                            "streams, the LLM leaves the streams already past their first chunk out "
-                                            "of its steps (at most 1 s per call), so a first chunk does not share the "
-                                            "GPU with the rest of the sentences; their later tokens come a little "
-                                            "later, covered by the audio already sent. The same audio",
+    first_chunk_priority: bool = opt(True, "while a decode process on the LLM's GPU computes first chunks of "
+                                           "streams, the LLM leaves the streams already past their first chunk out "
+                                           "of its steps (at most 1 s per call), so a first chunk does not share the "
+                                           "GPU with the rest of the sentences; their later tokens come a little "
+                                           "later, covered by the audio already sent. The same audio. Measured on an "
+                                           "H200: streaming first audio p50 at 1 stream 127 -> 92-95 ms, p99 at 16 "
+                                           "518 -> 398-493 ms, 64 unchanged (docs/benchmarks.md). On by default; "
+                                           "false turns it off",
                                      group="decode")
 
     def public(self) -> dict:
