@@ -311,11 +311,20 @@ def test_calls_with_first_chunks_of_streams_ask_the_llm_to_yield(tiny_model_dir,
         msgs = yields(2)
         assert all(isinstance(m, YieldGpuReq) and m.decoder == 0 for m in msgs)
         assert [(m.rids, m.running) for m in msgs] == [(["s"], True), (["s"], False)]
+        # a stream still waiting for tokens with under URGENT_SLACK_S buffered: no yield for a new first chunk
+        server.states["s"].first_audio_at -= 60.0
+        server.handle_start(DecodeStartReq(rid="t", reply_to=endpoints.http("test"), stream=True, seed=0,
+                                           prompt_speech_tokens=voice.speech_tokens, prompt_feat=voice.prompt_feat,
+                                           embedding=voice.embedding))
+        server.handle_tokens(SpeechTokensBatchOutput(rids=["t"], tokens=[tokens[:60]], pieces=[0], piece_done=[True],
+                                                     finished=[True]))
+        server.step()
+        assert server.states["t"].audio_sent or "t" not in server.states
         server.handle_tokens(SpeechTokensBatchOutput(rids=["s"], tokens=[tokens[60:]], pieces=[0], piece_done=[True],
                                                      finished=[True]))
         while server.states:
             server.step()
-        assert yields(1, timeout=0.5) == []             # later chunks: nothing
+        assert yields(1, timeout=0.5) == []             # t's first chunk beside a starving s, later chunks: nothing
         out = {}
         while http.poll(1000):
             m = sock_recv(http)

@@ -329,7 +329,8 @@ class ServerArgs:
                                            "streams, the LLM leaves the streams already past their first chunk out "
                                            "of its steps (at most 1 s per call), so a first chunk does not share the "
                                            "GPU with the rest of the sentences; their later tokens come a little "
-                                           "later, covered by the audio already sent. The same audio. Measured on an "
+                                           "later, covered by the audio already sent (no hold while a stream waiting "
+                                           "for tokens has under 1 s buffered). The same audio. Measured on an "
                                            "H200: streaming first audio p50 at 1 stream 127 -> 92-95 ms, p99 at 16 "
                                            "518 -> 398-493 ms, 64 unchanged (docs/benchmarks.md). On by default; "
                                            "false turns it off",

@@ -21,7 +21,8 @@ per row after the batched flow), send each chunk
 as soon as it exists, and block on the socket only when nothing is ready. With --first_chunk_priority
 a decode process on the LLM's GPU tells the LLM when a call with first chunks of streams starts and
 ends (YieldGpuReq), and the LLM holds back the streams past their first chunk meanwhile
-(light_tts.server.llm.process).
+(light_tts.server.llm.process), unless a stream still waiting for tokens has less than
+URGENT_SLACK_S of audio buffered (back-to-back first-chunk calls must not starve it).
 
 The launcher (light_tts.server.backend) starts run_decode_process in a 'spawn' process. torch and
 the model code are imported inside functions: the launcher imports this module only to
@@ -210,7 +211,8 @@ class DecodeServer:
                 owners.append(state)
         if rows:
             self.batch_sizes[len(rows)] = self.batch_sizes.get(len(rows), 0) + 1
-            first = [s.req.rid for s in owners if s.req.stream and not s.audio_sent] if self.send_to_llm else []
+            first = [s.req.rid for s in owners if s.req.stream and not s.audio_sent] \
+                if self.send_to_llm and not self.streams_short_of_audio(time.monotonic()) else []
             self.yield_gpu(first, running=True)
             started = time.time()
             try:
@@ -224,6 +226,12 @@ class DecodeServer:
                     state.req.marks.update(decode_start=started, decode_done=done)
             results.extend(zip(owners, outs))
         return results
+
+    def streams_short_of_audio(self, now: float) -> bool:
+        """Whether a stream with more tokens to come has less than URGENT_SLACK_S of audio buffered:
+        then the LLM must not hold back its tokens for other requests' first chunks (no yield)."""
+        return any(s.audio_sent and s.req.stream and not s.input_done and s.slack(now) < URGENT_SLACK_S
+                   for s in self.states.values())
 
     def yield_gpu(self, first: list, running: bool) -> None:
         """Tell the LLM that a call with these streams' first chunks starts or has ended (nothing

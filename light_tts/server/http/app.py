@@ -422,8 +422,8 @@ class Api:
         """The generator's next item, or GONE if the client disconnects first (the pending step is
         cancelled; the caller closes the generator, which aborts the request). The item is returned
         the moment it exists; the client is looked at every DISCONNECT_CHECK_S while none does (a
-        sleep between checks instead held each output back by up to that long: 25-35 ms of every
-        first chunk's latency on the GPU, docs/benchmarks.md)."""
+        sleep between checks instead held each output back by up to that long: 31-39 ms of a first
+        chunk's latency on average on the GPU, docs/benchmarks.md)."""
         nxt = asyncio.ensure_future(outputs.__anext__())
         try:
             while True:
