@@ -289,10 +289,17 @@ def test_process_yields_to_first_chunks_and_loses_nothing(server, lm):
     server.send(y1)
     server.send(y2)
     server.pump(lambda: count("y1") >= 5 and count("y2") >= 5)
-    server.send(YieldGpuReq(decoder=0, rids=["y1"], running=True))
+
+    def yielding_until(pred):   # a decoder in a long call: the start repeated, so the yield never lapses here
+        def until():
+            server.send(YieldGpuReq(decoder=0, rids=["y1"], running=True))
+            return pred()
+        server.pump(until)
+    n2 = count("y2")
+    yielding_until(lambda: count("y2") >= n2 + 30)       # the yield is in force, y1's earlier rows are in
     n1, n2 = count("y1"), count("y2")
-    server.pump(lambda: count("y2") >= n2 + 60)
-    assert count("y1") <= n1 + 3, (n1, count("y1"))     # a step or two already on their way, no more
+    yielding_until(lambda: count("y2") >= n2 + 60)
+    assert count("y1") == n1, (n1, count("y1"))          # held: not one token while y2 made 60
     server.send(YieldGpuReq(decoder=0, rids=["y1"], running=False))
     server.pump(lambda: server.finished("y1") and server.finished("y2"))
     # a yield without its end (a decoder that failed mid-call) lapses after YIELD_MAX_S
@@ -303,7 +310,7 @@ def test_process_yields_to_first_chunks_and_loses_nothing(server, lm):
     for r in (y1, y2, y3):
         assert [t for _, m in server.of(r.rid) if isinstance(m, Row) for t in m.tokens] == reference(lm, r)[0], r.rid
     after = server.wait_stats(lambda s: s.get("finished") == before["finished"] + 3 and s.get("running") == 0)
-    assert after["gpu_yields"] - before["gpu_yields"] == 2 and after["held_steps"] > before["held_steps"]
+    assert after["gpu_yields"] - before["gpu_yields"] >= 3 and after["held_steps"] > before["held_steps"]
 
 
 def test_stats_line_names_errors_only_when_there_are_some():
